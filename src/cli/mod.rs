@@ -1,0 +1,19 @@
+//! The subcommands, one module each: arguments plus an `exec` that returns the exit code.
+
+pub mod check;
+
+use clap::{Parser, Subcommand};
+
+/// Karrots: no infrastructure change outside a merged commit, and no secrets held.
+#[derive(Debug, Parser)]
+#[command(name = "karrots", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a config repository working tree and print each environment's fingerprint.
+    Check(check::CheckArgs),
+}

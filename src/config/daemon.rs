@@ -1,0 +1,273 @@
+//! The daemon configuration (`karrots serve --config FILE`) as a validated type.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::environment::AlertSink;
+use super::raw::RawDaemon;
+use super::types::{BranchName, parse_duration, parse_webhook_url};
+use super::{Validator, yaml};
+use crate::problem::{Problem, Problems};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    /// The config repository to mirror: `file://`, `https://`, `ssh://` or `git://`.
+    pub repo: url::Url,
+    pub poll_interval: Duration,
+    /// Everything the daemon knows lives here (SPEC §7).
+    pub state_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// The webhook secret is read from this file at start; it is never in the configuration.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Terraform processes at once, across environments.
+    pub concurrency: NonZeroUsize,
+    /// Plan (never apply) commits of other branches that touch an environment.
+    pub preview: bool,
+    /// Where environment identities are read from (SPEC §3.7).
+    pub trust_branch: BranchName,
+    pub terraform: TerraformSettings,
+    /// An AWS emulator for tests and demos; `None` for real AWS.
+    pub aws_endpoint_url: Option<url::Url>,
+    pub alerts: Vec<AlertSink>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerraformSettings {
+    /// `terraform` or `tofu`, looked up on PATH unless it contains a `/`.
+    pub binary: PathBuf,
+    /// A terraform process older than this is interrupted, then killed.
+    pub timeout: Duration,
+    /// A provider filesystem mirror; without one providers come from their registries.
+    pub plugin_mirror: Option<PathBuf>,
+}
+
+impl Default for TerraformSettings {
+    fn default() -> TerraformSettings {
+        TerraformSettings {
+            binary: PathBuf::from("terraform"),
+            timeout: Duration::from_secs(30 * 60),
+            plugin_mirror: None,
+        }
+    }
+}
+
+/// Reads and validates the daemon configuration file. Relative paths in it are taken relative
+/// to the file's own directory, so the daemon does not depend on where it was started.
+pub fn load_daemon_config(file: &Path) -> Result<DaemonConfig, Problems> {
+    let text = std::fs::read_to_string(file).map_err(|error| {
+        Problems::one(Problem::whole(
+            file,
+            format!("cannot read the file: {error}"),
+        ))
+    })?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    parse_daemon_config(&text, file, base)
+}
+
+/// Validates daemon configuration text; `base` resolves relative paths.
+pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<DaemonConfig, Problems> {
+    let (raw, lines) = yaml::parse::<RawDaemon>(text)
+        .map_err(|error| Problems::one(Problem::new(file, error.line, error.message)))?;
+    let mut v = Validator::new(file.to_path_buf(), lines);
+
+    let repo = v.check("repo", parse_repo_url(&raw.repo, base));
+    let poll_interval = match raw.poll_interval {
+        Some(text) => v.check("poll_interval", parse_duration(&text)),
+        None => Some(Duration::from_secs(30)),
+    };
+    let resolve = |text: &str| base.join(text);
+    if raw.state_dir.is_empty() {
+        v.report("state_dir", "must not be empty");
+    }
+    let state_dir = resolve(&raw.state_dir);
+    let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8088".to_string());
+    let listen = v.check(
+        "listen",
+        listen_text
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("{listen_text:?} is not an address such as 127.0.0.1:8088")),
+    );
+    let concurrency = v.check(
+        "concurrency",
+        raw.concurrency
+            .map_or(Ok(2), |n| usize::try_from(n).map_err(|_| n.to_string()))
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| "must be a whole number of at least 1".to_string()),
+    );
+    let trust_branch = v.check(
+        "trust_branch",
+        BranchName::parse(raw.trust_branch.as_deref().unwrap_or("main")),
+    );
+    let timeout = match raw.terraform.timeout {
+        Some(text) => v.check("terraform.timeout", parse_duration(&text)),
+        None => Some(TerraformSettings::default().timeout),
+    };
+    let aws_endpoint_url = match raw.aws.endpoint_url {
+        Some(text) => v
+            .check("aws.endpoint_url", parse_webhook_url(&text))
+            .map(Some),
+        None => Some(None),
+    };
+    let alerts: Vec<AlertSink> = raw
+        .alerts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, alert)| {
+            let webhook = v.check(
+                &format!("alerts[{index}].webhook"),
+                parse_webhook_url(&alert.webhook),
+            )?;
+            Some(AlertSink { webhook })
+        })
+        .collect();
+
+    if let Some(problems) = Problems::from_vec(v.problems) {
+        return Err(problems);
+    }
+    let (Some(repo), Some(poll_interval), Some(listen), Some(concurrency)) =
+        (repo, poll_interval, listen, concurrency)
+    else {
+        unreachable!("a missing value without a reported problem")
+    };
+    let (Some(trust_branch), Some(timeout), Some(aws_endpoint_url)) =
+        (trust_branch, timeout, aws_endpoint_url)
+    else {
+        unreachable!("a missing value without a reported problem")
+    };
+    Ok(DaemonConfig {
+        repo,
+        poll_interval,
+        state_dir,
+        listen,
+        webhook_secret_file: raw.webhook_secret_file.as_deref().map(resolve),
+        concurrency,
+        preview: raw.preview.unwrap_or(true),
+        trust_branch,
+        terraform: TerraformSettings {
+            binary: PathBuf::from(raw.terraform.binary.as_deref().unwrap_or("terraform")),
+            timeout,
+            plugin_mirror: raw.terraform.plugin_mirror.as_deref().map(resolve),
+        },
+        aws_endpoint_url,
+        alerts,
+    })
+}
+
+/// A remote URL, or a local path turned into a `file://` URL.
+fn parse_repo_url(text: &str, base: &Path) -> Result<url::Url, String> {
+    let url = match url::Url::parse(text) {
+        Ok(url) => url,
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            let path = base.join(text);
+            let absolute = std::path::absolute(&path).map_err(|error| error.to_string())?;
+            url::Url::from_file_path(&absolute)
+                .map_err(|()| format!("{text:?} is neither a URL nor a usable path"))?
+        }
+        Err(error) => return Err(format!("{text:?} is not a URL: {error}")),
+    };
+    if !matches!(url.scheme(), "file" | "https" | "http" | "ssh" | "git") {
+        return Err(format!(
+            "{text:?}: the scheme must be file, https, http, ssh or git"
+        ));
+    }
+    if url.password().is_some() {
+        return Err(
+            "the URL carries a password; Karrots keeps no secrets in configuration: use a git credential helper or an SSH agent"
+                .to_string(),
+        );
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "\
+repo: file:///srv/git/config.git
+poll_interval: 30s
+state_dir: /var/lib/karrots
+listen: 127.0.0.1:8088
+webhook_secret_file: /etc/karrots/webhook-secret
+concurrency: 2
+preview: true
+trust_branch: main
+terraform:
+  binary: terraform
+  timeout: 30m
+  plugin_mirror: /opt/tf-plugins
+aws:
+  endpoint_url: http://127.0.0.1:4566
+alerts:
+  - webhook: http://127.0.0.1:9000/alerts
+";
+
+    fn parse(text: &str) -> Result<DaemonConfig, Vec<String>> {
+        parse_daemon_config(text, Path::new("karrots.yaml"), Path::new("/etc/karrots"))
+            .map_err(|problems| problems.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn the_spec_example_is_valid() {
+        let config = parse(VALID).unwrap();
+        assert_eq!(config.repo.as_str(), "file:///srv/git/config.git");
+        assert_eq!(config.terraform.timeout, Duration::from_secs(1800));
+        assert_eq!(config.concurrency.get(), 2);
+        assert_eq!(config.alerts.len(), 1);
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let config = parse("repo: ./config.git\nstate_dir: state\n").unwrap();
+        assert_eq!(config.repo.as_str(), "file:///etc/karrots/config.git");
+        assert_eq!(config.state_dir, PathBuf::from("/etc/karrots/state"));
+        assert_eq!(config.poll_interval, Duration::from_secs(30));
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8088");
+        assert!(config.preview);
+        assert_eq!(config.trust_branch.as_str(), "main");
+        assert_eq!(config.terraform, TerraformSettings::default());
+    }
+
+    #[test]
+    fn mistakes_are_located() {
+        let rows: &[(&str, &str, &str)] = &[
+            (
+                "concurrency: 2",
+                "concurrency: 0",
+                "karrots.yaml:6: concurrency: must be a whole number of at least 1",
+            ),
+            (
+                "listen: 127.0.0.1:8088",
+                "listen: localhost",
+                "karrots.yaml:4: listen: \"localhost\" is not an address such as 127.0.0.1:8088",
+            ),
+            (
+                "timeout: 30m",
+                "timeout: forever",
+                "karrots.yaml:11: terraform.timeout: \"forever\" is not a duration (such as 30s, 5m, 1h or 1h30m)",
+            ),
+            (
+                "repo: file:///srv/git/config.git",
+                "repo: https://bot:hunter2@git.example.invalid/config.git",
+                "karrots.yaml:1: repo: the URL carries a password; Karrots keeps no secrets in configuration: use a git credential helper or an SSH agent",
+            ),
+            (
+                "webhook_secret_file: /etc/karrots/webhook-secret",
+                "webhook_secret: hunter2",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `concurrency`, `preview`, `trust_branch`, `terraform`, `aws`, `alerts`",
+            ),
+        ];
+        for (from, to, expected) in rows {
+            assert!(VALID.contains(from), "row does not apply: {from}");
+            let text = VALID.replacen(from, to, 1);
+            assert_eq!(
+                parse(&text).unwrap_err(),
+                vec![expected.to_string()],
+                "{to}"
+            );
+        }
+    }
+}

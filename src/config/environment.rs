@@ -1,0 +1,511 @@
+//! `environments/<env>/karrots.yaml` (apiVersion `karrots/v1`) as a validated type.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use super::raw::{RawBackend, RawEnvironment};
+use super::types::{
+    AccountId, Allowance, BranchName, EnvName, Region, RepoPath, RoleArn, parse_duration,
+    parse_webhook_url,
+};
+use super::yaml::KeyLines;
+use super::{Validator, yaml};
+use crate::problem::{Problem, Problems};
+
+pub const API_VERSION: &str = "karrots/v1";
+
+/// One environment, as its `karrots.yaml` describes it. Every field holds a checked value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentSpec {
+    pub name: EnvName,
+    /// Commits on the first-parent chain of this branch are applied to the environment.
+    pub branch: BranchName,
+    pub aws: AwsTarget,
+    pub terraform: TerraformSpec,
+    pub apply: ApplyPolicy,
+    pub drift: DriftPolicy,
+    pub alerts: Vec<AlertSink>,
+    /// Opt-ins for what the repository check refuses by default (SPEC §3.8).
+    pub allow: BTreeSet<Allowance>,
+}
+
+/// Where the environment lives in AWS and how Karrots gets there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsTarget {
+    /// The STS caller identity must answer as this account before any run.
+    pub account_id: AccountId,
+    pub region: Region,
+    /// The aws CLI profile of the standard credential chain; `karrots` by default (seed).
+    pub profile: String,
+    /// Assumed through STS for plans and applies of merged commits.
+    pub role_arn: Option<RoleArn>,
+    /// Assumed for preview plans of unmerged commits; without it previews get no credentials.
+    pub preview_role_arn: Option<RoleArn>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerraformSpec {
+    /// The root module, inside the repository.
+    pub root: RepoPath,
+    /// Written to the workdir as `karrots.auto.tfvars.json`.
+    pub vars: BTreeMap<String, serde_json::Value>,
+    pub backend: Backend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// State kept under the daemon's state directory for this environment.
+    Local,
+    S3(S3Backend),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Backend {
+    pub bucket: String,
+    pub key: String,
+    pub region: String,
+    pub locking: S3Locking,
+}
+
+/// S3 state must be locked one way or the other: two writers would corrupt it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum S3Locking {
+    DynamoDbTable(String),
+    /// Terraform's native S3 lock file (`use_lockfile = true`).
+    Lockfile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyPolicy {
+    /// `false`: plan only, never apply.
+    pub auto: bool,
+    /// `false`: a plan that deletes or replaces a resource is refused.
+    pub allow_destroy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriftPolicy {
+    /// How often the last applied commit is re-planned; `None` turns drift checks off.
+    pub interval: Option<Duration>,
+    /// Re-apply the last applied commit when drift is found.
+    pub remediate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSink {
+    pub webhook: url::Url,
+}
+
+/// A parsed `karrots.yaml` that still knows where its keys are, so later checks (does the root
+/// module exist?) can point at the right line.
+#[derive(Debug, Clone)]
+pub struct EnvironmentFile {
+    pub spec: EnvironmentSpec,
+    lines: KeyLines,
+}
+
+impl EnvironmentFile {
+    /// The line of a dotted key such as `terraform.root`.
+    pub fn line(&self, key: &str) -> usize {
+        self.lines.line(key)
+    }
+}
+
+/// Reads a `karrots.yaml`. `file` is the path used in messages; `folder` is the name of the
+/// environment folder, which `name` must equal.
+pub fn parse_environment(
+    text: &str,
+    file: &Path,
+    folder: &str,
+) -> Result<EnvironmentSpec, Problems> {
+    parse_environment_file(text, file, folder).map(|parsed| parsed.spec)
+}
+
+/// [`parse_environment`], keeping the key positions.
+pub fn parse_environment_file(
+    text: &str,
+    file: &Path,
+    folder: &str,
+) -> Result<EnvironmentFile, Problems> {
+    let (raw, lines) = yaml::parse::<RawEnvironment>(text)
+        .map_err(|error| Problems::one(Problem::new(file, error.line, error.message)))?;
+    let mut v = Validator::new(file.to_path_buf(), lines);
+
+    if raw.api_version != API_VERSION {
+        v.report(
+            "apiVersion",
+            format!("{:?} is not supported; use {API_VERSION}", raw.api_version),
+        );
+    }
+    let name = v.check("name", EnvName::parse(&raw.name));
+    if name.is_some() && raw.name != folder {
+        v.report(
+            "name",
+            format!(
+                "{:?} must equal the folder name {folder:?} (environments/{folder}/karrots.yaml)",
+                raw.name
+            ),
+        );
+    }
+    let branch = v.check("branch", BranchName::parse(&raw.branch));
+
+    let account_id = v.check("aws.account_id", AccountId::parse(&raw.aws.account_id));
+    let region = v.check("aws.region", Region::parse(&raw.aws.region));
+    let profile = raw.aws.profile.unwrap_or_else(|| "karrots".to_string());
+    let profile_ok = !profile.is_empty()
+        && profile
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+@".contains(c));
+    if !profile_ok {
+        v.report(
+            "aws.profile",
+            format!("{profile:?} is not an aws CLI profile name"),
+        );
+    }
+    let role = |v: &mut Validator, key: &str, text: Option<String>| {
+        let arn = v.check(key, RoleArn::parse(text.as_deref()?))?;
+        if let Some(account) = &account_id
+            && arn.account() != account
+        {
+            v.report(
+                key,
+                format!(
+                    "the role is in account {}, not aws.account_id {account}; a session assumed from it would fail the account check",
+                    arn.account()
+                ),
+            );
+        }
+        Some(arn)
+    };
+    let role_arn = role(&mut v, "aws.role_arn", raw.aws.role_arn);
+    let preview_role_arn = role(&mut v, "aws.preview_role_arn", raw.aws.preview_role_arn);
+
+    let root = v.check("terraform.root", RepoPath::parse(&raw.terraform.root));
+    let mut vars = BTreeMap::new();
+    for (key, value) in &raw.terraform.vars {
+        let path = format!("terraform.vars.{key}");
+        if !is_terraform_identifier(key) {
+            v.report(&path, "is not a terraform variable name");
+            continue;
+        }
+        if let Some(json) = v.check(&path, yaml::to_json(value)) {
+            vars.insert(key.clone(), json);
+        }
+    }
+    let backend = validate_backend(&mut v, raw.terraform.backend);
+
+    let interval = match raw.drift.interval {
+        Some(text) => v.check("drift.interval", parse_duration(&text)),
+        None => None,
+    };
+    let remediate = raw.drift.remediate.unwrap_or(false);
+    if remediate && interval.is_none() {
+        v.report(
+            "drift.remediate",
+            "needs drift.interval: without it no drift check runs",
+        );
+    }
+
+    let alerts = raw
+        .alerts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, alert)| {
+            let webhook = v.check(
+                &format!("alerts[{index}].webhook"),
+                parse_webhook_url(&alert.webhook),
+            )?;
+            Some(AlertSink { webhook })
+        })
+        .collect();
+    let mut allow = BTreeSet::new();
+    for (index, text) in raw.allow.iter().enumerate() {
+        if let Some(allowance) = v.check(&format!("allow[{index}]"), Allowance::parse(text)) {
+            allow.insert(allowance);
+        }
+    }
+
+    if let Some(problems) = Problems::from_vec(v.problems) {
+        return Err(problems);
+    }
+    // Every `None` above reported a problem, so reaching here means all are set.
+    let (Some(name), Some(branch), Some(account_id), Some(region), Some(root), Some(backend)) =
+        (name, branch, account_id, region, root, backend)
+    else {
+        unreachable!("a missing value without a reported problem")
+    };
+    let spec = EnvironmentSpec {
+        name,
+        branch,
+        aws: AwsTarget {
+            account_id,
+            region,
+            profile,
+            role_arn,
+            preview_role_arn,
+        },
+        terraform: TerraformSpec {
+            root,
+            vars,
+            backend,
+        },
+        apply: ApplyPolicy {
+            auto: raw.apply.auto.unwrap_or(true),
+            allow_destroy: raw.apply.allow_destroy.unwrap_or(false),
+        },
+        drift: DriftPolicy {
+            interval,
+            remediate,
+        },
+        alerts,
+        allow,
+    };
+    Ok(EnvironmentFile {
+        spec,
+        lines: v.lines,
+    })
+}
+
+fn validate_backend(v: &mut Validator, raw: Option<RawBackend>) -> Option<Backend> {
+    let Some(raw) = raw else {
+        return Some(Backend::Local);
+    };
+    match (raw.local, raw.s3) {
+        (Some(_), None) => Some(Backend::Local),
+        (None, Some(s3)) => {
+            let bucket_ok = (3..=63).contains(&s3.bucket.len())
+                && s3.bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                });
+            if !bucket_ok {
+                v.report(
+                    "terraform.backend.s3.bucket",
+                    format!("{:?} is not an S3 bucket name", s3.bucket),
+                );
+            }
+            if s3.key.is_empty() || s3.key.starts_with('/') {
+                v.report(
+                    "terraform.backend.s3.key",
+                    format!("{:?} must be a non-empty key not starting with /", s3.key),
+                );
+            }
+            let region_ok = v
+                .check("terraform.backend.s3.region", Region::parse(&s3.region))
+                .is_some();
+            let locking = match (s3.dynamodb_table, s3.use_lockfile) {
+                (Some(table), None | Some(false)) if !table.is_empty() => {
+                    Some(S3Locking::DynamoDbTable(table))
+                }
+                (None, Some(true)) => Some(S3Locking::Lockfile),
+                (Some(_), Some(true)) => {
+                    v.report(
+                        "terraform.backend.s3",
+                        "set one of dynamodb_table and use_lockfile, not both",
+                    );
+                    None
+                }
+                _ => {
+                    v.report(
+                        "terraform.backend.s3",
+                        "state must be locked: set dynamodb_table or use_lockfile: true",
+                    );
+                    None
+                }
+            };
+            let locking = locking?;
+            (bucket_ok && region_ok && !s3.key.is_empty() && !s3.key.starts_with('/')).then_some(
+                Backend::S3(S3Backend {
+                    bucket: s3.bucket,
+                    key: s3.key,
+                    region: s3.region,
+                    locking,
+                }),
+            )
+        }
+        _ => {
+            v.report(
+                "terraform.backend",
+                "set exactly one of local: {} and s3: {...}",
+            );
+            None
+        }
+    }
+}
+
+fn is_terraform_identifier(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "\
+apiVersion: karrots/v1
+name: prod
+branch: main
+aws:
+  account_id: \"111122223333\"
+  region: us-east-1
+  role_arn: arn:aws:iam::111122223333:role/karrots-worker
+terraform:
+  root: modules/platform
+  vars: { cluster_name: karrots-prod, azs: [a, b] }
+  backend: { s3: { bucket: karrots-state, key: prod.tfstate, region: us-east-1, use_lockfile: true } }
+apply:
+  auto: true
+  allow_destroy: false
+drift:
+  interval: 1h
+alerts:
+  - webhook: https://example.invalid/hook
+allow: [local-exec]
+";
+
+    fn parse(text: &str) -> Result<EnvironmentSpec, Vec<String>> {
+        parse_environment(text, Path::new("environments/prod/karrots.yaml"), "prod")
+            .map_err(|problems| problems.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn a_valid_file_reads_into_checked_values() {
+        let spec = parse(VALID).unwrap();
+        assert_eq!(spec.name.as_str(), "prod");
+        assert_eq!(spec.aws.profile, "karrots");
+        assert_eq!(spec.terraform.root.as_str(), "modules/platform");
+        assert_eq!(spec.terraform.vars["azs"], serde_json::json!(["a", "b"]));
+        assert!(matches!(
+            spec.terraform.backend,
+            Backend::S3(S3Backend {
+                locking: S3Locking::Lockfile,
+                ..
+            })
+        ));
+        assert_eq!(spec.drift.interval, Some(Duration::from_secs(3600)));
+        assert!(spec.allow.contains(&Allowance::LocalExec));
+        assert!(spec.apply.auto && !spec.apply.allow_destroy);
+    }
+
+    /// Each row: a replacement applied to the valid file, and the one problem expected.
+    #[test]
+    fn each_mistake_names_file_line_and_key() {
+        let rows: &[(&str, &str, &str)] = &[
+            (
+                "account_id: \"111122223333\"",
+                "account_id: \"12345\"",
+                "environments/prod/karrots.yaml:5: aws.account_id: \"12345\" is not 12 digits",
+            ),
+            (
+                "name: prod",
+                "name: staging",
+                "environments/prod/karrots.yaml:2: name: \"staging\" must equal the folder name \"prod\" (environments/prod/karrots.yaml)",
+            ),
+            (
+                "branch: main",
+                "branch: \"a..b\"",
+                "environments/prod/karrots.yaml:3: branch: \"a..b\" is not a valid branch name (a plain name such as main or release/1.2)",
+            ),
+            (
+                "region: us-east-1\n  role",
+                "region: useast\n  role",
+                "environments/prod/karrots.yaml:6: aws.region: \"useast\" is not an AWS region name (such as us-east-1 or eu-central-1)",
+            ),
+            (
+                "apply:\n  auto: true",
+                "apply:\n  auto: true\n  approve: yes",
+                "environments/prod/karrots.yaml:14: apply.approve: unknown key `approve`, expected `auto` or `allow_destroy`",
+            ),
+            (
+                "root: modules/platform",
+                "root: ../elsewhere",
+                "environments/prod/karrots.yaml:9: terraform.root: \"../elsewhere\" leaves the repository",
+            ),
+            (
+                "interval: 1h",
+                "interval: hourly",
+                "environments/prod/karrots.yaml:16: drift.interval: \"hourly\" is not a duration (such as 30s, 5m, 1h or 1h30m)",
+            ),
+            (
+                "allow: [local-exec]",
+                "allow: [local-exec, anything]",
+                "environments/prod/karrots.yaml:19: allow[1]: \"anything\" is not one of local-exec, remote-exec, external, http, remote-modules",
+            ),
+            (
+                "role/karrots-worker",
+                "role/karrots-worker\n  preview_role_arn: arn:aws:iam::999999999999:role/ro",
+                "environments/prod/karrots.yaml:8: aws.preview_role_arn: the role is in account 999999999999, not aws.account_id 111122223333; a session assumed from it would fail the account check",
+            ),
+            (
+                ", use_lockfile: true",
+                "",
+                "environments/prod/karrots.yaml:11: terraform.backend.s3: state must be locked: set dynamodb_table or use_lockfile: true",
+            ),
+            (
+                "backend: { s3:",
+                "backend: { local: {}, s3:",
+                "environments/prod/karrots.yaml:11: terraform.backend: set exactly one of local: {} and s3: {...}",
+            ),
+            (
+                "apiVersion: karrots/v1",
+                "apiVersion: karrots/v2",
+                "environments/prod/karrots.yaml:1: apiVersion: \"karrots/v2\" is not supported; use karrots/v1",
+            ),
+            (
+                "https://example.invalid/hook",
+                "ftp://example.invalid/hook",
+                "environments/prod/karrots.yaml:18: alerts[0].webhook: \"ftp://example.invalid/hook\" must be an http or https URL",
+            ),
+            (
+                "interval: 1h",
+                "remediate: true",
+                "environments/prod/karrots.yaml:16: drift.remediate: needs drift.interval: without it no drift check runs",
+            ),
+        ];
+        for (from, to, expected) in rows {
+            assert!(VALID.contains(from), "row does not apply: {from}");
+            let text = VALID.replacen(from, to, 1);
+            assert_eq!(
+                parse(&text).unwrap_err(),
+                vec![expected.to_string()],
+                "{to}"
+            );
+        }
+    }
+
+    #[test]
+    fn structural_errors_carry_the_key_path() {
+        let missing = VALID.replace("  region: us-east-1\n  role", "  role");
+        assert_eq!(
+            parse(&missing).unwrap_err(),
+            vec!["environments/prod/karrots.yaml:5: aws: missing key `region`".to_string()]
+        );
+        let wrong_type = VALID.replace("auto: true", "auto: [yes]");
+        assert_eq!(
+            parse(&wrong_type).unwrap_err(),
+            vec![
+                "environments/prod/karrots.yaml:13: apply.auto: invalid type: sequence, expected a boolean"
+                    .to_string()
+            ]
+        );
+        assert_eq!(
+            parse("").unwrap_err(),
+            vec!["environments/prod/karrots.yaml:1: the file is empty".to_string()]
+        );
+    }
+
+    #[test]
+    fn several_problems_are_all_reported_in_line_order() {
+        let text = VALID
+            .replace("name: prod", "name: Prod")
+            .replace("\"111122223333\"", "\"1\"");
+        let problems = parse(&text).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("environments/prod/karrots.yaml:2: name:"));
+        assert!(problems[1].starts_with("environments/prod/karrots.yaml:5: aws.account_id:"));
+    }
+}

@@ -1,0 +1,66 @@
+//! The two configuration files, read in two stages.
+//!
+//! Stage one ([`raw`]) mirrors the YAML with serde and rejects unknown keys and wrong types;
+//! stage two ([`environment`], [`daemon`]) builds validated types that cannot hold an invalid
+//! value. Every error is a [`Problem`] naming the file, the line and the key.
+//!
+//! Architecture invariant: this module does no I/O except reading the one file it is asked to
+//! load. Whether a root module exists on disk is the repository check's business.
+
+mod daemon;
+mod environment;
+mod raw;
+mod types;
+mod yaml;
+
+pub use daemon::{DaemonConfig, TerraformSettings, load_daemon_config, parse_daemon_config};
+pub use environment::{
+    API_VERSION, AlertSink, ApplyPolicy, AwsTarget, Backend, DriftPolicy, EnvironmentFile,
+    EnvironmentSpec, S3Backend, S3Locking, TerraformSpec, parse_environment,
+    parse_environment_file,
+};
+pub use types::{
+    AccountId, Allowance, BranchName, EnvName, Region, RepoPath, RoleArn, parse_duration,
+};
+
+use std::path::PathBuf;
+
+use crate::problem::Problem;
+use yaml::KeyLines;
+
+/// Collects stage-two problems for one file, each located by the line of its key.
+struct Validator {
+    file: PathBuf,
+    lines: KeyLines,
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn new(file: PathBuf, lines: KeyLines) -> Validator {
+        Validator {
+            file,
+            lines,
+            problems: Vec::new(),
+        }
+    }
+
+    fn report(&mut self, key: &str, message: impl std::fmt::Display) {
+        let line = self.lines.line(key);
+        self.problems.push(Problem::new(
+            self.file.clone(),
+            line,
+            format!("{key}: {message}"),
+        ));
+    }
+
+    /// Runs a stage-two parser on one key's value, reporting a failure under that key.
+    fn check<T>(&mut self, key: &str, parsed: Result<T, String>) -> Option<T> {
+        match parsed {
+            Ok(value) => Some(value),
+            Err(message) => {
+                self.report(key, message);
+                None
+            }
+        }
+    }
+}

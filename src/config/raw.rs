@@ -1,0 +1,127 @@
+//! Stage one: serde structs that mirror the YAML files key for key.
+//!
+//! They accept any value of the right type; [`super::environment`] and [`super::daemon`] turn
+//! them into validated types. `deny_unknown_fields` everywhere: a misspelt key is an error,
+//! never silently ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::yaml::Value;
+
+/// `environments/<env>/karrots.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(crate) struct RawEnvironment {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub name: String,
+    pub branch: String,
+    pub aws: RawAws,
+    pub terraform: RawTerraform,
+    #[serde(default)]
+    pub apply: RawApply,
+    #[serde(default)]
+    pub drift: RawDrift,
+    #[serde(default)]
+    pub alerts: Vec<RawAlert>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAws {
+    pub account_id: String,
+    pub region: String,
+    pub profile: Option<String>,
+    pub role_arn: Option<String>,
+    pub preview_role_arn: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTerraform {
+    pub root: String,
+    #[serde(default)]
+    pub vars: BTreeMap<String, Value>,
+    pub backend: Option<RawBackend>,
+}
+
+/// One of its fields must be set; serde_yaml reads externally tagged enums only from YAML
+/// tags (`!s3`), so the choice is two optional fields checked in stage two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBackend {
+    pub local: Option<RawLocalBackend>,
+    pub s3: Option<RawS3Backend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLocalBackend {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawS3Backend {
+    pub bucket: String,
+    pub key: String,
+    pub region: String,
+    pub dynamodb_table: Option<String>,
+    pub use_lockfile: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApply {
+    pub auto: Option<bool>,
+    pub allow_destroy: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDrift {
+    pub interval: Option<String>,
+    pub remediate: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAlert {
+    pub webhook: String,
+}
+
+/// The daemon configuration, `karrots serve --config FILE`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDaemon {
+    pub repo: String,
+    pub poll_interval: Option<String>,
+    pub state_dir: String,
+    pub listen: Option<String>,
+    pub webhook_secret_file: Option<String>,
+    pub concurrency: Option<u64>,
+    pub preview: Option<bool>,
+    pub trust_branch: Option<String>,
+    #[serde(default)]
+    pub terraform: RawTerraformSettings,
+    #[serde(default)]
+    pub aws: RawAwsSettings,
+    #[serde(default)]
+    pub alerts: Vec<RawAlert>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTerraformSettings {
+    pub binary: Option<String>,
+    pub timeout: Option<String>,
+    pub plugin_mirror: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAwsSettings {
+    pub endpoint_url: Option<String>,
+}

@@ -1,0 +1,28 @@
+//! The `karrots` binary: parse the command line, set up logging, run the subcommand and map
+//! its outcome to an exit code. Errors that reach here are printed once, with their causes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use karrots::cli::{Cli, Command, check};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KARROTS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let outcome: anyhow::Result<ExitCode> = match &cli.command {
+        Command::Check(args) => check::exec(args).map_err(anyhow::Error::from),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("karrots: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The input fingerprint of an environment (SPEC §3.5): SHA-256 over the files it is built
+//! from, so that "did this commit change this environment?" is a comparison of two strings.
+//!
+//! The input closure is a set of directories inside the repository (the environment folder,
+//! the root module, every local module reached, `policies/`). Every file under them is hashed
+//! with its repository-relative `/`-separated path, in byte order of the paths, each field
+//! length-prefixed so no two different trees give the same byte stream. Symlinks contribute
+//! their target text, not what they point at. Nothing machine-specific (mtimes, owners, the
+//! absolute location of the checkout) enters the hash.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use walkdir::WalkDir;
+
+use crate::config::RepoPath;
+
+/// A `sha256:<hex>` digest of an environment's inputs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+enum Entry {
+    File(Vec<u8>),
+    Symlink(Vec<u8>),
+}
+
+/// Fingerprints the files under `directories` of the tree at `root`. A directory that does
+/// not exist contributes nothing (an environment without `policies/` is valid).
+pub fn fingerprint(root: &Path, directories: &BTreeSet<RepoPath>) -> io::Result<Fingerprint> {
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    for directory in directories {
+        let start = directory.to_path(root);
+        if !start.exists() {
+            continue;
+        }
+        for entry in WalkDir::new(&start).follow_links(false) {
+            let entry = entry.map_err(io::Error::other)?;
+            let relative = entry
+                .path()
+                .strip_prefix(root)
+                .map_err(io::Error::other)?
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/");
+            if entries.contains_key(&relative) {
+                continue;
+            }
+            let file_type = entry.file_type();
+            if file_type.is_symlink() {
+                let target = fs::read_link(entry.path())?;
+                let target = target.to_string_lossy().into_owned().into_bytes();
+                entries.insert(relative, Entry::Symlink(target));
+            } else if file_type.is_file() {
+                entries.insert(relative, Entry::File(fs::read(entry.path())?));
+            }
+        }
+    }
+    let mut hasher = Sha256::new();
+    for (path, entry) in &entries {
+        let (tag, content) = match entry {
+            Entry::File(content) => (b'f', content),
+            Entry::Symlink(target) => (b'l', target),
+        };
+        hasher.update([tag]);
+        hasher.update((path.len() as u64).to_be_bytes());
+        hasher.update(path.as_bytes());
+        hasher.update((content.len() as u64).to_be_bytes());
+        hasher.update(content);
+    }
+    Ok(Fingerprint(format!(
+        "sha256:{}",
+        hex::encode(hasher.finalize())
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs(names: &[&str]) -> BTreeSet<RepoPath> {
+        names.iter().map(|n| RepoPath::parse(n).unwrap()).collect()
+    }
+
+    #[test]
+    fn same_tree_same_fingerprint_and_each_change_shows() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        fs::create_dir_all(root.join("modules/a")).unwrap();
+        fs::write(root.join("modules/a/main.tf"), "# a\n").unwrap();
+        fs::write(root.join("modules/a/vars.tf"), "# v\n").unwrap();
+        let set = dirs(&["modules/a", "policies"]);
+        let first = fingerprint(root, &set).unwrap();
+        assert_eq!(first, fingerprint(root, &set).unwrap());
+        assert!(first.as_str().starts_with("sha256:") && first.as_str().len() == 71);
+
+        // Moving content between files changes the fingerprint even if the bytes concatenate
+        // to the same stream.
+        fs::write(root.join("modules/a/main.tf"), "# a\n# v\n").unwrap();
+        fs::write(root.join("modules/a/vars.tf"), "").unwrap();
+        let moved = fingerprint(root, &set).unwrap();
+        assert_ne!(first, moved);
+
+        // A file outside the closure changes nothing; a new policy does.
+        fs::write(root.join("README.md"), "hello").unwrap();
+        assert_eq!(moved, fingerprint(root, &set).unwrap());
+        fs::create_dir_all(root.join("policies")).unwrap();
+        fs::write(root.join("policies/p.json"), "{}").unwrap();
+        assert_ne!(moved, fingerprint(root, &set).unwrap());
+    }
+
+    #[test]
+    fn the_location_of_the_checkout_does_not_matter() {
+        let make = || {
+            let tree = tempfile::tempdir().unwrap();
+            fs::create_dir_all(tree.path().join("modules/a")).unwrap();
+            fs::write(tree.path().join("modules/a/main.tf"), "x").unwrap();
+            tree
+        };
+        let (one, two) = (make(), make());
+        let set = dirs(&["modules/a"]);
+        assert_eq!(
+            fingerprint(one.path(), &set).unwrap(),
+            fingerprint(two.path(), &set).unwrap()
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! The config repository as data: its environments, the modules each reaches, the checks of
+//! SPEC §3.8 and each environment's input fingerprint.
+//!
+//! Works on a directory tree (a working copy, or later a commit exported to a workdir); it
+//! never runs terraform or git.
+
+mod fingerprint;
+mod layout;
+mod module;
+mod policy;
+
+pub use fingerprint::{Fingerprint, fingerprint};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Backend, EnvironmentFile, EnvironmentSpec, RepoPath, parse_environment_file};
+use crate::problem::{Problem, relative_to};
+use module::{ModuleScan, ModuleSource, scan_module};
+
+/// An environment that passed every check, with what it is built from.
+#[derive(Debug, Clone)]
+pub struct CheckedEnvironment {
+    pub spec: EnvironmentSpec,
+    /// The directories whose files are this environment's inputs.
+    pub inputs: BTreeSet<RepoPath>,
+    pub fingerprint: Fingerprint,
+}
+
+/// The outcome of `karrots check`: the environments that passed, and every problem found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub environments: Vec<CheckedEnvironment>,
+    pub problems: Vec<Problem>,
+}
+
+/// Checks the config repository whose working tree is at `root`.
+pub fn check_repository(root: &Path) -> CheckReport {
+    let mut report = CheckReport::default();
+    if !root.is_dir() {
+        report.problems.push(Problem::whole(
+            root,
+            "not a directory: give --repo the root of a config repository",
+        ));
+        return report;
+    }
+    report.problems.extend(layout::scan_layout(root));
+    let environment_files = load_environments(root, &mut report.problems);
+
+    let mut scans: HashMap<RepoPath, ModuleScan> = HashMap::new();
+    for file in &environment_files {
+        let Some(inputs) = check_environment_modules(root, file, &mut scans, &mut report.problems)
+        else {
+            continue;
+        };
+        match fingerprint(root, &inputs) {
+            Ok(fingerprint) => report.environments.push(CheckedEnvironment {
+                spec: file.spec.clone(),
+                inputs,
+                fingerprint,
+            }),
+            Err(error) => report.problems.push(Problem::whole(
+                environment_file_path(&file.spec.name.to_string()),
+                format!("cannot read the environment's inputs: {error}"),
+            )),
+        }
+    }
+    check_shared_state(&environment_files, &mut report.problems);
+
+    if let Ok(entries) = fs::read_dir(root.join("policies")) {
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|ext| ext == "json") && p.is_file())
+            .collect();
+        paths.sort();
+        for path in paths {
+            let relative = relative_to(root, &path);
+            match fs::read_to_string(&path) {
+                Ok(text) => report
+                    .problems
+                    .extend(policy::lint_policy(&relative, &text)),
+                Err(error) => report.problems.push(Problem::whole(
+                    relative,
+                    format!("cannot read the file: {error}"),
+                )),
+            }
+        }
+    }
+
+    report.problems.sort();
+    report.problems.dedup();
+    report
+}
+
+fn environment_file_path(folder: &str) -> PathBuf {
+    Path::new("environments").join(folder).join("karrots.yaml")
+}
+
+/// Reads every `environments/<env>/karrots.yaml`, reporting the ones that do not load.
+fn load_environments(root: &Path, problems: &mut Vec<Problem>) -> Vec<EnvironmentFile> {
+    let entries = match fs::read_dir(root.join("environments")) {
+        Ok(entries) => entries,
+        Err(_) => {
+            problems.push(Problem::whole(
+                "environments",
+                "no environments/ folder: a config repository has one folder per environment, environments/<env>/karrots.yaml",
+            ));
+            return Vec::new();
+        }
+    };
+    let mut folders: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    folders.sort();
+    let mut loaded = Vec::new();
+    for folder in folders {
+        let relative = relative_to(root, &folder);
+        let name = folder
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if !folder.is_dir() {
+            problems.push(Problem::whole(
+                relative,
+                "only environment folders belong in environments/",
+            ));
+            continue;
+        }
+        if let Err(message) = crate::config::EnvName::parse(&name) {
+            problems.push(Problem::whole(relative, format!("folder name: {message}")));
+            continue;
+        }
+        let file = environment_file_path(&name);
+        match fs::read_to_string(root.join(&file)) {
+            Ok(text) => match parse_environment_file(&text, &file, &name) {
+                Ok(parsed) => loaded.push(parsed),
+                Err(found) => problems.extend(found.into_vec()),
+            },
+            Err(error) => problems.push(Problem::whole(
+                &relative,
+                format!("environment folder without a readable karrots.yaml: {error}"),
+            )),
+        }
+    }
+    if loaded.is_empty() && problems.is_empty() {
+        problems.push(Problem::whole(
+            "environments",
+            "no environment found: add environments/<env>/karrots.yaml",
+        ));
+    }
+    loaded
+}
+
+/// Walks the modules an environment reaches, reporting refusals under its `allow:` list.
+/// Returns the environment's input directories when its modules are all acceptable.
+fn check_environment_modules(
+    root: &Path,
+    file: &EnvironmentFile,
+    scans: &mut HashMap<RepoPath, ModuleScan>,
+    problems: &mut Vec<Problem>,
+) -> Option<BTreeSet<RepoPath>> {
+    let spec = &file.spec;
+    let yaml_path = environment_file_path(spec.name.as_str());
+    let root_module = &spec.terraform.root;
+    if !root_module.to_path(root).is_dir() {
+        problems.push(Problem::new(
+            &yaml_path,
+            file.line("terraform.root"),
+            format!("terraform.root: {root_module} is not a directory in the repository"),
+        ));
+        return None;
+    }
+    let problems_before = problems.len();
+    let mut reached: BTreeSet<RepoPath> = BTreeSet::new();
+    let mut queue = vec![root_module.clone()];
+    while let Some(module) = queue.pop() {
+        if !reached.insert(module.clone()) {
+            continue;
+        }
+        let scan = scans
+            .entry(module.clone())
+            .or_insert_with(|| scan_module(root, &module));
+        problems.extend(scan.problems.iter().cloned());
+        for risk in &scan.risks {
+            if !spec.allow.contains(&risk.allowance) {
+                problems.push(Problem::new(
+                    &risk.file,
+                    risk.line,
+                    format!(
+                        "{} is refused for environment {} (name {} in allow: of {} to permit it)",
+                        risk.construct,
+                        spec.name,
+                        risk.allowance.name(),
+                        yaml_path.display()
+                    ),
+                ));
+            }
+        }
+        for call in &scan.calls {
+            match &call.source {
+                ModuleSource::Local(path) if path.to_path(root).is_dir() => {
+                    queue.push(path.clone());
+                }
+                ModuleSource::Local(path) => problems.push(Problem::new(
+                    &call.file,
+                    call.line,
+                    format!("module source: {path} is not a directory in the repository"),
+                )),
+                ModuleSource::Remote(source)
+                    if !spec
+                        .allow
+                        .contains(&crate::config::Allowance::RemoteModules) =>
+                {
+                    problems.push(Problem::new(
+                        &call.file,
+                        call.line,
+                        format!(
+                            "module source {source:?} is not a local path inside the repository and is refused for environment {} (name remote-modules in allow: of {} to permit it)",
+                            spec.name,
+                            yaml_path.display()
+                        ),
+                    ));
+                }
+                ModuleSource::Remote(_) => {}
+            }
+        }
+    }
+    if problems.len() > problems_before {
+        return None;
+    }
+    let mut inputs = reached;
+    inputs.insert(RepoPath::parse(&format!("environments/{}", spec.name)).ok()?);
+    inputs.insert(RepoPath::parse("policies").ok()?);
+    Some(inputs)
+}
+
+/// Two environments writing one S3 state object would overwrite each other's state.
+fn check_shared_state(files: &[EnvironmentFile], problems: &mut Vec<Problem>) {
+    let mut owners: BTreeMap<(String, String), &EnvironmentFile> = BTreeMap::new();
+    for file in files {
+        if let Backend::S3(s3) = &file.spec.terraform.backend {
+            let key = (s3.bucket.clone(), s3.key.clone());
+            if let Some(first) = owners.get(&key) {
+                problems.push(Problem::new(
+                    environment_file_path(file.spec.name.as_str()),
+                    file.line("terraform.backend.s3.key"),
+                    format!(
+                        "terraform.backend.s3: s3://{}/{} is already the state of environment {}",
+                        s3.bucket, s3.key, first.spec.name
+                    ),
+                ));
+            } else {
+                owners.insert(key, file);
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The integration tests: the real `karrots` binary against config repositories built in temp
+//! dirs. One test binary, so the crate is linked once.
+
+mod check;
+mod support;
