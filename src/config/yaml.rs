@@ -51,7 +51,13 @@ pub(crate) fn parse<T: DeserializeOwned>(text: &str) -> Result<(T, KeyLines), Ya
             message: "the file is empty".to_string(),
         });
     }
-    let key_lines = index_key_lines(text)?;
+    let last_line = text.replace("\r\n", "\n").matches(['\n', '\r']).count() + 1;
+    // Parsers may place an end-of-input error on the line after the last one.
+    let clamp = |error: YamlError| YamlError {
+        line: error.line.min(last_line),
+        ..error
+    };
+    let key_lines = index_key_lines(text).map_err(clamp)?;
     let deserializer = serde_yaml::Deserializer::from_str(text);
     match serde_path_to_error::deserialize::<_, T>(deserializer) {
         Ok(value) => Ok((value, key_lines)),
@@ -62,10 +68,10 @@ pub(crate) fn parse<T: DeserializeOwned>(text: &str) -> Result<(T, KeyLines), Ya
                 .location()
                 .map(|location| location.line())
                 .unwrap_or_else(|| key_lines.line(&path));
-            Err(YamlError {
+            Err(clamp(YamlError {
                 line,
                 message: describe(&path, inner),
-            })
+            }))
         }
     }
 }
@@ -226,6 +232,16 @@ mod tests {
         let text = "terraform:\n  backend: { s3: { bucket: b, key: k } }\n";
         let lines = index_key_lines(text).unwrap();
         assert_eq!(lines.line("terraform.backend.s3.key"), 2);
+    }
+
+    #[test]
+    fn errors_point_at_a_line_that_exists() {
+        // Found by the fuzz target: the parser reports the end of "[0bb" on line 2.
+        let error = parse::<serde_yaml::Value>("[0bb").unwrap_err();
+        assert_eq!(error.line, 1, "{error:?}");
+        // A bare CR is a YAML line break.
+        let error = parse::<bool>("\r\r4").unwrap_err();
+        assert_eq!(error.line, 3, "{error:?}");
     }
 
     #[test]
