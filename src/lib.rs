@@ -7,7 +7,11 @@
 //! - [`problem`]: the located `path:line: message` every validation error is.
 //! - [`cli`]: one module per subcommand; `main.rs` parses arguments and maps errors to exit codes.
 
+pub mod aws;
 pub mod cli;
 pub mod config;
+pub mod git;
 pub mod problem;
+pub mod process;
 pub mod repo;
+pub mod terraform;
