@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use karrots::cli::{Cli, Command, check};
+use karrots::cli::{Cli, Command, check, plan};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         .init();
     let outcome: anyhow::Result<ExitCode> = match &cli.command {
         Command::Check(args) => check::exec(args).map_err(anyhow::Error::from),
+        Command::Plan(args) => plan::exec(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,6 +1,7 @@
 //! The subcommands, one module each: arguments plus an `exec` that returns the exit code.
 
 pub mod check;
+pub mod plan;
 
 use clap::{Parser, Subcommand};
 
@@ -16,4 +17,7 @@ pub struct Cli {
 pub enum Command {
     /// Validate a config repository working tree and print each environment's fingerprint.
     Check(check::CheckArgs),
+    /// Plan one environment at a revision in an isolated workdir; never applies.
+    /// Exit 0: no changes, 2: changes, 1: error.
+    Plan(plan::PlanArgs),
 }

@@ -30,6 +30,36 @@ pub struct EnvironmentSpec {
     pub allow: BTreeSet<Allowance>,
 }
 
+impl EnvironmentSpec {
+    /// The identity fields (SPEC §3.7) in which `other` differs from `self`. Only the trust
+    /// branch may change them: a commit elsewhere that does is refused.
+    pub fn identity_differences(&self, other: &EnvironmentSpec) -> Vec<&'static str> {
+        let fields: [(&'static str, bool); 7] = [
+            ("name", self.name == other.name),
+            ("branch", self.branch == other.branch),
+            (
+                "aws.account_id",
+                self.aws.account_id == other.aws.account_id,
+            ),
+            ("aws.profile", self.aws.profile == other.aws.profile),
+            ("aws.role_arn", self.aws.role_arn == other.aws.role_arn),
+            (
+                "aws.preview_role_arn",
+                self.aws.preview_role_arn == other.aws.preview_role_arn,
+            ),
+            (
+                "terraform.backend",
+                self.terraform.backend == other.terraform.backend,
+            ),
+        ];
+        fields
+            .into_iter()
+            .filter(|(_, same)| !same)
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
 /// Where the environment lives in AWS and how Karrots gets there.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AwsTarget {
@@ -496,6 +526,38 @@ allow: [local-exec]
             parse("").unwrap_err(),
             vec!["environments/prod/karrots.yaml:1: the file is empty".to_string()]
         );
+    }
+
+    #[test]
+    fn identity_differences_name_exactly_the_changed_identity_fields() {
+        let trusted = parse(VALID).unwrap();
+        assert!(trusted.identity_differences(&trusted).is_empty());
+        // Each row replaces every occurrence of a text in the valid file.
+        let rows: &[(&str, &str, &[&str])] = &[
+            ("cluster_name: karrots-prod", "cluster_name: other", &[]),
+            ("interval: 1h", "interval: 2h", &[]),
+            ("branch: main", "branch: dev", &["branch"]),
+            (
+                "111122223333",
+                "999999999999",
+                &["aws.account_id", "aws.role_arn"],
+            ),
+            ("role/karrots-worker", "role/admin", &["aws.role_arn"]),
+            (
+                "key: prod.tfstate",
+                "key: dev.tfstate",
+                &["terraform.backend"],
+            ),
+            (
+                "  role_arn:",
+                "  preview_role_arn:",
+                &["aws.role_arn", "aws.preview_role_arn"],
+            ),
+        ];
+        for (from, to, expected) in rows {
+            let candidate = parse(&VALID.replace(from, to)).unwrap();
+            assert_eq!(trusted.identity_differences(&candidate), *expected, "{to}");
+        }
     }
 
     #[test]

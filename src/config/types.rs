@@ -7,6 +7,8 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// An environment name: `[a-z0-9][a-z0-9-]{0,62}` (SPEC §1), also used as a folder, an STS
 /// session name part and a state directory name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -163,8 +165,23 @@ impl RoleArn {
 
 /// A path relative to the config repository root that cannot leave it: no absolute paths, no
 /// `..` that climbs above the root. Stored normalized with `/` separators.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct RepoPath(String);
+
+impl TryFrom<String> for RepoPath {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<RepoPath, String> {
+        RepoPath::parse(&text)
+    }
+}
+
+impl From<RepoPath> for String {
+    fn from(path: RepoPath) -> String {
+        path.0
+    }
+}
 
 impl RepoPath {
     pub fn parse(text: &str) -> Result<RepoPath, String> {

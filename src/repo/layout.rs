@@ -15,7 +15,7 @@ use walkdir::WalkDir;
 use crate::problem::{Problem, relative_to};
 
 /// The folders whose whole contents are configuration.
-pub(crate) const CONFIG_FOLDERS: [&str; 3] = ["environments", "modules", "policies"];
+pub const CONFIG_FOLDERS: [&str; 3] = ["environments", "modules", "policies"];
 
 pub(crate) fn scan_layout(root: &Path) -> Vec<Problem> {
     let mut problems = Vec::new();

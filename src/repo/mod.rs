@@ -10,10 +10,13 @@ mod module;
 mod policy;
 
 pub use fingerprint::{Fingerprint, fingerprint};
+pub use layout::CONFIG_FOLDERS;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::config::{Backend, EnvironmentFile, EnvironmentSpec, RepoPath, parse_environment_file};
 use crate::problem::{Problem, relative_to};
@@ -25,6 +28,11 @@ pub struct CheckedEnvironment {
     pub spec: EnvironmentSpec,
     /// The directories whose files are this environment's inputs.
     pub inputs: BTreeSet<RepoPath>,
+    /// The root module and every local module it reaches.
+    pub modules: BTreeSet<RepoPath>,
+    /// SHA-256 over the module declarations `terraform init` acts on (see
+    /// `ModuleScan::init_declarations`): equal signatures need no new init.
+    pub init_signature: String,
     pub fingerprint: Fingerprint,
 }
 
@@ -50,14 +58,26 @@ pub fn check_repository(root: &Path) -> CheckReport {
 
     let mut scans: HashMap<RepoPath, ModuleScan> = HashMap::new();
     for file in &environment_files {
-        let Some(inputs) = check_environment_modules(root, file, &mut scans, &mut report.problems)
+        let Some(modules) = check_environment_modules(root, file, &mut scans, &mut report.problems)
         else {
             continue;
         };
+        let mut inputs = modules.clone();
+        inputs.extend(
+            [
+                format!("environments/{}", file.spec.name),
+                "policies".to_string(),
+            ]
+            .iter()
+            .filter_map(|path| RepoPath::parse(path).ok()),
+        );
+        let init_signature = init_signature(&modules, &scans);
         match fingerprint(root, &inputs) {
             Ok(fingerprint) => report.environments.push(CheckedEnvironment {
                 spec: file.spec.clone(),
                 inputs,
+                modules,
+                init_signature,
                 fingerprint,
             }),
             Err(error) => report.problems.push(Problem::whole(
@@ -151,8 +171,24 @@ fn load_environments(root: &Path, problems: &mut Vec<Problem>) -> Vec<Environmen
     loaded
 }
 
+fn init_signature(modules: &BTreeSet<RepoPath>, scans: &HashMap<RepoPath, ModuleScan>) -> String {
+    let mut hasher = Sha256::new();
+    for module in modules {
+        for declaration in scans
+            .get(module)
+            .map(|s| &s.init_declarations)
+            .into_iter()
+            .flatten()
+        {
+            hasher.update((declaration.len() as u64).to_be_bytes());
+            hasher.update(declaration.as_bytes());
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
 /// Walks the modules an environment reaches, reporting refusals under its `allow:` list.
-/// Returns the environment's input directories when its modules are all acceptable.
+/// Returns the modules reached when they are all acceptable.
 fn check_environment_modules(
     root: &Path,
     file: &EnvironmentFile,
@@ -228,10 +264,7 @@ fn check_environment_modules(
     if problems.len() > problems_before {
         return None;
     }
-    let mut inputs = reached;
-    inputs.insert(RepoPath::parse(&format!("environments/{}", spec.name)).ok()?);
-    inputs.insert(RepoPath::parse("policies").ok()?);
-    Some(inputs)
+    Some(reached)
 }
 
 /// Two environments writing one S3 state object would overwrite each other's state.

@@ -5,6 +5,7 @@
 //! Scanning is per module directory and knows nothing of environments: whether a construct is
 //! allowed depends on the environment's `allow:` list and is decided by the caller.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,10 @@ pub(crate) struct ModuleScan {
     pub risks: Vec<Risk>,
     /// Problems that no `allow:` can lift: unparsable files, sources that leave the repository.
     pub problems: Vec<Problem>,
+    /// The declarations that decide what `terraform init` installs: `required_providers`
+    /// blocks, module calls and the providers implied by resource types. When none of them
+    /// changed (nor the lock file), a new commit can reuse the previous init.
+    pub init_declarations: BTreeSet<String>,
 }
 
 /// A `module` block, located.
@@ -102,10 +107,28 @@ pub(crate) fn scan_file(scan: &mut ModuleScan, module: &RepoPath, file: &Path, t
     let line_of = |span: Option<std::ops::Range<usize>>| {
         span.map_or(1, |range| line_of_offset(text, range.start))
     };
+    let source_text = |span: Option<std::ops::Range<usize>>| {
+        span.and_then(|range| text.get(range))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     for block in body.iter().filter_map(Structure::as_block) {
         let line = line_of(block.span());
+        if matches!(block.ident.as_str(), "resource" | "data")
+            && let Some(kind) = block.labels.first()
+        {
+            let provider = kind.as_str().split('_').next().unwrap_or_default();
+            scan.init_declarations
+                .insert(format!("{module}: provider type {provider}"));
+        }
         match block.ident.as_str() {
-            "module" => scan_module_call(scan, module, file, block, line, &line_of),
+            "module" => {
+                scan.init_declarations
+                    .insert(format!("{module}: {}", source_text(block.span())));
+                scan_module_call(scan, module, file, block, line, &line_of)
+            }
             "data" => {
                 let kind = block.labels.first().map(|label| label.as_str());
                 let allowance = match kind {
@@ -124,6 +147,10 @@ pub(crate) fn scan_file(scan: &mut ModuleScan, module: &RepoPath, file: &Path, t
             }
             "terraform" => {
                 for inner in block.body.iter().filter_map(Structure::as_block) {
+                    if inner.ident.as_str() == "required_providers" {
+                        scan.init_declarations
+                            .insert(format!("{module}: {}", source_text(inner.span())));
+                    }
                     if matches!(inner.ident.as_str(), "backend" | "cloud") {
                         scan.problems.push(Problem::new(
                             file,
@@ -292,6 +319,33 @@ mod tests {
                 (10, Allowance::HttpData),
                 (15, Allowance::RemoteExec),
             ]
+        );
+    }
+
+    #[test]
+    fn init_declarations_ignore_what_init_does_not_read() {
+        let base = "terraform {\n  required_providers {\n    aws = { source = \"hashicorp/aws\" }\n  }\n}\nmodule \"net\" {\n  source = \"../network\"\n  cidr = \"10.0.0.0/16\"\n}\nresource \"aws_vpc\" \"a\" {\n  cidr_block = \"10.0.0.0/16\"\n}\n";
+        let declarations = |text: &str| scan(text).init_declarations;
+        let first = declarations(base);
+        assert_eq!(first.len(), 3, "{first:?}");
+        // A changed attribute of a resource or a new resource of a known provider: same init.
+        let edited = base.replace(
+            "cidr_block = \"10.0.0.0/16\"",
+            "cidr_block = \"10.1.0.0/16\"",
+        ) + "resource \"aws_subnet\" \"b\" {}\n";
+        assert_eq!(declarations(&edited), first);
+        // A new provider, a changed module call or changed requirements: init again.
+        assert_ne!(
+            declarations(&(base.to_string() + "resource \"random_id\" \"x\" {}\n")),
+            first
+        );
+        assert_ne!(
+            declarations(&base.replace("../network", "../network2")),
+            first
+        );
+        assert_ne!(
+            declarations(&base.replace("hashicorp/aws\"", "hashicorp/aws\", version = \"~> 5.0\"")),
+            first
         );
     }
 

@@ -2,4 +2,5 @@
 //! dirs. One test binary, so the crate is linked once.
 
 mod check;
+mod plan;
 mod support;

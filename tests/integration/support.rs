@@ -130,3 +130,147 @@ pub fn karrots(args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+impl ConfigRepo {
+    /// Runs git in the repository, with a fixed identity; panics on failure.
+    pub fn git(&self, args: &[&str]) -> String {
+        let output = Command::new("git")
+            .arg("-C")
+            .arg(self.path())
+            .args([
+                "-c",
+                "user.name=Karrots Test",
+                "-c",
+                "user.email=test@karrots.invalid",
+            ])
+            .args(args)
+            .output()
+            .unwrap_or_else(|error| panic!("git is not installed ({error}): apt-get install git"));
+        assert!(
+            output.status.success(),
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// Makes the tree a git repository on branch `main` and commits everything.
+    pub fn init_git(&self) -> String {
+        self.git(&["init", "-q", "-b", "main"]);
+        self.commit_all("initial configuration")
+    }
+
+    /// Commits every change; returns the new commit's full sha.
+    pub fn commit_all(&self, message: &str) -> String {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "--allow-empty", "-m", message]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+}
+
+/// A `moto_server` on a free loopback port, stopped on drop.
+pub struct Moto {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        Moto::start_as("123456789012")
+    }
+
+    /// Starts moto answering as `account` (MOTO_ACCOUNT_ID).
+    pub fn start_as(account: &str) -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("find a free port")
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_ACCOUNT_ID", account)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("moto_server could not start ({error}): pip install 'moto[server]==5.2.*'")
+            });
+        let moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not listen on {port} within 30s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        moto
+    }
+
+    /// Runs the aws CLI against this moto; returns stdout.
+    pub fn aws(&self, args: &[&str]) -> String {
+        let output = Command::new("aws")
+            .args([
+                "--endpoint-url",
+                &self.url,
+                "--region",
+                "us-east-1",
+                "--output",
+                "json",
+            ])
+            .args(args)
+            .envs(test_credentials())
+            .output()
+            .unwrap_or_else(|error| {
+                panic!("the aws CLI is not installed ({error}): pip install awscli")
+            });
+        assert!(
+            output.status.success(),
+            "aws {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Credentials moto accepts; the standard chain finds them in the environment.
+pub fn test_credentials() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]
+}
+
+/// Runs the real binary with extra environment variables.
+pub fn karrots_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let output: Output = Command::new(karrots_binary())
+        .args(args)
+        .env_remove("KARROTS_LOG")
+        .env_remove("AWS_ENDPOINT_URL")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the karrots binary");
+    Run {
+        code: output.status.code().expect("karrots exited by a signal"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Fails the test setup, with how to install it, when a tool the test needs is missing.
+pub fn require_tool(name: &str, install: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{name} is not installed: {install}");
+}

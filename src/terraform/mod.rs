@@ -1,0 +1,573 @@
+//! Runs terraform for an environment: prepare the workdir, init when needed, plan to a saved
+//! plan file, and apply exactly that file.
+//!
+//! Providers come from Karrots, not from the commit: Karrots writes the CLI configuration
+//! (`TF_CLI_CONFIG_FILE`) with an explicit `provider_installation` — the plugin mirror when one
+//! is configured, `direct` only when none is — and gives terraform an empty `HOME`. Every call
+//! goes through [`crate::process`]. `terraform init` runs under an exclusive lock on the state
+//! directory, never two at once.
+
+pub mod plan;
+mod workdir;
+
+pub use workdir::{Readiness, Workdir};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Backend, RepoPath, S3Locking, TerraformSettings};
+use crate::git::CommitId;
+use crate::process::{ProcessError, ProcessOutput, ProcessSpec, run};
+use crate::repo::{CheckedEnvironment, Fingerprint, fingerprint};
+use plan::{PlanJsonError, PlanSummary, summarize};
+use workdir::{create_private_dir, write_private};
+
+/// Files Karrots writes into the root module of a checkout.
+const BACKEND_FILE: &str = "karrots_backend.tf";
+const TFVARS_FILE: &str = "karrots.auto.tfvars.json";
+const LOCK_FILE: &str = ".terraform.lock.hcl";
+/// Kept in TF_DATA_DIR: the init that produced the providers there, and the lock file it wrote.
+const INIT_KEY_FILE: &str = "karrots-init-key";
+const SAVED_LOCK_FILE: &str = "karrots.lock.hcl";
+/// Variables of the daemon's own environment that a terraform process may see. None of them
+/// is a credential; AWS credentials are added per run.
+const INHERITED_VARIABLES: [&str; 12] = [
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "AWS_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "no_proxy",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TerraformError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("terraform {step} failed for environment {env} at {commit} (exit {code}):\n{stderr}")]
+    Failed {
+        step: &'static str,
+        env: String,
+        commit: String,
+        code: String,
+        stderr: String,
+    },
+    #[error(transparent)]
+    PlanJson(#[from] PlanJsonError),
+    #[error("{file} exists in the commit, but Karrots writes that file itself; rename it")]
+    ReservedFile { file: String },
+    #[error(
+        "refusing to apply {commit} to {env}: its inputs changed since the plan (planned {planned}, now {now}); plan again"
+    )]
+    FingerprintMismatch {
+        env: String,
+        commit: String,
+        planned: String,
+        now: String,
+    },
+    #[error(
+        "refusing to apply {commit} to {env}: the saved plan is stale (the state changed since); plan again"
+    )]
+    StalePlan { env: String, commit: String },
+    #[error("refusing to apply {commit} to {env}: {reason}")]
+    NotReady {
+        env: String,
+        commit: String,
+        reason: String,
+    },
+}
+
+fn io_context(context: impl Into<String>) -> impl FnOnce(io::Error) -> TerraformError {
+    let context = context.into();
+    move |source| TerraformError::Io { context, source }
+}
+
+/// The AWS part of a terraform process's environment, built by [`crate::aws`]. Its values
+/// (credentials) are never displayed.
+#[derive(Clone, Default)]
+pub struct RunEnvironment {
+    pub variables: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for RunEnvironment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunEnvironment")
+            .field("names", &self.variables.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A saved plan and what is needed to apply exactly it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub env: String,
+    pub commit: String,
+    /// The checkout's input fingerprint when the plan was made.
+    pub fingerprint: String,
+    /// The input directories the fingerprint covers, to recompute it before applying.
+    pub inputs: BTreeSet<RepoPath>,
+    pub root_module: RepoPath,
+    pub summary: PlanSummary,
+    pub plan_dir: PathBuf,
+    /// Whether this run reused the previous `terraform init`.
+    pub init_reused: bool,
+}
+
+impl PlanRecord {
+    pub fn plan_file(&self) -> PathBuf {
+        self.plan_dir.join("plan.tfplan")
+    }
+}
+
+/// Settings shared by every terraform run of one state directory.
+#[derive(Debug, Clone)]
+pub struct Terraform {
+    binary: PathBuf,
+    timeout: Duration,
+    /// Between SIGINT and SIGKILL on timeout.
+    grace: Duration,
+    state_dir: PathBuf,
+    cli_config: PathBuf,
+}
+
+impl Terraform {
+    /// Prepares the state directory and writes Karrots' terraform CLI configuration.
+    pub fn new(
+        settings: &TerraformSettings,
+        state_dir: &Path,
+    ) -> Result<Terraform, TerraformError> {
+        create_private_dir(state_dir)
+            .map_err(io_context(format!("creating {}", state_dir.display())))?;
+        let cli_config = state_dir.join("terraformrc");
+        let installation = match &settings.plugin_mirror {
+            Some(mirror) => format!(
+                "  filesystem_mirror {{\n    path = {}\n  }}\n",
+                serde_json::to_string(&mirror.display().to_string()).unwrap_or_default()
+            ),
+            None => "  direct {}\n".to_string(),
+        };
+        let text = format!(
+            "# Written by Karrots: providers come from here, never from the config repository.\nprovider_installation {{\n{installation}}}\ndisable_checkpoint = true\n"
+        );
+        write_private(&cli_config, text.as_bytes())
+            .map_err(io_context(format!("writing {}", cli_config.display())))?;
+        Ok(Terraform {
+            binary: settings.binary.clone(),
+            timeout: settings.timeout,
+            grace: Duration::from_secs(30),
+            state_dir: state_dir.to_path_buf(),
+            cli_config,
+        })
+    }
+
+    /// Shortens the SIGINT-to-SIGKILL grace period (tests).
+    pub fn with_grace(mut self, grace: Duration) -> Terraform {
+        self.grace = grace;
+        self
+    }
+
+    pub fn workdir(&self, env: &crate::config::EnvName) -> Workdir {
+        Workdir::new(&self.state_dir, env)
+    }
+
+    fn command(&self, workdir: &Workdir, cwd: &Path, run_env: &RunEnvironment) -> ProcessSpec {
+        let mut env: BTreeMap<String, String> = INHERITED_VARIABLES
+            .iter()
+            .filter_map(|name| {
+                std::env::var(name)
+                    .ok()
+                    .map(|value| (name.to_string(), value))
+            })
+            .collect();
+        let own = [
+            ("HOME", workdir.home()),
+            ("TF_DATA_DIR", workdir.tf_data()),
+            ("TF_CLI_CONFIG_FILE", self.cli_config.clone()),
+        ];
+        for (name, path) in own {
+            env.insert(name.to_string(), path.display().to_string());
+        }
+        env.insert("TF_IN_AUTOMATION".into(), "1".into());
+        env.insert("TF_INPUT".into(), "0".into());
+        env.insert("CHECKPOINT_DISABLE".into(), "1".into());
+        // Credentials come only from this run; never from an instance role by accident.
+        env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
+        env.extend(run_env.variables.clone());
+        ProcessSpec::new(&self.binary, cwd)
+            .env(env)
+            .timeout(self.timeout, self.grace)
+    }
+
+    /// Moves the export in `workdir.staging()` into place and writes Karrots' own files into
+    /// the root module. The checkout is not ready until [`Terraform::seal`]. Returns the lock
+    /// file the commit carries (empty when none), which decides whether init must run again.
+    pub fn prepare(
+        &self,
+        workdir: &Workdir,
+        checked: &CheckedEnvironment,
+    ) -> Result<Vec<u8>, TerraformError> {
+        let root_module = checked.spec.terraform.root.to_path(&workdir.staging());
+        for reserved in [BACKEND_FILE, TFVARS_FILE] {
+            if root_module.join(reserved).exists() {
+                return Err(TerraformError::ReservedFile {
+                    file: format!("{}/{reserved}", checked.spec.terraform.root),
+                });
+            }
+        }
+        let checkout = workdir.promote_staging().map_err(io_context(format!(
+            "preparing the workdir of {}",
+            workdir.env()
+        )))?;
+        let root_module = checked.spec.terraform.root.to_path(&checkout);
+        let backend_block = match &checked.spec.terraform.backend {
+            Backend::Local => "local",
+            Backend::S3(_) => "s3",
+        };
+        let written = [
+            (
+                BACKEND_FILE,
+                format!(
+                    "# Written by Karrots from terraform.backend in karrots.yaml.\nterraform {{\n  backend \"{backend_block}\" {{}}\n}}\n"
+                ),
+            ),
+            (
+                TFVARS_FILE,
+                serde_json::to_string_pretty(&checked.spec.terraform.vars).unwrap_or_default(),
+            ),
+        ];
+        for (name, text) in written {
+            fs::write(root_module.join(name), text)
+                .map_err(io_context(format!("writing {name}")))?;
+        }
+        let committed_lock = fs::read(root_module.join(LOCK_FILE)).unwrap_or_default();
+        // A commit without a lock file reuses the one the last init wrote.
+        let saved_lock = workdir.tf_data().join(SAVED_LOCK_FILE);
+        if committed_lock.is_empty() && saved_lock.exists() {
+            fs::copy(&saved_lock, root_module.join(LOCK_FILE))
+                .map_err(io_context("restoring the dependency lock file"))?;
+        }
+        Ok(committed_lock)
+    }
+
+    /// Fingerprints the prepared (and initialised: init writes the lock file) checkout and
+    /// marks it ready. The plan made next is tied to this fingerprint.
+    pub fn seal(
+        &self,
+        workdir: &Workdir,
+        checked: &CheckedEnvironment,
+        commit: &CommitId,
+    ) -> Result<Fingerprint, TerraformError> {
+        let fingerprint = fingerprint(&workdir.checkout(), &checked.inputs).map_err(io_context(
+            format!("fingerprinting the workdir of {}", workdir.env()),
+        ))?;
+        workdir
+            .mark_ready(&Readiness {
+                commit: commit.to_string(),
+                fingerprint: fingerprint.to_string(),
+            })
+            .map_err(io_context("marking the workdir ready"))?;
+        Ok(fingerprint)
+    }
+
+    fn backend_config(&self, workdir: &Workdir, backend: &Backend) -> Vec<String> {
+        let pairs: Vec<(String, String)> = match backend {
+            Backend::Local => vec![("path".into(), workdir.state_file().display().to_string())],
+            Backend::S3(s3) => {
+                let mut pairs = vec![
+                    ("bucket".into(), s3.bucket.clone()),
+                    ("key".into(), s3.key.clone()),
+                    ("region".into(), s3.region.clone()),
+                ];
+                match &s3.locking {
+                    S3Locking::DynamoDbTable(table) => {
+                        pairs.push(("dynamodb_table".into(), table.clone()))
+                    }
+                    S3Locking::Lockfile => pairs.push(("use_lockfile".into(), "true".into())),
+                }
+                pairs
+            }
+        };
+        pairs
+            .into_iter()
+            .map(|(key, value)| format!("-backend-config={key}={value}"))
+            .collect()
+    }
+
+    /// Plans `commit` of the environment, whose export waits in the workdir's staging
+    /// directory and has passed the repository check (`checked`).
+    pub async fn plan(
+        &self,
+        workdir: &Workdir,
+        checked: &CheckedEnvironment,
+        commit: &CommitId,
+        run_env: &RunEnvironment,
+    ) -> Result<PlanRecord, TerraformError> {
+        let committed_lock = self.prepare(workdir, checked)?;
+        let root_module = checked.spec.terraform.root.to_path(&workdir.checkout());
+        let backend_args = self.backend_config(workdir, &checked.spec.terraform.backend);
+        let init_key = self.init_key(checked, &committed_lock, &backend_args)?;
+        let key_file = workdir.tf_data().join(INIT_KEY_FILE);
+        let init_reused = fs::read_to_string(&key_file).is_ok_and(|key| key == init_key);
+        let failure = |step: &'static str, output: &ProcessOutput| TerraformError::Failed {
+            step,
+            env: workdir.env().to_string(),
+            commit: commit.to_string(),
+            code: output.code.map_or("signal".to_string(), |c| c.to_string()),
+            stderr: output.stderr.clone(),
+        };
+        if !init_reused {
+            self.init(
+                workdir,
+                &root_module,
+                &backend_args,
+                run_env,
+                &key_file,
+                &init_key,
+            )
+            .await
+            .map_err(|output| match output {
+                InitFailure::Process(error) => error,
+                InitFailure::Exit(output) => failure("init", &output),
+            })?;
+        }
+        let mut fingerprint = self.seal(workdir, checked, commit)?;
+
+        let plan_dir = workdir.plan_dir(commit);
+        create_private_dir(&plan_dir).map_err(io_context("creating the plan directory"))?;
+        let plan_file = plan_dir.join("plan.tfplan");
+        let plan_command = self
+            .command(workdir, &root_module, run_env)
+            .args(["plan", "-input=false", "-no-color", "-lock-timeout=5m"])
+            .arg(format!("-out={}", plan_file.display()))
+            .stdout_to(plan_dir.join("plan.txt"));
+        let mut output = run(&plan_command).await?;
+        if !output.success() && init_reused && needs_init(&output.stderr) {
+            // The init signature missed something init acts on: init again, once.
+            self.init(
+                workdir,
+                &root_module,
+                &backend_args,
+                run_env,
+                &key_file,
+                &init_key,
+            )
+            .await
+            .map_err(|output| match output {
+                InitFailure::Process(error) => error,
+                InitFailure::Exit(output) => failure("init", &output),
+            })?;
+            fingerprint = self.seal(workdir, checked, commit)?;
+            output = run(&plan_command).await?;
+        }
+        if !output.success() {
+            return Err(failure("plan", &output));
+        }
+        restrict(&plan_file)?;
+
+        let json_file = plan_dir.join("plan.json");
+        let show = self
+            .command(workdir, &root_module, run_env)
+            .args(["show", "-json", "-no-color"])
+            .arg(&plan_file)
+            .stdout_to(&json_file);
+        let output = run(&show).await?;
+        if !output.success() {
+            return Err(failure("show", &output));
+        }
+        let json = fs::read_to_string(&json_file).map_err(io_context("reading plan.json"))?;
+        let record = PlanRecord {
+            env: workdir.env().to_string(),
+            commit: commit.to_string(),
+            fingerprint: fingerprint.to_string(),
+            inputs: checked.inputs.clone(),
+            root_module: checked.spec.terraform.root.clone(),
+            summary: summarize(&json)?,
+            plan_dir: plan_dir.clone(),
+            init_reused,
+        };
+        let meta = serde_json::to_vec_pretty(&record)
+            .map_err(|e| io_context("writing meta.json")(io::Error::other(e)))?;
+        write_private(&plan_dir.join("meta.json"), &meta)
+            .map_err(io_context("writing meta.json"))?;
+        Ok(record)
+    }
+
+    async fn init(
+        &self,
+        workdir: &Workdir,
+        root_module: &Path,
+        backend_args: &[String],
+        run_env: &RunEnvironment,
+        key_file: &Path,
+        init_key: &str,
+    ) -> Result<(), InitFailure> {
+        let _ = fs::remove_file(key_file);
+        let lock = self
+            .init_lock()
+            .await
+            .map_err(InitFailure::Process)?;
+        let command = self
+            .command(workdir, root_module, run_env)
+            .args(["init", "-input=false", "-no-color", "-reconfigure"])
+            .args(backend_args.iter().cloned());
+        let output = run(&command)
+            .await
+            .map_err(|e| InitFailure::Process(e.into()))?;
+        drop(lock);
+        if !output.success() {
+            return Err(InitFailure::Exit(output));
+        }
+        let io_failure = |e: io::Error| InitFailure::Process(io_context("recording the init")(e));
+        let lock_file = root_module.join(LOCK_FILE);
+        if lock_file.exists() {
+            fs::copy(&lock_file, workdir.tf_data().join(SAVED_LOCK_FILE)).map_err(io_failure)?;
+        }
+        fs::write(key_file, init_key).map_err(io_failure)?;
+        Ok(())
+    }
+
+    /// Terraform's plugin cache and installer are not safe for concurrent use: one init at a
+    /// time per state directory, across processes.
+    async fn init_lock(&self) -> Result<nix::fcntl::Flock<fs::File>, TerraformError> {
+        let path = self.state_dir.join("init.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_context(format!("opening {}", path.display())))?;
+        tokio::task::spawn_blocking(move || {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| io::Error::from(errno))
+        })
+        .await
+        .map_err(|e| io_context("waiting for the init lock")(io::Error::other(e)))?
+        .map_err(io_context(format!("locking {}", path.display())))
+    }
+
+    /// What decides whether a new commit can reuse the previous init: the module
+    /// declarations init acts on, the lock file, the backend settings and the CLI config.
+    fn init_key(
+        &self,
+        checked: &CheckedEnvironment,
+        committed_lock: &[u8],
+        backend_args: &[String],
+    ) -> Result<String, TerraformError> {
+        let mut hasher = Sha256::new();
+        let cli = fs::read(&self.cli_config).map_err(io_context("reading the CLI config"))?;
+        for part in [
+            checked.init_signature.as_bytes(),
+            checked.spec.terraform.root.as_str().as_bytes(),
+            committed_lock,
+            &cli,
+            backend_args.join("\n").as_bytes(),
+            self.binary.display().to_string().as_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    /// Applies exactly the saved plan of `record`, after checking that the workdir still
+    /// holds the inputs it was made from. The plan file is deleted afterwards, whatever the
+    /// outcome: a plan is never applied twice, nor after a failed or interrupted apply.
+    pub async fn apply(
+        &self,
+        workdir: &Workdir,
+        record: &PlanRecord,
+        run_env: &RunEnvironment,
+    ) -> Result<ProcessOutput, TerraformError> {
+        let refuse = |reason: String| TerraformError::NotReady {
+            env: record.env.clone(),
+            commit: record.commit.clone(),
+            reason,
+        };
+        let plan_file = record.plan_file();
+        if !plan_file.exists() {
+            return Err(refuse(
+                "its plan file is gone (already applied, or never made)".into(),
+            ));
+        }
+        match workdir.readiness() {
+            Some(ready) if ready.commit == record.commit => {}
+            Some(ready) => {
+                return Err(refuse(format!("the workdir holds {} now", ready.commit)));
+            }
+            None => return Err(refuse("the workdir was never finished".into())),
+        }
+        let now = fingerprint(&workdir.checkout(), &record.inputs)
+            .map_err(io_context("fingerprinting the workdir"))?;
+        if now.as_str() != record.fingerprint {
+            let _ = fs::remove_file(&plan_file);
+            return Err(TerraformError::FingerprintMismatch {
+                env: record.env.clone(),
+                commit: record.commit.clone(),
+                planned: record.fingerprint.clone(),
+                now: now.to_string(),
+            });
+        }
+        let root_module = record.root_module.to_path(&workdir.checkout());
+        let command = self
+            .command(workdir, &root_module, run_env)
+            .args(["apply", "-input=false", "-no-color", "-lock-timeout=5m"])
+            .arg(&plan_file);
+        let outcome = run(&command).await;
+        let _ = fs::remove_file(&plan_file);
+        let output = outcome?;
+        if output.success() {
+            return Ok(output);
+        }
+        if output.stderr.contains("Saved plan is stale") {
+            return Err(TerraformError::StalePlan {
+                env: record.env.clone(),
+                commit: record.commit.clone(),
+            });
+        }
+        Err(TerraformError::Failed {
+            step: "apply",
+            env: record.env.clone(),
+            commit: record.commit.clone(),
+            code: output.code.map_or("signal".to_string(), |c| c.to_string()),
+            stderr: output.stderr,
+        })
+    }
+}
+
+enum InitFailure {
+    Process(TerraformError),
+    Exit(ProcessOutput),
+}
+
+/// Terraform's ways of saying the working directory needs `terraform init`.
+fn needs_init(stderr: &str) -> bool {
+    [
+        "terraform init",
+        "Module not installed",
+        "Inconsistent dependency lock file",
+        "Backend initialization required",
+        "Required plugins are not installed",
+    ]
+    .iter()
+    .any(|phrase| stderr.contains(phrase))
+}
+
+fn restrict(path: &Path) -> Result<(), TerraformError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(io_context(format!("restricting {}", path.display())))
+}
