@@ -1,6 +1,7 @@
 //! The `karrots` binary: parse the command line, set up logging, run the subcommand and map
 //! its outcome to an exit code. Errors that reach here are printed once, with their causes.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +15,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let outcome: anyhow::Result<ExitCode> = match &cli.command {
         Command::Check(args) => check::exec(args).map_err(anyhow::Error::from),

@@ -230,6 +230,7 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutput, ProcessError> {
         stderr: collect(stderr_task).await.map_err(io_error)?,
         elapsed: started.elapsed(),
     };
+    tracing::debug!(command = %command_line, elapsed = ?output.elapsed, code = ?output.code, timed_out, "process finished");
     if timed_out {
         return Err(ProcessError::TimedOut {
             command: command_line,

@@ -141,8 +141,10 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
 
+    let started = std::time::Instant::now();
     git::export_config_tree(&repo, &commit, &staging)?;
     let report = check_repository(&staging);
+    tracing::debug!(elapsed = ?started.elapsed(), "exported and checked the commit");
     if !report.problems.is_empty() {
         let mut stderr = std::io::stderr().lock();
         for problem in &report.problems {
@@ -177,6 +179,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     } else {
         RunKind::Preview
     };
+    let started = std::time::Instant::now();
     let identity = aws::establish(
         &env,
         &trusted.aws,
@@ -185,6 +188,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         settings.endpoint_url.as_deref(),
     )
     .await?;
+    tracing::debug!(elapsed = ?started.elapsed(), caller = ?identity.caller_arn, "established the AWS identity");
 
     let record = terraform
         .plan(&workdir, &checked, &commit, &identity.run_env)
@@ -236,6 +240,14 @@ fn print_summary(
         for change in &summary.drift {
             writeln!(out, "  {} ({})", change.address, change.actions.join(", "))?;
         }
+    }
+    if record.init_reused {
+        writeln!(
+            out,
+            "init: reused (module declarations, lock file and backend unchanged)"
+        )?;
+    } else {
+        writeln!(out, "init: ran")?;
     }
     if kept {
         writeln!(out, "plan artifacts: {}", record.plan_dir.display())?;

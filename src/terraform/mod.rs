@@ -160,8 +160,20 @@ impl Terraform {
             ),
             None => "  direct {}\n".to_string(),
         };
+        // Without a mirror, environments share one download cache; init holds a lock for it.
+        let cache = match &settings.plugin_mirror {
+            Some(_) => String::new(),
+            None => {
+                let cache = state_dir.join("plugin-cache");
+                create_private_dir(&cache).map_err(io_context("creating the plugin cache"))?;
+                format!(
+                    "plugin_cache_dir = {}\n",
+                    serde_json::to_string(&cache.display().to_string()).unwrap_or_default()
+                )
+            }
+        };
         let text = format!(
-            "# Written by Karrots: providers come from here, never from the config repository.\nprovider_installation {{\n{installation}}}\ndisable_checkpoint = true\n"
+            "# Written by Karrots: providers come from here, never from the config repository.\nprovider_installation {{\n{installation}}}\n{cache}disable_checkpoint = true\n"
         );
         write_private(&cli_config, text.as_bytes())
             .map_err(io_context(format!("writing {}", cli_config.display())))?;
@@ -416,10 +428,7 @@ impl Terraform {
         init_key: &str,
     ) -> Result<(), InitFailure> {
         let _ = fs::remove_file(key_file);
-        let lock = self
-            .init_lock()
-            .await
-            .map_err(InitFailure::Process)?;
+        let lock = self.init_lock().await.map_err(InitFailure::Process)?;
         let command = self
             .command(workdir, root_module, run_env)
             .args(["init", "-input=false", "-no-color", "-reconfigure"])
@@ -570,4 +579,58 @@ fn restrict(path: &Path) -> Result<(), TerraformError> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .map_err(io_context(format!("restricting {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_config_names_exactly_one_provider_source() {
+        let state = tempfile::tempdir().unwrap();
+        let mirrored = TerraformSettings {
+            plugin_mirror: Some(PathBuf::from("/opt/tf-plugins")),
+            ..TerraformSettings::default()
+        };
+        Terraform::new(&mirrored, state.path()).unwrap();
+        let text = fs::read_to_string(state.path().join("terraformrc")).unwrap();
+        assert!(
+            text.contains("filesystem_mirror {\n    path = \"/opt/tf-plugins\"\n  }"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("direct") && !text.contains("plugin_cache_dir"),
+            "{text}"
+        );
+
+        Terraform::new(&TerraformSettings::default(), state.path()).unwrap();
+        let text = fs::read_to_string(state.path().join("terraformrc")).unwrap();
+        assert!(
+            text.contains("provider_installation {\n  direct {}\n}"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "plugin_cache_dir = \"{}/plugin-cache\"",
+                state.path().display()
+            )),
+            "{text}"
+        );
+        let mode = fs::metadata(state.path().join("terraformrc"))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn init_is_needed_when_terraform_says_so() {
+        assert!(needs_init("Error: Module not installed\n"));
+        assert!(needs_init("Error: Inconsistent dependency lock file"));
+        assert!(!needs_init(
+            "Error: creating EC2 VPC: UnauthorizedOperation"
+        ));
+    }
 }

@@ -408,6 +408,11 @@ fn merged_commits_assume_role_arn_and_previews_get_the_preview_role() {
     let run = plan(&repo, &moto, state.path(), &["--rev", "feature"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(
+        run.stdout.contains("init: reused"),
+        "a new commit changing no declaration init acts on reuses the init\n{}",
+        run.stdout
+    );
+    assert!(
         run.stdout.contains(&format!("preview (not on main), as arn:aws:sts::123456789012:assumed-role/karrots-readonly/karrots-prod-{}", &feature[..7])),
         "{}",
         run.stdout
