@@ -1,5 +1,6 @@
 locals {
-  tags = merge(var.tags, { "karrots:module" = "network" })
+  tags       = merge(var.tags, { "karrots:module" = "network" })
+  zone_count = length(var.availability_zones)
 }
 
 resource "aws_vpc" "main" {
@@ -10,13 +11,91 @@ resource "aws_vpc" "main" {
   tags = merge(local.tags, { Name = var.name })
 }
 
-# One /20 (for a /16 VPC) per availability zone, in zone order.
+# Private subnets take the first /20s (for a /16), public ones the next, in zone order.
 resource "aws_subnet" "private" {
-  count = length(var.availability_zones)
+  count = local.zone_count
 
   vpc_id            = aws_vpc.main.id
   availability_zone = var.availability_zones[count.index]
   cidr_block        = cidrsubnet(var.cidr_block, 4, count.index)
 
-  tags = merge(local.tags, { Name = "${var.name}-private-${var.availability_zones[count.index]}" })
+  tags = merge(local.tags, {
+    Name                              = "${var.name}-private-${var.availability_zones[count.index]}"
+    "kubernetes.io/role/internal-elb" = "1"
+  })
+}
+
+resource "aws_subnet" "public" {
+  count = local.zone_count
+
+  vpc_id                  = aws_vpc.main.id
+  availability_zone       = var.availability_zones[count.index]
+  cidr_block              = cidrsubnet(var.cidr_block, 4, local.zone_count + count.index)
+  map_public_ip_on_launch = false
+
+  tags = merge(local.tags, {
+    Name                     = "${var.name}-public-${var.availability_zones[count.index]}"
+    "kubernetes.io/role/elb" = "1"
+  })
+}
+
+# Routing: public subnets through the internet gateway, private ones through the NAT gateway.
+resource "aws_internet_gateway" "main" {
+  vpc_id = aws_vpc.main.id
+  tags   = merge(local.tags, { Name = var.name })
+}
+
+resource "aws_route_table" "public" {
+  vpc_id = aws_vpc.main.id
+  tags   = merge(local.tags, { Name = "${var.name}-public" })
+}
+
+resource "aws_route" "public_internet" {
+  route_table_id         = aws_route_table.public.id
+  destination_cidr_block = "0.0.0.0/0"
+  gateway_id             = aws_internet_gateway.main.id
+}
+
+resource "aws_route_table_association" "public" {
+  count = local.zone_count
+
+  subnet_id      = aws_subnet.public[count.index].id
+  route_table_id = aws_route_table.public.id
+}
+
+resource "aws_eip" "nat" {
+  count = var.nat_gateway ? 1 : 0
+
+  domain = "vpc"
+  tags   = merge(local.tags, { Name = "${var.name}-nat" })
+}
+
+resource "aws_nat_gateway" "main" {
+  count = var.nat_gateway ? 1 : 0
+
+  allocation_id = aws_eip.nat[0].id
+  subnet_id     = aws_subnet.public[0].id
+  tags          = merge(local.tags, { Name = var.name })
+
+  depends_on = [aws_internet_gateway.main]
+}
+
+resource "aws_route_table" "private" {
+  vpc_id = aws_vpc.main.id
+  tags   = merge(local.tags, { Name = "${var.name}-private" })
+}
+
+resource "aws_route" "private_nat" {
+  count = var.nat_gateway ? 1 : 0
+
+  route_table_id         = aws_route_table.private.id
+  destination_cidr_block = "0.0.0.0/0"
+  nat_gateway_id         = aws_nat_gateway.main[0].id
+}
+
+resource "aws_route_table_association" "private" {
+  count = local.zone_count
+
+  subnet_id      = aws_subnet.private[count.index].id
+  route_table_id = aws_route_table.private.id
 }

@@ -12,3 +12,13 @@ output "private_subnet_ids" {
   description = "IDs of the private subnets, in availability-zone order."
   value       = aws_subnet.private[*].id
 }
+
+output "public_subnet_ids" {
+  description = "IDs of the public subnets, in availability-zone order."
+  value       = aws_subnet.public[*].id
+}
+
+output "private_route_table_id" {
+  description = "The private subnets' route table, where routes to peered networks go."
+  value       = aws_route_table.private.id
+}

@@ -34,3 +34,9 @@ variable "tags" {
   description = "Tags merged into every resource."
   default     = {}
 }
+
+variable "nat_gateway" {
+  type        = bool
+  description = "Create one NAT gateway so private subnets (EKS nodes) reach the internet. One, not one per zone: a cost the seed's small platform does not need."
+  default     = true
+}

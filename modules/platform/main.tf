@@ -3,7 +3,10 @@ locals {
     "karrots:cluster" = var.cluster_name
     "managed-by"      = "karrots"
   })
+  account_id = data.aws_caller_identity.current.account_id
 }
+
+data "aws_caller_identity" "current" {}
 
 module "network" {
   source = "../network"
@@ -11,5 +14,89 @@ module "network" {
   name               = var.cluster_name
   cidr_block         = var.vpc_cidr
   availability_zones = var.availability_zones
+  nat_gateway        = var.nat_gateway
   tags               = local.tags
+}
+
+module "eks" {
+  source = "../eks"
+  count  = var.eks == null ? 0 : 1
+
+  name                = var.cluster_name
+  kubernetes_version  = var.eks.kubernetes_version
+  subnet_ids          = module.network.private_subnet_ids
+  node_instance_types = var.eks.node_instance_types
+  node_count          = var.eks.node_count
+  tags                = local.tags
+}
+
+module "ecr" {
+  source = "../ecr"
+  count  = var.ecr ? 1 : 0
+
+  name = var.cluster_name
+  tags = local.tags
+}
+
+module "dns" {
+  source = "../dns"
+  count  = var.dns == null ? 0 : 1
+  providers = {
+    aws          = aws
+    aws.root_dns = aws.root_dns
+  }
+
+  name           = var.cluster_name
+  parent_domain  = var.dns.parent_domain
+  parent_zone_id = var.dns.parent_zone_id
+  tags           = local.tags
+}
+
+module "data_peering" {
+  source = "../data-peering"
+  count  = var.data_peering == null ? 0 : 1
+  providers = {
+    aws      = aws
+    aws.data = aws.data
+  }
+
+  name                   = var.cluster_name
+  vpc_id                 = module.network.vpc_id
+  vpc_cidr_block         = module.network.vpc_cidr_block
+  route_table_ids        = [module.network.private_route_table_id]
+  data_account_id        = var.data_peering.account_id
+  data_vpc_id            = var.data_peering.vpc_id
+  data_vpc_cidr_block    = var.data_peering.vpc_cidr_block
+  data_route_table_ids   = var.data_peering.route_table_ids
+  data_security_group_id = var.data_peering.security_group_id
+  database_port          = var.data_peering.database_port
+  peering_accepted       = var.data_peering.accepted
+  tags                   = local.tags
+}
+
+module "worker_iam" {
+  source = "../worker-iam"
+  count  = var.worker_iam == null ? 0 : 1
+
+  account_id      = local.account_id
+  main_account_id = var.dns == null ? local.account_id : var.dns.account_id
+  data_account_id = var.data_peering == null ? local.account_id : var.data_peering.account_id
+  user_names      = var.worker_iam.user_names
+  tags            = local.tags
+}
+
+module "audit" {
+  source = "../audit"
+  count  = var.audit ? 1 : 0
+
+  name = var.cluster_name
+  tags = local.tags
+}
+
+module "state" {
+  source = "../state"
+  count  = var.state ? 1 : 0
+
+  name = var.cluster_name
+  tags = local.tags
 }

@@ -1,10 +1,10 @@
 variable "cluster_name" {
   type        = string
-  description = "Name of the environment's cluster; the prefix of every resource name."
+  description = "Name of the environment's cluster; the prefix of every resource name. Must start with karrots- (the worker policies are scoped to karrots-* names)."
 
   validation {
-    condition     = can(regex("^[a-z0-9][a-z0-9-]{0,40}$", var.cluster_name))
-    error_message = "cluster_name must be lowercase letters, digits and '-', at most 41 characters."
+    condition     = can(regex("^karrots-[a-z0-9-]{1,32}$", var.cluster_name))
+    error_message = "cluster_name must be karrots- followed by lowercase letters, digits and '-'."
   }
 }
 
@@ -26,7 +26,73 @@ variable "vpc_cidr" {
 
 variable "availability_zones" {
   type        = list(string)
-  description = "Availability zones of the region to use."
+  description = "Availability zones of the region to use, two or more for EKS."
+}
+
+variable "nat_gateway" {
+  type        = bool
+  description = "One NAT gateway for the private subnets."
+  default     = true
+}
+
+variable "eks" {
+  type = object({
+    kubernetes_version  = optional(string, "1.31")
+    node_instance_types = optional(list(string), ["t3.large"])
+    node_count          = optional(object({ min = number, desired = number, max = number }), { min = 1, desired = 2, max = 4 })
+  })
+  description = "The EKS cluster; null for none."
+  default     = {}
+}
+
+variable "ecr" {
+  type        = bool
+  description = "A private ECR repository named after the cluster."
+  default     = true
+}
+
+variable "audit" {
+  type        = bool
+  description = "A CloudTrail trail and its bucket (once per account)."
+  default     = true
+}
+
+variable "state" {
+  type        = bool
+  description = "The S3 bucket and DynamoDB table for remote state (once per account)."
+  default     = false
+}
+
+variable "worker_iam" {
+  type = object({
+    user_names = optional(list(string), [])
+  })
+  description = "The karrots-worker group, policies and users (once per account); null for none."
+  default     = null
+}
+
+variable "dns" {
+  type = object({
+    account_id     = string
+    parent_domain  = string
+    parent_zone_id = string
+  })
+  description = "A zone <cluster_name>.<parent_domain> delegated from the primary zone in account_id; null for none."
+  default     = null
+}
+
+variable "data_peering" {
+  type = object({
+    account_id        = string
+    vpc_id            = string
+    vpc_cidr_block    = string
+    route_table_ids   = optional(list(string), [])
+    security_group_id = string
+    database_port     = optional(number, 5432)
+    accepted          = optional(bool, false)
+  })
+  description = "Peering to the data-warehouse VPC in account_id; null for none."
+  default     = null
 }
 
 variable "tags" {

@@ -1,0 +1,12 @@
+terraform {
+  required_version = ">= 1.5"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.0, < 6.0"
+      # aws.data: the data-warehouse account, reached through karrots-peering.
+      configuration_aliases = [aws.data]
+    }
+  }
+}

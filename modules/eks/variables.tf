@@ -1,0 +1,69 @@
+variable "name" {
+  type        = string
+  description = "Cluster name; also the prefix of its IAM roles and node group. Must start with karrots- (the worker policies are scoped to karrots-* names)."
+
+  validation {
+    condition     = can(regex("^karrots-[a-z0-9-]{1,32}$", var.name))
+    error_message = "name must be karrots- followed by lowercase letters, digits and '-'."
+  }
+}
+
+variable "kubernetes_version" {
+  type        = string
+  description = "EKS Kubernetes version."
+  default     = "1.31"
+
+  validation {
+    condition     = can(regex("^1\\.[0-9]+$", var.kubernetes_version))
+    error_message = "kubernetes_version must look like 1.31."
+  }
+}
+
+variable "subnet_ids" {
+  type        = list(string)
+  description = "Private subnets for the control plane's network interfaces and the nodes, in at least two zones."
+
+  validation {
+    condition     = length(var.subnet_ids) >= 2
+    error_message = "EKS needs subnets in at least two availability zones."
+  }
+}
+
+variable "node_instance_types" {
+  type        = list(string)
+  description = "Instance types of the default node group."
+  default     = ["t3.large"]
+}
+
+variable "node_count" {
+  type = object({
+    min     = number
+    desired = number
+    max     = number
+  })
+  description = "Size of the default node group."
+  default     = { min = 1, desired = 2, max = 4 }
+
+  validation {
+    condition     = var.node_count.min <= var.node_count.desired && var.node_count.desired <= var.node_count.max
+    error_message = "node_count must satisfy min <= desired <= max."
+  }
+}
+
+variable "aws_profile" {
+  type        = string
+  description = "aws CLI profile the kubeconfig output uses to get tokens (the seed's karrots profile)."
+  default     = "karrots"
+}
+
+variable "policies_dir" {
+  type        = string
+  description = "Folder of the IAM policy documents; default: the config repository's policies/."
+  default     = null
+}
+
+variable "tags" {
+  type        = map(string)
+  description = "Tags merged into every resource."
+  default     = {}
+}
