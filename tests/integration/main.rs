@@ -3,4 +3,5 @@
 
 mod check;
 mod plan;
+mod platform;
 mod support;

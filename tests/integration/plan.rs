@@ -1,17 +1,14 @@
 //! `karrots plan` and the apply of a saved plan, against the real terraform, the AWS provider
 //! from the filesystem mirror and a moto_server started per test.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use karrots::config::{EnvName, TerraformSettings};
-use karrots::terraform::{PlanRecord, RunEnvironment, Terraform, TerraformError};
+use karrots::terraform::{PlanRecord, TerraformError};
 
 use crate::support::{
-    ConfigRepo, Moto, Run, environment_yaml, karrots_with_env, require_tool, test_credentials,
+    ConfigRepo, Moto, PLUGIN_MIRROR, Run, apply_saved_plan, environment_yaml, karrots_with_env,
+    plan_env, plan_record, require_terraform_and_moto, test_credentials,
 };
-
-const PLUGIN_MIRROR: &str = "/opt/tf-plugins";
 
 const APP_MODULE: &str = r#"terraform {
   required_providers {
@@ -49,18 +46,6 @@ output "vpc_id" {
 }
 "#;
 
-fn require_tools() {
-    require_tool("terraform", "install Terraform 1.11 into /usr/local/bin");
-    require_tool("moto_server", "pip install 'moto[server]==5.2.*'");
-    require_tool("aws", "pip install awscli");
-    assert!(
-        Path::new(PLUGIN_MIRROR)
-            .join("registry.terraform.io/hashicorp/aws")
-            .is_dir(),
-        "the AWS provider mirror is missing at {PLUGIN_MIRROR}"
-    );
-}
-
 /// A git config repository with one environment, prod (branch main), planning one VPC.
 fn app_repo(account: &str, aws_extra: &str) -> ConfigRepo {
     let repo = ConfigRepo::empty();
@@ -78,62 +63,20 @@ fn app_repo(account: &str, aws_extra: &str) -> ConfigRepo {
 }
 
 fn plan(repo: &ConfigRepo, moto: &Moto, state_dir: &Path, extra: &[&str]) -> Run {
-    let mut args = vec![
-        "plan",
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--env",
-        "prod",
-        "--plugin-mirror",
-        PLUGIN_MIRROR,
-        "--aws-endpoint-url",
-        &moto.url,
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    karrots_with_env(&args, &test_credentials())
+    plan_env(repo, "prod", moto, state_dir, extra)
 }
 
 fn record_of(state_dir: &Path, commit: &str) -> PlanRecord {
-    let meta = state_dir
-        .join("environments/prod/plans")
-        .join(commit)
-        .join("meta.json");
-    let text = std::fs::read_to_string(&meta).unwrap_or_else(|e| panic!("{}: {e}", meta.display()));
-    serde_json::from_str(&text).expect("meta.json is a plan record")
-}
-
-fn terraform(state_dir: &Path) -> Terraform {
-    let settings = TerraformSettings {
-        plugin_mirror: Some(PathBuf::from(PLUGIN_MIRROR)),
-        ..TerraformSettings::default()
-    };
-    Terraform::new(&settings, state_dir).expect("set up terraform")
-}
-
-fn moto_run_env(moto: &Moto) -> RunEnvironment {
-    let mut variables: BTreeMap<String, String> = test_credentials()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    variables.insert("AWS_REGION".into(), "us-east-1".into());
-    variables.insert("AWS_ENDPOINT_URL".into(), moto.url.clone());
-    RunEnvironment { variables }
+    plan_record(state_dir, "prod", commit)
 }
 
 async fn apply(state_dir: &Path, record: &PlanRecord, moto: &Moto) -> Result<(), TerraformError> {
-    let terraform = terraform(state_dir);
-    let workdir = terraform.workdir(&EnvName::parse("prod").unwrap());
-    terraform
-        .apply(&workdir, record, &moto_run_env(moto))
-        .await
-        .map(|_| ())
+    apply_saved_plan(state_dir, record, moto).await
 }
 
 #[tokio::test]
 async fn plan_apply_replan_then_an_out_of_band_tag_shows_as_drift() {
-    require_tools();
+    require_terraform_and_moto();
     let moto = Moto::start();
     let repo = app_repo("123456789012", "");
     let commit = repo.git(&["rev-parse", "HEAD"]);
@@ -246,7 +189,7 @@ async fn plan_apply_replan_then_an_out_of_band_tag_shows_as_drift() {
 
 #[tokio::test]
 async fn an_apply_refuses_a_workdir_that_changed_since_its_plan() {
-    require_tools();
+    require_terraform_and_moto();
     let moto = Moto::start();
     let repo = app_repo("123456789012", "");
     let commit = repo.git(&["rev-parse", "HEAD"]);
@@ -285,7 +228,7 @@ async fn an_apply_refuses_a_workdir_that_changed_since_its_plan() {
 
 #[test]
 fn a_wrong_account_is_refused_before_terraform_starts() {
-    require_tools();
+    require_terraform_and_moto();
     let moto = Moto::start();
     let repo = app_repo("111111111111", "");
     let state = tempfile::tempdir().unwrap();
@@ -319,7 +262,7 @@ fn a_wrong_account_is_refused_before_terraform_starts() {
 
 #[test]
 fn providers_come_from_karrots_cli_config_only() {
-    require_tools();
+    require_terraform_and_moto();
     let moto = Moto::start();
     let repo = app_repo("123456789012", "");
     // The operator's own CLI settings point at a mirror that does not exist; Karrots ignores them.
@@ -370,7 +313,7 @@ fn providers_come_from_karrots_cli_config_only() {
 
 #[test]
 fn merged_commits_assume_role_arn_and_previews_get_the_preview_role() {
-    require_tools();
+    require_terraform_and_moto();
     let moto = Moto::start();
     let roles = "  role_arn: arn:aws:iam::123456789012:role/karrots-worker\n  preview_role_arn: arn:aws:iam::123456789012:role/karrots-readonly\n";
     let repo = app_repo("123456789012", roles);

@@ -181,6 +181,11 @@ impl Moto {
 
     /// Starts moto answering as `account` (MOTO_ACCOUNT_ID).
     pub fn start_as(account: &str) -> Moto {
+        Moto::start_with(account, &[])
+    }
+
+    /// Starts moto answering as `account`, with extra moto settings in its environment.
+    pub fn start_with(account: &str, settings: &[(&str, &str)]) -> Moto {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("find a free port")
@@ -188,6 +193,7 @@ impl Moto {
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .env("MOTO_ACCOUNT_ID", account)
+            .envs(settings.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -198,7 +204,7 @@ impl Moto {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -273,4 +279,85 @@ pub fn require_tool(name: &str, install: &str) {
         .map(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
         .unwrap_or(false);
     assert!(found, "{name} is not installed: {install}");
+}
+
+/// The provider mirror every terraform run of the tests installs from.
+pub const PLUGIN_MIRROR: &str = "/opt/tf-plugins";
+
+/// Fails the setup unless terraform, moto, the aws CLI and the provider mirror are present.
+pub fn require_terraform_and_moto() {
+    require_tool("terraform", "install Terraform 1.11 into /usr/local/bin");
+    require_tool("moto_server", "pip install 'moto[server]>=5.2,<5.3'");
+    require_tool("aws", "pip install awscli");
+    assert!(
+        Path::new(PLUGIN_MIRROR)
+            .join("registry.terraform.io/hashicorp/aws")
+            .is_dir(),
+        "the AWS provider mirror is missing at {PLUGIN_MIRROR}"
+    );
+}
+
+/// Runs `karrots plan` of `env` against moto with the test credentials.
+pub fn plan_env(
+    repo: &ConfigRepo,
+    env: &str,
+    moto: &Moto,
+    state_dir: &Path,
+    extra: &[&str],
+) -> Run {
+    let repo_path = repo.path().display().to_string();
+    let state = state_dir.display().to_string();
+    let mut args = vec![
+        "plan",
+        "--repo",
+        &repo_path,
+        "--env",
+        env,
+        "--plugin-mirror",
+        PLUGIN_MIRROR,
+        "--aws-endpoint-url",
+        &moto.url,
+        "--state-dir",
+        &state,
+    ];
+    args.extend_from_slice(extra);
+    karrots_with_env(&args, &test_credentials())
+}
+
+/// The record `karrots plan` left for `commit` of `env`.
+pub fn plan_record(state_dir: &Path, env: &str, commit: &str) -> karrots::terraform::PlanRecord {
+    let meta = state_dir
+        .join("environments")
+        .join(env)
+        .join("plans")
+        .join(commit)
+        .join("meta.json");
+    let text = fs::read_to_string(&meta).unwrap_or_else(|e| panic!("{}: {e}", meta.display()));
+    serde_json::from_str(&text).expect("meta.json is a plan record")
+}
+
+/// Applies a saved plan with the library operation the daemon uses, as moto's test user.
+pub async fn apply_saved_plan(
+    state_dir: &Path,
+    record: &karrots::terraform::PlanRecord,
+    moto: &Moto,
+) -> Result<(), karrots::terraform::TerraformError> {
+    let settings = karrots::config::TerraformSettings {
+        plugin_mirror: Some(PathBuf::from(PLUGIN_MIRROR)),
+        ..karrots::config::TerraformSettings::default()
+    };
+    let terraform =
+        karrots::terraform::Terraform::new(&settings, state_dir).expect("set up terraform");
+    let env = karrots::config::EnvName::parse(&record.env).expect("a valid environment name");
+    let mut variables: std::collections::BTreeMap<String, String> = test_credentials()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    variables.insert("AWS_REGION".into(), "us-east-1".into());
+    variables.insert("AWS_ENDPOINT_URL".into(), moto.url.clone());
+    let run_env = karrots::terraform::RunEnvironment { variables };
+    terraform
+        .apply(&terraform.workdir(&env), record, &run_env)
+        .await
+        .map(|_| ())
 }
