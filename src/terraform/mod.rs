@@ -332,29 +332,15 @@ impl Terraform {
         let root_module = checked.spec.terraform.root.to_path(&workdir.checkout());
         let backend_args = self.backend_config(workdir, &checked.spec.terraform.backend);
         let init_key = self.init_key(checked, &committed_lock, &backend_args)?;
-        let key_file = workdir.tf_data().join(INIT_KEY_FILE);
-        let init_reused = fs::read_to_string(&key_file).is_ok_and(|key| key == init_key);
-        let failure = |step: &'static str, output: &ProcessOutput| TerraformError::Failed {
-            step,
-            env: workdir.env().to_string(),
-            commit: commit.to_string(),
-            code: output.code.map_or("signal".to_string(), |c| c.to_string()),
-            stderr: output.stderr.clone(),
+        let init = InitSettings {
+            root_module: &root_module,
+            backend_args: &backend_args,
+            key: &init_key,
         };
+        let init_reused = fs::read_to_string(workdir.tf_data().join(INIT_KEY_FILE))
+            .is_ok_and(|key| key == init_key);
         if !init_reused {
-            self.init(
-                workdir,
-                &root_module,
-                &backend_args,
-                run_env,
-                &key_file,
-                &init_key,
-            )
-            .await
-            .map_err(|output| match output {
-                InitFailure::Process(error) => error,
-                InitFailure::Exit(output) => failure("init", &output),
-            })?;
+            self.init(workdir, commit, run_env, &init).await?;
         }
         let mut fingerprint = self.seal(workdir, checked, commit)?;
 
@@ -369,24 +355,13 @@ impl Terraform {
         let mut output = run(&plan_command).await?;
         if !output.success() && init_reused && needs_init(&output.stderr) {
             // The init signature missed something init acts on: init again, once.
-            self.init(
-                workdir,
-                &root_module,
-                &backend_args,
-                run_env,
-                &key_file,
-                &init_key,
-            )
-            .await
-            .map_err(|output| match output {
-                InitFailure::Process(error) => error,
-                InitFailure::Exit(output) => failure("init", &output),
-            })?;
+            self.init(workdir, commit, run_env, &init).await?;
             fingerprint = self.seal(workdir, checked, commit)?;
             output = run(&plan_command).await?;
         }
+        let env = workdir.env().as_str();
         if !output.success() {
-            return Err(failure("plan", &output));
+            return Err(failed("plan", env, commit.as_str(), &output));
         }
         restrict(&plan_file)?;
 
@@ -398,7 +373,7 @@ impl Terraform {
             .stdout_to(&json_file);
         let output = run(&show).await?;
         if !output.success() {
-            return Err(failure("show", &output));
+            return Err(failed("show", env, commit.as_str(), &output));
         }
         let json = fs::read_to_string(&json_file).map_err(io_context("reading plan.json"))?;
         let record = PlanRecord {
@@ -418,34 +393,37 @@ impl Terraform {
         Ok(record)
     }
 
+    /// Runs `terraform init` under the init lock and records what it was run for.
     async fn init(
         &self,
         workdir: &Workdir,
-        root_module: &Path,
-        backend_args: &[String],
+        commit: &CommitId,
         run_env: &RunEnvironment,
-        key_file: &Path,
-        init_key: &str,
-    ) -> Result<(), InitFailure> {
-        let _ = fs::remove_file(key_file);
-        let lock = self.init_lock().await.map_err(InitFailure::Process)?;
+        settings: &InitSettings<'_>,
+    ) -> Result<(), TerraformError> {
+        let key_file = workdir.tf_data().join(INIT_KEY_FILE);
+        let _ = fs::remove_file(&key_file);
+        let lock = self.init_lock().await?;
         let command = self
-            .command(workdir, root_module, run_env)
+            .command(workdir, settings.root_module, run_env)
             .args(["init", "-input=false", "-no-color", "-reconfigure"])
-            .args(backend_args.iter().cloned());
-        let output = run(&command)
-            .await
-            .map_err(|e| InitFailure::Process(e.into()))?;
+            .args(settings.backend_args.iter().cloned());
+        let output = run(&command).await?;
         drop(lock);
         if !output.success() {
-            return Err(InitFailure::Exit(output));
+            return Err(failed(
+                "init",
+                workdir.env().as_str(),
+                commit.as_str(),
+                &output,
+            ));
         }
-        let io_failure = |e: io::Error| InitFailure::Process(io_context("recording the init")(e));
-        let lock_file = root_module.join(LOCK_FILE);
+        let lock_file = settings.root_module.join(LOCK_FILE);
         if lock_file.exists() {
-            fs::copy(&lock_file, workdir.tf_data().join(SAVED_LOCK_FILE)).map_err(io_failure)?;
+            fs::copy(&lock_file, workdir.tf_data().join(SAVED_LOCK_FILE))
+                .map_err(io_context("saving the dependency lock file"))?;
         }
-        fs::write(key_file, init_key).map_err(io_failure)?;
+        fs::write(&key_file, settings.key).map_err(io_context("recording the init"))?;
         Ok(())
     }
 
@@ -547,19 +525,25 @@ impl Terraform {
                 commit: record.commit.clone(),
             });
         }
-        Err(TerraformError::Failed {
-            step: "apply",
-            env: record.env.clone(),
-            commit: record.commit.clone(),
-            code: output.code.map_or("signal".to_string(), |c| c.to_string()),
-            stderr: output.stderr,
-        })
+        Err(failed("apply", &record.env, &record.commit, &output))
     }
 }
 
-enum InitFailure {
-    Process(TerraformError),
-    Exit(ProcessOutput),
+/// What one `terraform init` is run with, and the key recorded when it succeeds.
+struct InitSettings<'a> {
+    root_module: &'a Path,
+    backend_args: &'a [String],
+    key: &'a str,
+}
+
+fn failed(step: &'static str, env: &str, commit: &str, output: &ProcessOutput) -> TerraformError {
+    TerraformError::Failed {
+        step,
+        env: env.to_string(),
+        commit: commit.to_string(),
+        code: output.code.map_or("signal".to_string(), |c| c.to_string()),
+        stderr: output.stderr.clone(),
+    }
 }
 
 /// Terraform's ways of saying the working directory needs `terraform init`.
