@@ -189,6 +189,13 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     tracing::debug!(elapsed = ?started.elapsed(), caller = ?identity.caller_arn, "established the AWS identity");
+    if identity.caller_arn.is_none() {
+        eprintln!(
+            "karrots: {} is not on {}: planning it as a preview without AWS credentials (set aws.preview_role_arn to give previews a read-only role)",
+            commit.short(),
+            trusted.branch
+        );
+    }
 
     let record = terraform
         .plan(&workdir, &checked, &commit, &identity.run_env)
