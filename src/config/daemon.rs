@@ -111,18 +111,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
             .map(Some),
         None => Some(None),
     };
-    let alerts: Vec<AlertSink> = raw
-        .alerts
-        .iter()
-        .enumerate()
-        .filter_map(|(index, alert)| {
-            let webhook = v.check(
-                &format!("alerts[{index}].webhook"),
-                parse_webhook_url(&alert.webhook),
-            )?;
-            Some(AlertSink { webhook })
-        })
-        .collect();
+    let alerts = v.alerts(&raw.alerts);
 
     if let Some(problems) = Problems::from_vec(v.problems) {
         return Err(problems);

@@ -7,7 +7,6 @@ use std::time::Duration;
 use super::raw::{RawBackend, RawEnvironment};
 use super::types::{
     AccountId, Allowance, BranchName, EnvName, Region, RepoPath, RoleArn, parse_duration,
-    parse_webhook_url,
 };
 use super::yaml::KeyLines;
 use super::{Validator, yaml};
@@ -237,18 +236,7 @@ pub fn parse_environment_file(
         );
     }
 
-    let alerts = raw
-        .alerts
-        .iter()
-        .enumerate()
-        .filter_map(|(index, alert)| {
-            let webhook = v.check(
-                &format!("alerts[{index}].webhook"),
-                parse_webhook_url(&alert.webhook),
-            )?;
-            Some(AlertSink { webhook })
-        })
-        .collect();
+    let alerts = v.alerts(&raw.alerts);
     let mut allow = BTreeSet::new();
     for (index, text) in raw.allow.iter().enumerate() {
         if let Some(allowance) = v.check(&format!("allow[{index}]"), Allowance::parse(text)) {

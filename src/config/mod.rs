@@ -53,6 +53,20 @@ impl Validator {
         ));
     }
 
+    /// The `alerts:` list both configuration files share.
+    fn alerts(&mut self, raw: &[raw::RawAlert]) -> Vec<AlertSink> {
+        raw.iter()
+            .enumerate()
+            .filter_map(|(index, alert)| {
+                let webhook = self.check(
+                    &format!("alerts[{index}].webhook"),
+                    types::parse_webhook_url(&alert.webhook),
+                )?;
+                Some(AlertSink { webhook })
+            })
+            .collect()
+    }
+
     /// Runs a stage-two parser on one key's value, reporting a failure under that key.
     fn check<T>(&mut self, key: &str, parsed: Result<T, String>) -> Option<T> {
         match parsed {

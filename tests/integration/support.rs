@@ -119,16 +119,7 @@ pub fn karrots_binary() -> PathBuf {
 }
 
 pub fn karrots(args: &[&str]) -> Run {
-    let output: Output = Command::new(karrots_binary())
-        .args(args)
-        .env_remove("KARROTS_LOG")
-        .output()
-        .expect("run the karrots binary");
-    Run {
-        code: output.status.code().expect("karrots exited by a signal"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    karrots_with_env(args, &[])
 }
 
 impl ConfigRepo {
