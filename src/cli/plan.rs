@@ -201,6 +201,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         .plan(&workdir, &checked, &commit, &identity.run_env)
         .await?;
     print_summary(
+        &commit,
         &record,
         &trusted.branch.to_string(),
         kind,
@@ -215,6 +216,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_summary(
+    commit: &git::CommitId,
     record: &PlanRecord,
     branch: &str,
     kind: RunKind,
@@ -223,7 +225,7 @@ fn print_summary(
 ) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     let summary = &record.summary;
-    let short = &record.commit[..7.min(record.commit.len())];
+    let short = commit.short();
     let who = match (kind, caller) {
         (RunKind::Merged, Some(arn)) => format!("on {branch}, as {arn}"),
         (RunKind::Preview, Some(arn)) => format!("preview (not on {branch}), as {arn}"),

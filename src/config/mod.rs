@@ -19,6 +19,7 @@ pub use environment::{
     EnvironmentSpec, S3Backend, S3Locking, TerraformSpec, parse_environment,
     parse_environment_file,
 };
+pub(crate) use types::to_slash;
 pub use types::{
     AccountId, Allowance, BranchName, EnvName, Region, RepoPath, RoleArn, parse_duration,
 };

@@ -249,7 +249,8 @@ fn normalize_inside(base: &Path, relative: &Path) -> Option<PathBuf> {
     Some(parts.iter().collect())
 }
 
-fn to_slash(path: &Path) -> String {
+/// A relative path with `/` separators, the same on every machine.
+pub(crate) fn to_slash(path: &Path) -> String {
     path.components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect::<Vec<_>>()

@@ -85,6 +85,20 @@ pub fn branch_tip(repo: &Repository, branch: &str) -> Option<CommitId> {
     .map(|oid| CommitId(oid.to_string()))
 }
 
+/// The commit object of `commit`.
+fn find_commit<'r>(repo: &'r Repository, commit: &CommitId) -> Result<git2::Commit<'r>, GitError> {
+    Oid::from_str(commit.as_str())
+        .and_then(|oid| repo.find_commit(oid))
+        .map_err(|source| read_error(commit, source))
+}
+
+fn read_error(commit: &CommitId, source: git2::Error) -> GitError {
+    GitError::Read {
+        commit: commit.to_string(),
+        source,
+    }
+}
+
 /// Whether `commit` is on the first-parent chain that ends at `tip`: the commits a branch
 /// received by merges and pushes to it, not the commits of the branches merged into it.
 pub fn on_first_parent_chain(
@@ -92,14 +106,8 @@ pub fn on_first_parent_chain(
     tip: &CommitId,
     commit: &CommitId,
 ) -> Result<bool, GitError> {
-    let read = |source| GitError::Read {
-        commit: tip.to_string(),
-        source,
-    };
-    let wanted = Oid::from_str(commit.as_str()).map_err(read)?;
-    let mut current = repo
-        .find_commit(Oid::from_str(tip.as_str()).map_err(read)?)
-        .map_err(read)?;
+    let wanted = Oid::from_str(commit.as_str()).map_err(|source| read_error(commit, source))?;
+    let mut current = find_commit(repo, tip)?;
     loop {
         if current.id() == wanted {
             return Ok(true);
@@ -117,14 +125,8 @@ pub fn read_file(
     commit: &CommitId,
     path: &str,
 ) -> Result<Option<String>, GitError> {
-    let read = |source| GitError::Read {
-        commit: commit.to_string(),
-        source,
-    };
-    let tree = repo
-        .find_commit(Oid::from_str(commit.as_str()).map_err(read)?)
-        .and_then(|c| c.tree())
-        .map_err(read)?;
+    let read = |source| read_error(commit, source);
+    let tree = find_commit(repo, commit)?.tree().map_err(read)?;
     let Ok(entry) = tree.get_path(Path::new(path)) else {
         return Ok(None);
     };
@@ -144,19 +146,13 @@ pub fn export_config_tree(
     commit: &CommitId,
     destination: &Path,
 ) -> Result<(), GitError> {
-    let read = |source| GitError::Read {
-        commit: commit.to_string(),
-        source,
-    };
+    let read = |source| read_error(commit, source);
     let export_error = |source| GitError::Export {
         commit: commit.to_string(),
         path: destination.to_path_buf(),
         source,
     };
-    let tree = repo
-        .find_commit(Oid::from_str(commit.as_str()).map_err(read)?)
-        .and_then(|c| c.tree())
-        .map_err(read)?;
+    let tree = find_commit(repo, commit)?.tree().map_err(read)?;
     fs::create_dir(destination).map_err(export_error)?;
     let mut failure: Option<GitError> = None;
     tree.walk(TreeWalkMode::PreOrder, |parent, entry| {

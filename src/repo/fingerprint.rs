@@ -17,7 +17,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
 
-use crate::config::RepoPath;
+use crate::config::{RepoPath, to_slash};
 
 /// A `sha256:<hex>` digest of an environment's inputs.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,14 +51,7 @@ pub fn fingerprint(root: &Path, directories: &BTreeSet<RepoPath>) -> io::Result<
         }
         for entry in WalkDir::new(&start).follow_links(false) {
             let entry = entry.map_err(io::Error::other)?;
-            let relative = entry
-                .path()
-                .strip_prefix(root)
-                .map_err(io::Error::other)?
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join("/");
+            let relative = to_slash(entry.path().strip_prefix(root).map_err(io::Error::other)?);
             if entries.contains_key(&relative) {
                 continue;
             }
