@@ -5,13 +5,16 @@
 //! - [`repo`]: the config repository as data — environments, module closure, the refusals of
 //!   SPEC §3.8, policy lint, input fingerprints.
 //! - [`problem`]: the located `path:line: message` every validation error is.
+//! - [`engine`]: pure decisions — which lane and identity a commit runs with, or why it is
+//!   refused.
 //! - [`git`]: revisions, first-parent chains, and the export of a commit's configuration tree.
 //! - [`aws`]: the run identity (credential chain, AssumeRole, the account check).
 //! - [`terraform`]: workdirs, the CLI config Karrots writes, init/plan/show/apply.
 //! - [`process`]: the one subprocess wrapper (process groups, SIGINT then SIGKILL).
+//! - [`sandbox`]: the Landlock policy every terraform process runs under.
 //! - [`cli`]: one module per subcommand; `main.rs` parses arguments and maps errors to exit codes.
 //!
-//! `aws`, `terraform`, `process` and `cli` need the `runtime` feature (on by default); without
+//! `aws`, `terraform`, `process`, `sandbox` and `cli` need the `runtime` feature (on by default); without
 //! it the crate is the pure configuration and repository checks, which the fuzz target builds.
 
 #[cfg(feature = "runtime")]
@@ -19,10 +22,13 @@ pub mod aws;
 #[cfg(feature = "runtime")]
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod git;
 pub mod problem;
 #[cfg(feature = "runtime")]
 pub mod process;
 pub mod repo;
+#[cfg(feature = "runtime")]
+pub mod sandbox;
 #[cfg(feature = "runtime")]
 pub mod terraform;

@@ -8,7 +8,18 @@ use clap::Parser;
 use karrots::cli::{Cli, Command, check, plan};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Exit 2 means "changes" for `karrots plan`, so a usage error exits 1, not clap's 2.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KARROTS_LOG")

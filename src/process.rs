@@ -8,6 +8,11 @@
 //! grandchildren. A run whose future is dropped kills the group too, so no process outlives
 //! the run that started it.
 //!
+//! Stopping is the same whether the cause is the timeout or a [`CancellationToken`] (shutdown,
+//! a superseding commit): SIGINT to terraform, the grace period, then SIGKILL to the group.
+//! The leader's exit is watched through a pidfd without reaping it, so the group is signalled
+//! only while its leader is still unreaped and the group id cannot belong to anyone else.
+//!
 //! Environment values are never displayed: they carry credentials.
 
 use std::collections::BTreeMap;
@@ -15,6 +20,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,8 +28,12 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, Interest};
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::sandbox::SandboxPolicy;
 
 /// Output kept per stream; terraform's errors are at the end, so the tail is kept.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 4 * 1024 * 1024;
@@ -41,6 +51,8 @@ pub struct ProcessSpec {
     grace: Duration,
     stdout_file: Option<PathBuf>,
     output_limit: usize,
+    /// The Landlock policy the child is restricted to before exec; `None` runs it unsandboxed.
+    sandbox: Option<SandboxPolicy>,
 }
 
 impl ProcessSpec {
@@ -54,7 +66,14 @@ impl ProcessSpec {
             grace: Duration::from_secs(30),
             stdout_file: None,
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            sandbox: None,
         }
+    }
+
+    /// Runs the child inside a Landlock sandbox with this policy.
+    pub fn sandbox(mut self, policy: SandboxPolicy) -> ProcessSpec {
+        self.sandbox = Some(policy);
+        self
     }
 
     pub fn arg(mut self, arg: impl Into<OsString>) -> ProcessSpec {
@@ -144,13 +163,34 @@ pub enum ProcessError {
         /// What the process printed before it was stopped.
         output: Box<ProcessOutput>,
     },
+    #[error("{command} was cancelled and interrupted{}", if *.killed { ", then killed" } else { "" })]
+    Cancelled {
+        command: String,
+        killed: bool,
+        output: Box<ProcessOutput>,
+    },
     #[error("{command}: {source}")]
     Io { command: String, source: io::Error },
+    #[error("{command}: {source}")]
+    Sandbox {
+        command: String,
+        source: crate::sandbox::SandboxError,
+    },
 }
 
-/// Runs `spec` to completion or timeout. A non-zero exit is not an error here: the caller
-/// knows what the program's exit codes mean.
-pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutput, ProcessError> {
+/// Why a process was stopped before it finished by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    TimedOut,
+    Cancelled,
+}
+
+/// Runs `spec` to completion, timeout or cancellation. A non-zero exit is not an error here:
+/// the caller knows what the program's exit codes mean.
+pub async fn run(
+    spec: &ProcessSpec,
+    cancel: &CancellationToken,
+) -> Result<ProcessOutput, ProcessError> {
     let command_line = spec.to_string();
     let io_error = |source| ProcessError::Io {
         command: command_line.clone(),
@@ -168,7 +208,8 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutput, ProcessError> {
         ),
         None => Stdio::piped(),
     };
-    let mut child = Command::new(&spec.program)
+    let mut command = Command::new(&spec.program);
+    command
         .args(&spec.args)
         .current_dir(&spec.cwd)
         .env_clear()
@@ -177,15 +218,32 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutput, ProcessError> {
         .stdout(stdout)
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ProcessError::Spawn {
-            command: command_line.clone(),
-            source,
-        })?;
-    let pid = child.id().map(|id| Pid::from_raw(id as i32));
+        .kill_on_drop(true);
+    if let Some(policy) = &spec.sandbox {
+        let mut prepared =
+            policy
+                .prepare(&command_line)
+                .map_err(|source| ProcessError::Sandbox {
+                    command: command_line.clone(),
+                    source,
+                })?;
+        // SAFETY: `enforce` makes two system calls (prctl, landlock_restrict_self) on a
+        // ruleset built before the fork; it takes no lock and allocates nothing.
+        unsafe {
+            command.pre_exec(move || prepared.enforce());
+        }
+    }
+    let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+        command: command_line.clone(),
+        source,
+    })?;
+    let pid = child
+        .id()
+        .map(|id| Pid::from_raw(id as i32))
+        .ok_or_else(|| io_error(io::Error::other("the child has no pid")))?;
     // From here on, the group dies with this future, however it ends.
-    let _group = GroupGuard(pid);
+    let mut group = GroupGuard(Some(pid));
+    let exit = ExitWatch::open(pid).map_err(io_error)?;
     let started = Instant::now();
     let stdout_task = child
         .stdout
@@ -196,28 +254,26 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutput, ProcessError> {
         .take()
         .map(|pipe| tokio::spawn(read_bounded(pipe, spec.output_limit)));
 
-    let (status, timed_out, killed) = match tokio::time::timeout(spec.timeout, child.wait()).await {
-        Ok(status) => (status.map_err(io_error)?, false, false),
-        Err(_) => {
-            if let Some(pid) = pid {
-                let _ = kill(pid, Signal::SIGINT);
-            }
-            match tokio::time::timeout(spec.grace, child.wait()).await {
-                Ok(status) => (status.map_err(io_error)?, true, false),
-                Err(_) => {
-                    if let Some(pid) = pid {
-                        let _ = killpg(pid, Signal::SIGKILL);
-                    }
-                    (child.wait().await.map_err(io_error)?, true, true)
-                }
-            }
-        }
+    let stop = tokio::select! {
+        exited = exit.exited() => { exited.map_err(io_error)?; None }
+        () = tokio::time::sleep(spec.timeout) => Some(Stop::TimedOut),
+        () = cancel.cancelled() => Some(Stop::Cancelled),
     };
-    // The leader is gone; stragglers it left in its group (providers, forked children) go too,
-    // which also closes the pipes they may hold open.
-    if let Some(pid) = pid {
-        let _ = killpg(pid, Signal::SIGKILL);
+    let mut killed = false;
+    if stop.is_some() {
+        let _ = kill(pid, Signal::SIGINT);
+        let graceful = tokio::time::timeout(spec.grace, exit.exited()).await;
+        if !matches!(graceful, Ok(Ok(()))) {
+            let _ = killpg(pid, Signal::SIGKILL);
+            killed = true;
+            exit.exited().await.map_err(io_error)?;
+        }
     }
+    // The leader has exited but is not reaped, so its pid still names this group: stragglers
+    // it left (providers, forked children) die now, which also closes the pipes they hold.
+    let _ = killpg(pid, Signal::SIGKILL);
+    let status = child.wait().await.map_err(io_error)?;
+    group.0 = None;
     let collect = |task: Option<tokio::task::JoinHandle<io::Result<String>>>| async move {
         match task {
             Some(task) => task.await.map_err(io::Error::other).and_then(|r| r),
@@ -230,19 +286,49 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutput, ProcessError> {
         stderr: collect(stderr_task).await.map_err(io_error)?,
         elapsed: started.elapsed(),
     };
-    tracing::debug!(command = %command_line, elapsed = ?output.elapsed, code = ?output.code, timed_out, "process finished");
-    if timed_out {
-        return Err(ProcessError::TimedOut {
+    tracing::debug!(command = %command_line, elapsed = ?output.elapsed, code = ?output.code, ?stop, "process finished");
+    match stop {
+        None => Ok(output),
+        Some(Stop::TimedOut) => Err(ProcessError::TimedOut {
             command: command_line,
             timeout: spec.timeout,
             killed,
             output: Box::new(output),
-        });
+        }),
+        Some(Stop::Cancelled) => Err(ProcessError::Cancelled {
+            command: command_line,
+            killed,
+            output: Box::new(output),
+        }),
     }
-    Ok(output)
 }
 
-/// Kills the process group when dropped; harmless when the group is already gone.
+/// Tells when a child has exited, without reaping it (a pidfd becomes readable at exit).
+struct ExitWatch(AsyncFd<OwnedFd>);
+
+impl ExitWatch {
+    fn open(pid: Pid) -> io::Result<ExitWatch> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor was just returned to us and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the registration owns the descriptor and drops it with itself; nothing
+        // else closes it meanwhile.
+        let registered = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
+        Ok(ExitWatch(registered.map_err(io::Error::from)?))
+    }
+
+    async fn exited(&self) -> io::Result<()> {
+        // Readiness is left set: once exited, every later call returns at once.
+        self.0.readable().await.map(|_| ())
+    }
+}
+
+/// Kills the process group when dropped before its leader was reaped (a run whose future was
+/// dropped). Cleared once the leader is reaped, so a reused pid is never signalled.
 struct GroupGuard(Option<Pid>);
 
 impl Drop for GroupGuard {
@@ -295,6 +381,10 @@ mod tests {
             .env(env)
     }
 
+    fn never() -> CancellationToken {
+        CancellationToken::new()
+    }
+
     fn alive(pid: i32) -> bool {
         // A zombie no longer runs; in a container nobody may reap it.
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -313,7 +403,9 @@ mod tests {
             std::env::var_os("HOME").is_some(),
             "the test runner has a HOME"
         );
-        let output = run(&sh("env; pwd; cat", dir.path())).await.unwrap();
+        let output = run(&sh("env; pwd; cat", dir.path()), &never())
+            .await
+            .unwrap();
         assert!(output.success());
         assert!(!output.stdout.contains("HOME="), "{}", output.stdout);
         assert!(output.stdout.contains("PATH=/usr/bin:/bin"));
@@ -327,7 +419,7 @@ mod tests {
     #[tokio::test]
     async fn exit_codes_and_both_streams_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let output = run(&sh("echo out; echo err >&2; exit 2", dir.path()))
+        let output = run(&sh("echo out; echo err >&2; exit 2", dir.path()), &never())
             .await
             .unwrap();
         assert_eq!(output.code, Some(2));
@@ -339,7 +431,7 @@ mod tests {
     async fn output_is_bounded_to_its_tail() {
         let dir = tempfile::tempdir().unwrap();
         let spec = sh("seq 1 100000", dir.path()).output_limit(1000);
-        let output = run(&spec).await.unwrap();
+        let output = run(&spec, &never()).await.unwrap();
         assert!(output.stdout.starts_with("[earlier output dropped]\n"));
         assert!(output.stdout.ends_with("99999\n100000\n"));
         assert!(output.stdout.len() < 1100);
@@ -349,7 +441,7 @@ mod tests {
     async fn stdout_can_go_to_a_private_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("plan.json");
-        let output = run(&sh("echo '{}'", dir.path()).stdout_to(&file))
+        let output = run(&sh("echo '{}'", dir.path()).stdout_to(&file), &never())
             .await
             .unwrap();
         assert_eq!(output.stdout, "");
@@ -367,7 +459,7 @@ mod tests {
         )
         .timeout(Duration::from_millis(300), Duration::from_secs(10));
         let started = Instant::now();
-        let error = run(&spec).await.unwrap_err();
+        let error = run(&spec, &never()).await.unwrap_err();
         let ProcessError::TimedOut { killed, output, .. } = error else {
             panic!("expected a timeout, got {error}");
         };
@@ -388,7 +480,7 @@ mod tests {
         let spec =
             sh(&script, dir.path()).timeout(Duration::from_millis(500), Duration::from_millis(500));
         let started = Instant::now();
-        let error = run(&spec).await.unwrap_err();
+        let error = run(&spec, &never()).await.unwrap_err();
         assert!(
             matches!(error, ProcessError::TimedOut { killed: true, .. }),
             "{error}"
@@ -410,14 +502,119 @@ mod tests {
     #[tokio::test]
     async fn a_missing_program_is_a_spawn_error() {
         let dir = tempfile::tempdir().unwrap();
-        let error = run(&ProcessSpec::new("/nonexistent/terraform", dir.path()))
-            .await
-            .unwrap_err();
+        let error = run(
+            &ProcessSpec::new("/nonexistent/terraform", dir.path()),
+            &never(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(error, ProcessError::Spawn { .. }), "{error}");
         assert!(
             error
                 .to_string()
                 .starts_with("cannot start /nonexistent/terraform")
         );
+    }
+
+    #[tokio::test]
+    async fn cancelling_interrupts_first_then_kills_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let spec = sh(
+            "trap 'echo interrupted; exit 4' INT; sleep 300 & wait",
+            dir.path(),
+        )
+        .timeout(Duration::from_secs(300), Duration::from_secs(10));
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            trigger.cancel();
+        });
+        let started = Instant::now();
+        let error = run(&spec, &cancel).await.unwrap_err();
+        let ProcessError::Cancelled { killed, output, .. } = error else {
+            panic!("expected a cancellation, got {error}");
+        };
+        assert!(!killed, "SIGINT alone should have ended it");
+        assert_eq!(output.stdout, "interrupted\n");
+        assert_eq!(output.code, Some(4));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_straggler_left_by_a_finished_leader_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("straggler.pid");
+        // The leader exits at once; its child, detached from the pipes, would live on.
+        let script = format!(
+            "sleep 300 >/dev/null 2>&1 & echo $! > {}; exit 0",
+            pid_file.display()
+        );
+        let output = run(&sh(&script, dir.path()), &never()).await.unwrap();
+        assert!(output.success());
+        let straggler: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while alive(straggler) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!alive(straggler), "straggler {straggler} outlived its run");
+    }
+
+    #[tokio::test]
+    async fn a_sandboxed_child_reads_only_what_its_policy_allows() {
+        let allowed = tempfile::tempdir().unwrap();
+        let secret = tempfile::tempdir().unwrap();
+        std::fs::write(allowed.path().join("input"), "fingerprinted").unwrap();
+        std::fs::write(
+            secret.path().join("credentials"),
+            "aws_secret_access_key=canary",
+        )
+        .unwrap();
+        let policy = SandboxPolicy {
+            read_only: vec![allowed.path().to_path_buf()],
+            read_write: vec![],
+        };
+        let script = format!(
+            "cat {}/input; cat {}/credentials",
+            allowed.path().display(),
+            secret.path().display()
+        );
+        let output = run(
+            &sh(&script, allowed.path()).sandbox(policy.clone()),
+            &never(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(output.stdout, "fingerprinted");
+        assert!(
+            output.stderr.contains("Permission denied"),
+            "{}",
+            output.stderr
+        );
+        assert!(!output.success());
+
+        // The same command outside the sandbox reads both, so the denial above is the sandbox's.
+        let output = run(&sh(&script, allowed.path()), &never()).await.unwrap();
+        assert_eq!(output.stdout, "fingerprintedaws_secret_access_key=canary");
+
+        // Writing is refused in a read-only path, allowed in a read-write one.
+        let written = allowed.path().join("written");
+        let script = format!("echo x > {}", written.display());
+        let output = run(&sh(&script, allowed.path()).sandbox(policy), &never())
+            .await
+            .unwrap();
+        assert!(!output.success() && !written.exists(), "{}", output.stderr);
+        let writable = SandboxPolicy {
+            read_only: vec![],
+            read_write: vec![allowed.path().to_path_buf()],
+        };
+        let output = run(&sh(&script, allowed.path()).sandbox(writable), &never())
+            .await
+            .unwrap();
+        assert!(output.success() && written.exists(), "{}", output.stderr);
     }
 }

@@ -14,17 +14,9 @@ use aws_sdk_sts::config::Region;
 use aws_sdk_sts::error::DisplayErrorContext;
 
 use crate::config::{AwsTarget, EnvName, RoleArn};
+use crate::engine::Lane;
 use crate::git::CommitId;
 use crate::terraform::RunEnvironment;
-
-/// Which of an environment's identities a run gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunKind {
-    /// A commit on the environment's branch: the chain's credentials, through `role_arn`.
-    Merged,
-    /// Any other commit: `preview_role_arn`, or no credentials at all — never the apply role.
-    Preview,
-}
 
 /// The identity a run was given, with the variables that hand it to terraform.
 #[derive(Debug, Clone)]
@@ -69,11 +61,13 @@ pub fn session_name(env: &EnvName, commit: &CommitId) -> String {
     format!("karrots-{env}-{short}")
 }
 
-/// Establishes the identity of one run and checks its account.
+/// Establishes the identity of one run and checks its account. The `merged` lane gets the
+/// chain's credentials through `role_arn`; the `preview` lane gets `preview_role_arn`, or no
+/// credentials at all — never the apply role.
 pub async fn establish(
     env: &EnvName,
     target: &AwsTarget,
-    kind: RunKind,
+    lane: Lane,
     commit: &CommitId,
     endpoint_url: Option<&str>,
 ) -> Result<RunIdentity, AwsError> {
@@ -86,9 +80,9 @@ pub async fn establish(
     if let Some(url) = endpoint_url {
         variables.insert("AWS_ENDPOINT_URL".to_string(), url.to_string());
     }
-    let role = match kind {
-        RunKind::Merged => target.role_arn.as_ref(),
-        RunKind::Preview => match &target.preview_role_arn {
+    let role = match lane {
+        Lane::Merged => target.role_arn.as_ref(),
+        Lane::Preview => match &target.preview_role_arn {
             Some(role) => Some(role),
             None => {
                 return Ok(RunIdentity {

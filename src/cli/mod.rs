@@ -19,5 +19,5 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Plan one environment at a revision in an isolated workdir; never applies.
     /// Exit 0: no changes, 2: changes, 1: error.
-    Plan(plan::PlanArgs),
+    Plan(Box<plan::PlanArgs>),
 }

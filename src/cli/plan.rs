@@ -13,14 +13,16 @@ use std::process::ExitCode;
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
+use tokio_util::sync::CancellationToken;
 
-use crate::aws::{self, RunKind};
+use crate::aws;
 use crate::config::{
-    EnvName, TerraformSettings, load_daemon_config, parse_duration, parse_environment,
+    EnvName, SandboxMode, TerraformSettings, load_daemon_config, parse_duration, parse_environment,
 };
+use crate::engine::{Lane, decide_lane};
 use crate::git;
-use crate::repo::check_repository;
-use crate::terraform::{PlanRecord, Terraform};
+use crate::repo::CheckOptions;
+use crate::terraform::{PlanRecord, RunId, StageError, Terraform, stage_commit};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -33,8 +35,8 @@ pub struct PlanArgs {
     /// The revision to plan: a commit, branch or tag.
     #[arg(long, value_name = "REV", default_value = "HEAD")]
     pub rev: String,
-    /// Take terraform and AWS settings (and trust_branch) from a daemon configuration file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["terraform", "plugin_mirror", "timeout"])]
+    /// Take terraform and AWS settings (and trust_branch, sandbox) from a daemon configuration file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["terraform", "plugin_mirror", "timeout", "sandbox"])]
     pub config: Option<PathBuf>,
     /// The terraform (or tofu) binary.
     #[arg(long, value_name = "BIN")]
@@ -51,12 +53,16 @@ pub struct PlanArgs {
     /// Timeout of each terraform process, e.g. 30m.
     #[arg(long, value_name = "DURATION")]
     pub timeout: Option<String>,
+    /// The kernel sandbox for terraform: landlock (default) or off.
+    #[arg(long, value_name = "MODE")]
+    pub sandbox: Option<String>,
 }
 
 struct Settings {
     terraform: TerraformSettings,
     endpoint_url: Option<String>,
     trust_branch: String,
+    sandbox: SandboxMode,
 }
 
 fn settings(args: &PlanArgs) -> anyhow::Result<Settings> {
@@ -69,6 +75,7 @@ fn settings(args: &PlanArgs) -> anyhow::Result<Settings> {
                 .clone()
                 .or(config.aws_endpoint_url.map(|url| url.to_string())),
             trust_branch: config.trust_branch.to_string(),
+            sandbox: config.sandbox,
         });
     }
     let mut terraform = TerraformSettings::default();
@@ -80,10 +87,17 @@ fn settings(args: &PlanArgs) -> anyhow::Result<Settings> {
         terraform.timeout =
             parse_duration(text).map_err(|message| anyhow!("--timeout: {message}"))?;
     }
+    let sandbox = match &args.sandbox {
+        Some(text) => {
+            SandboxMode::parse(text).map_err(|message| anyhow!("--sandbox: {message}"))?
+        }
+        None => SandboxMode::Landlock,
+    };
     Ok(Settings {
         terraform,
         endpoint_url: args.aws_endpoint_url.clone(),
         trust_branch: "main".to_string(),
+        sandbox,
     })
 }
 
@@ -99,6 +113,9 @@ pub fn exec(args: &PlanArgs) -> anyhow::Result<ExitCode> {
 async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let settings = settings(args)?;
     let env = EnvName::parse(&args.env).map_err(|message| anyhow!("--env: {message}"))?;
+    if settings.sandbox == SandboxMode::Landlock {
+        crate::sandbox::probe()?;
+    }
     let (_temporary, state_dir) = match &args.state_dir {
         Some(dir) => (None, dir.clone()),
         None => {
@@ -110,11 +127,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             (Some(dir), path)
         }
     };
-    let terraform = Terraform::new(&settings.terraform, &state_dir)?;
-    let workdir = terraform.workdir(&env);
-    let staging = workdir
-        .begin_staging()
-        .with_context(|| format!("preparing {}", workdir.base().display()))?;
+    let terraform = Terraform::new(&settings.terraform, &state_dir, settings.sandbox)?;
 
     // git work is blocking; it is short and this command does nothing else meanwhile.
     let repo = git::open(&args.repo)?;
@@ -127,63 +140,72 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         )
     })?;
     let yaml_path = format!("environments/{env}/karrots.yaml");
-    let trusted_text = git::read_file(&repo, &trust_tip, &yaml_path)?.ok_or_else(|| {
-        anyhow!(
-            "environment {env} is not on the trust branch {}: merge its karrots.yaml there first",
-            settings.trust_branch
-        )
-    })?;
-    let trusted =
-        parse_environment(&trusted_text, yaml_path.as_ref(), env.as_str()).map_err(|problems| {
-            anyhow!(
-                "{yaml_path} on the trust branch {}:\n{problems}",
-                settings.trust_branch
-            )
-        })?;
-
-    let started = std::time::Instant::now();
-    git::export_config_tree(&repo, &commit, &staging)?;
-    let report = check_repository(&staging);
-    tracing::debug!(elapsed = ?started.elapsed(), "exported and checked the commit");
-    if !report.problems.is_empty() {
-        let mut stderr = std::io::stderr().lock();
-        for problem in &report.problems {
-            writeln!(stderr, "{problem}")?;
-        }
-        bail!(
-            "refusing to plan {env} at {}: the commit does not pass karrots check",
-            commit.short()
-        );
-    }
-    let checked = report
-        .environments
-        .into_iter()
-        .find(|checked| checked.spec.name == env)
-        .ok_or_else(|| anyhow!("environment {env} does not exist at {}", commit.short()))?;
-    let changed = trusted.identity_differences(&checked.spec);
-    if !changed.is_empty() {
-        bail!(
-            "refusing to plan {env} at {}: it changes {} of the environment, which only the trust branch {} may change",
-            commit.short(),
-            changed.join(", "),
-            settings.trust_branch
-        );
-    }
-
-    let merged = match git::branch_tip(&repo, trusted.branch.as_str()) {
+    let trusted = match git::read_file(&repo, &trust_tip, &yaml_path)? {
+        Some(text) => Some(
+            parse_environment(&text, yaml_path.as_ref(), env.as_str()).map_err(|problems| {
+                anyhow!(
+                    "{yaml_path} on the trust branch {}:\n{problems}",
+                    settings.trust_branch
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let on_branch = match trusted
+        .as_ref()
+        .and_then(|spec| git::branch_tip(&repo, spec.branch.as_str()))
+    {
         Some(tip) => git::on_first_parent_chain(&repo, &tip, &commit)?,
         None => false,
     };
-    let kind = if merged {
-        RunKind::Merged
+    drop(repo);
+
+    // The lane the commit will run in, unless it is refused below.
+    let lane = if on_branch {
+        Lane::Merged
     } else {
-        RunKind::Preview
+        Lane::Preview
     };
+    let workdir = terraform.workdir(&env, lane);
+    let started = std::time::Instant::now();
+    let options = CheckOptions {
+        providers: settings.terraform.providers.clone(),
+    };
+    let staged = {
+        let (workdir, repo_dir, commit) = (workdir.clone(), args.repo.clone(), commit.clone());
+        tokio::task::spawn_blocking(move || stage_commit(&workdir, &repo_dir, &commit, &options))
+            .await
+            .context("staging the commit")?
+    };
+    tracing::debug!(elapsed = ?started.elapsed(), "exported and checked the commit");
+    let checked = match staged {
+        Ok(checked) => checked,
+        Err(StageError::Refused(problems)) => {
+            let mut stderr = std::io::stderr().lock();
+            for problem in &problems {
+                writeln!(stderr, "{problem}")?;
+            }
+            bail!(
+                "refusing to plan {env} at {}: the commit does not pass karrots check",
+                commit.short()
+            );
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let lane = decide_lane(trusted.as_ref(), &checked.spec, on_branch).map_err(|refusal| {
+        anyhow!(
+            "refusing to plan {env} at {}: {}",
+            commit.short(),
+            refusal.reason(&settings.trust_branch)
+        )
+    })?;
+    let trusted = trusted.expect("decide_lane refuses an environment not on the trust branch");
+
     let started = std::time::Instant::now();
     let identity = aws::establish(
         &env,
         &trusted.aws,
-        kind,
+        lane,
         &commit,
         settings.endpoint_url.as_deref(),
     )
@@ -197,17 +219,33 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
+    let run = RunId::parse(&format!("{}-{}", unix_millis(), commit.short()))
+        .map_err(|message| anyhow!(message))?;
+    let cancel = CancellationToken::new();
+    let interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            interrupt.cancel();
+        }
+    });
     let record = terraform
-        .plan(&workdir, &checked, &commit, &identity.run_env)
+        .plan(
+            &workdir,
+            &checked,
+            &commit,
+            &run,
+            &identity.run_env,
+            &cancel,
+        )
         .await?;
     print_summary(
         &commit,
         &record,
         &trusted.branch.to_string(),
-        kind,
         identity.caller_arn.as_deref(),
         args.state_dir.is_some(),
     )?;
+    terraform.discard_preview(&record)?;
     Ok(if record.summary.has_changes() {
         ExitCode::from(2)
     } else {
@@ -215,20 +253,26 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
+}
+
 fn print_summary(
     commit: &git::CommitId,
     record: &PlanRecord,
     branch: &str,
-    kind: RunKind,
     caller: Option<&str>,
     kept: bool,
 ) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     let summary = &record.summary;
     let short = commit.short();
-    let who = match (kind, caller) {
-        (RunKind::Merged, Some(arn)) => format!("on {branch}, as {arn}"),
-        (RunKind::Preview, Some(arn)) => format!("preview (not on {branch}), as {arn}"),
+    let who = match (record.lane, caller) {
+        (Lane::Merged, Some(arn)) => format!("on {branch}, as {arn}"),
+        (Lane::Preview, Some(arn)) => format!("preview (not on {branch}), as {arn}"),
         (_, None) => format!("preview (not on {branch}), without AWS credentials"),
     };
     writeln!(out, "environment {} at {short}: {who}", record.env)?;
@@ -258,7 +302,13 @@ fn print_summary(
     } else {
         writeln!(out, "init: ran")?;
     }
-    if kept {
+    if record.lane == Lane::Preview {
+        writeln!(
+            out,
+            "plan artifacts: deleted (a preview is never applied; run {})",
+            record.run_id
+        )?;
+    } else if kept {
         writeln!(out, "plan artifacts: {}", record.plan_dir.display())?;
     } else {
         writeln!(

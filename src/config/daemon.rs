@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use super::environment::AlertSink;
 use super::raw::RawDaemon;
-use super::types::{BranchName, parse_duration, parse_webhook_url};
+use super::types::{
+    BranchName, ProviderPattern, default_provider_patterns, parse_duration, parse_webhook_url,
+};
 use super::{Validator, yaml};
 use crate::problem::{Problem, Problems};
 
@@ -28,6 +30,8 @@ pub struct DaemonConfig {
     /// Where environment identities are read from (SPEC §3.7).
     pub trust_branch: BranchName,
     pub terraform: TerraformSettings,
+    /// Whether terraform processes run in the Landlock sandbox.
+    pub sandbox: SandboxMode,
     /// An AWS emulator for tests and demos; `None` for real AWS.
     pub aws_endpoint_url: Option<url::Url>,
     pub alerts: Vec<AlertSink>,
@@ -41,6 +45,8 @@ pub struct TerraformSettings {
     pub timeout: Duration,
     /// A provider filesystem mirror; without one providers come from their registries.
     pub plugin_mirror: Option<PathBuf>,
+    /// The provider sources a commit may require; any other is refused before init.
+    pub providers: Vec<ProviderPattern>,
 }
 
 impl Default for TerraformSettings {
@@ -49,6 +55,28 @@ impl Default for TerraformSettings {
             binary: PathBuf::from("terraform"),
             timeout: Duration::from_secs(30 * 60),
             plugin_mirror: None,
+            providers: default_provider_patterns(),
+        }
+    }
+}
+
+/// Whether terraform processes are sandboxed (daemon config `sandbox:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SandboxMode {
+    /// Linux Landlock: each process reads only its checkout, binary, providers and system
+    /// files, and writes only its own data, plan, state and temp directories.
+    #[default]
+    Landlock,
+    /// No sandbox: for kernels without Landlock only; every run logs a warning.
+    Off,
+}
+
+impl SandboxMode {
+    pub fn parse(text: &str) -> Result<SandboxMode, String> {
+        match text {
+            "landlock" => Ok(SandboxMode::Landlock),
+            "off" => Ok(SandboxMode::Off),
+            other => Err(format!("{other:?} is not a sandbox: use landlock or off")),
         }
     }
 }
@@ -112,6 +140,25 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         None => Some(None),
     };
     let alerts = v.alerts(&raw.alerts);
+    let sandbox = v.check(
+        "sandbox",
+        SandboxMode::parse(raw.sandbox.as_deref().unwrap_or("landlock")),
+    );
+    let providers = match raw.terraform.providers {
+        None => Some(default_provider_patterns()),
+        Some(texts) => texts
+            .iter()
+            .enumerate()
+            .map(|(index, text)| {
+                v.check(
+                    &format!("terraform.providers[{index}]"),
+                    ProviderPattern::parse(text),
+                )
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect(),
+    };
 
     if let Some(problems) = Problems::from_vec(v.problems) {
         return Err(problems);
@@ -121,8 +168,8 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     else {
         unreachable!("a missing value without a reported problem")
     };
-    let (Some(trust_branch), Some(timeout), Some(aws_endpoint_url)) =
-        (trust_branch, timeout, aws_endpoint_url)
+    let (Some(trust_branch), Some(timeout), Some(aws_endpoint_url), Some(sandbox), Some(providers)) =
+        (trust_branch, timeout, aws_endpoint_url, sandbox, providers)
     else {
         unreachable!("a missing value without a reported problem")
     };
@@ -139,7 +186,9 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
             binary: PathBuf::from(raw.terraform.binary.as_deref().unwrap_or("terraform")),
             timeout,
             plugin_mirror: raw.terraform.plugin_mirror.as_deref().map(resolve),
+            providers,
         },
+        sandbox,
         aws_endpoint_url,
         alerts,
     })
@@ -188,6 +237,8 @@ terraform:
   binary: terraform
   timeout: 30m
   plugin_mirror: /opt/tf-plugins
+  providers: [hashicorp/*]
+sandbox: landlock
 aws:
   endpoint_url: http://127.0.0.1:4566
 alerts:
@@ -246,7 +297,17 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `concurrency`, `preview`, `trust_branch`, `terraform`, `aws`, `alerts`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `concurrency`, `preview`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
+            ),
+            (
+                "providers: [hashicorp/*]",
+                "providers: [hashicorp/*, \"*/aws\"]",
+                "karrots.yaml:13: terraform.providers[1]: \"*/aws\" is not a provider source such as hashicorp/aws, hashicorp/* or registry.example.com/team/*",
+            ),
+            (
+                "sandbox: landlock",
+                "sandbox: none",
+                "karrots.yaml:14: sandbox: \"none\" is not a sandbox: use landlock or off",
             ),
         ];
         for (from, to, expected) in rows {

@@ -33,7 +33,7 @@ impl EnvironmentSpec {
     /// The identity fields (SPEC §3.7) in which `other` differs from `self`. Only the trust
     /// branch may change them: a commit elsewhere that does is refused.
     pub fn identity_differences(&self, other: &EnvironmentSpec) -> Vec<&'static str> {
-        let fields: [(&'static str, bool); 7] = [
+        let fields: [(&'static str, bool); 8] = [
             ("name", self.name == other.name),
             ("branch", self.branch == other.branch),
             (
@@ -50,6 +50,8 @@ impl EnvironmentSpec {
                 "terraform.backend",
                 self.terraform.backend == other.terraform.backend,
             ),
+            // `allow:` lifts refusals; a commit that could set it could run a program on the host.
+            ("allow", self.allow == other.allow),
         ];
         fields
             .into_iter()
@@ -210,7 +212,19 @@ pub fn parse_environment_file(
     let role_arn = role(&mut v, "aws.role_arn", raw.aws.role_arn);
     let preview_role_arn = role(&mut v, "aws.preview_role_arn", raw.aws.preview_role_arn);
 
-    let root = v.check("terraform.root", RepoPath::parse(&raw.terraform.root));
+    let root = v.check(
+        "terraform.root",
+        RepoPath::parse(&raw.terraform.root).and_then(|root| {
+            if root.as_str().is_empty() {
+                Err(format!(
+                    "{:?} is the repository root; put the root module in a folder such as modules/platform, so the environment's inputs are that folder and the modules it reaches, not the whole repository",
+                    raw.terraform.root
+                ))
+            } else {
+                Ok(root)
+            }
+        }),
+    );
     let mut vars = BTreeMap::new();
     for (key, value) in &raw.terraform.vars {
         let path = format!("terraform.vars.{key}");
@@ -442,6 +456,11 @@ allow: [local-exec]
                 "root: modules/platform",
                 "root: ../elsewhere",
                 "environments/prod/karrots.yaml:9: terraform.root: \"../elsewhere\" leaves the repository",
+            ),
+            (
+                "root: modules/platform",
+                "root: .",
+                "environments/prod/karrots.yaml:9: terraform.root: \".\" is the repository root; put the root module in a folder such as modules/platform, so the environment's inputs are that folder and the modules it reaches, not the whole repository",
             ),
             (
                 "interval: 1h",

@@ -13,7 +13,9 @@ mod raw;
 mod types;
 mod yaml;
 
-pub use daemon::{DaemonConfig, TerraformSettings, load_daemon_config, parse_daemon_config};
+pub use daemon::{
+    DaemonConfig, SandboxMode, TerraformSettings, load_daemon_config, parse_daemon_config,
+};
 pub use environment::{
     API_VERSION, AlertSink, ApplyPolicy, AwsTarget, Backend, DriftPolicy, EnvironmentFile,
     EnvironmentSpec, S3Backend, S3Locking, TerraformSpec, parse_environment,
@@ -21,7 +23,8 @@ pub use environment::{
 };
 pub(crate) use types::to_slash;
 pub use types::{
-    AccountId, Allowance, BranchName, EnvName, Region, RepoPath, RoleArn, parse_duration,
+    AccountId, Allowance, BranchName, EnvName, ProviderPattern, Region, RepoPath, RoleArn,
+    default_provider_patterns, parse_duration,
 };
 
 use std::path::PathBuf;

@@ -106,6 +106,7 @@ pub(crate) struct RawDaemon {
     pub trust_branch: Option<String>,
     #[serde(default)]
     pub terraform: RawTerraformSettings,
+    pub sandbox: Option<String>,
     #[serde(default)]
     pub aws: RawAwsSettings,
     #[serde(default)]
@@ -118,6 +119,7 @@ pub(crate) struct RawTerraformSettings {
     pub binary: Option<String>,
     pub timeout: Option<String>,
     pub plugin_mirror: Option<String>,
+    pub providers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -199,6 +199,21 @@ impl RepoPath {
             .ok_or_else(|| format!("{text:?} leaves the repository"))
     }
 
+    /// Whether the `/` path `path` is this directory or lies under it.
+    pub fn contains(&self, path: &str) -> bool {
+        path == self.0
+            || path
+                .strip_prefix(&self.0)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+
+    /// Whether the `/` path `path` is a directory above this one.
+    pub fn is_below(&self, path: &str) -> bool {
+        self.0
+            .strip_prefix(path)
+            .is_some_and(|rest| rest.starts_with('/'))
+    }
+
     /// `relative` resolved against `base` (a path inside the repository), if it stays inside.
     pub fn join(&self, relative: &str) -> Option<RepoPath> {
         let relative = Path::new(relative);
@@ -324,6 +339,76 @@ pub fn parse_webhook_url(text: &str) -> Result<url::Url, String> {
         );
     }
     Ok(url)
+}
+
+/// A provider source the daemon lets a commit require (daemon config `terraform.providers`):
+/// `[hostname/]namespace/type`, where the type may be `*` (a whole namespace: one publisher's
+/// providers). The namespace is always named: `*/aws` would let anyone publish an `aws`.
+/// The hostname defaults to the public registry, as in terraform's own source addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderPattern {
+    hostname: String,
+    namespace: String,
+    kind: String,
+}
+
+/// The registry terraform assumes for a source address without a hostname.
+const DEFAULT_PROVIDER_HOST: &str = "registry.terraform.io";
+
+impl ProviderPattern {
+    pub fn parse(text: &str) -> Result<ProviderPattern, String> {
+        let parts: Vec<&str> = text.split('/').collect();
+        let (hostname, namespace, kind) = match parts.as_slice() {
+            [namespace, kind] if *namespace != "*" => (DEFAULT_PROVIDER_HOST, *namespace, *kind),
+            [hostname, namespace, kind] if *hostname != "*" && *namespace != "*" => {
+                (*hostname, *namespace, *kind)
+            }
+            _ => {
+                return Err(format!(
+                    "{text:?} is not a provider source such as hashicorp/aws, hashicorp/* or registry.example.com/team/*"
+                ));
+            }
+        };
+        let segment_ok = |segment: &str| {
+            segment == "*"
+                || (!segment.is_empty()
+                    && segment
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        };
+        if !(segment_ok(hostname) && segment_ok(namespace) && segment_ok(kind)) {
+            return Err(format!("{text:?}: each part is a name or *"));
+        }
+        Ok(ProviderPattern {
+            hostname: hostname.to_ascii_lowercase(),
+            namespace: namespace.to_ascii_lowercase(),
+            kind: kind.to_ascii_lowercase(),
+        })
+    }
+
+    /// Whether a `required_providers` source address (`hashicorp/aws`,
+    /// `registry.terraform.io/hashicorp/aws`) matches. Names compare case-insensitively, as
+    /// terraform compares them.
+    pub fn matches(&self, source: &str) -> bool {
+        let Ok(source) = ProviderPattern::parse(source) else {
+            return false;
+        };
+        source.kind != "*"
+            && self.hostname == source.hostname
+            && self.namespace == source.namespace
+            && (self.kind == "*" || self.kind == source.kind)
+    }
+}
+
+impl std::fmt::Display for ProviderPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.hostname, self.namespace, self.kind)
+    }
+}
+
+/// The default `terraform.providers`: HashiCorp's own providers only.
+pub fn default_provider_patterns() -> Vec<ProviderPattern> {
+    vec![ProviderPattern::parse("hashicorp/*").expect("a valid pattern")]
 }
 
 #[cfg(test)]
@@ -461,6 +546,41 @@ mod tests {
         assert!(parse_webhook_url("http://127.0.0.1:9000/alerts").is_ok());
         for bad in ["ftp://x/y", "not a url", "https://user:pw@example.invalid/"] {
             assert!(parse_webhook_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn provider_patterns_match_whole_names() {
+        let hashicorp = ProviderPattern::parse("hashicorp/*").unwrap();
+        for allowed in [
+            "hashicorp/aws",
+            "registry.terraform.io/hashicorp/aws",
+            "HashiCorp/AWS",
+        ] {
+            assert!(hashicorp.matches(allowed), "{allowed}");
+        }
+        for refused in [
+            "evilcorp/aws",
+            "hashicorp-evil/aws",
+            "registry.example.com/hashicorp/aws",
+            "hashicorp/*",
+            "aws",
+        ] {
+            assert!(!hashicorp.matches(refused), "{refused}");
+        }
+        let private = ProviderPattern::parse("registry.example.com/team/tool").unwrap();
+        assert!(private.matches("registry.example.com/team/tool"));
+        assert!(!private.matches("team/tool"));
+        for bad in [
+            "aws",
+            "*/aws",
+            "*/*/*",
+            "a/*/*",
+            "a/b/c/d",
+            "hashi corp/aws",
+            "",
+        ] {
+            assert!(ProviderPattern::parse(bad).is_err(), "{bad}");
         }
     }
 }

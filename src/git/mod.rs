@@ -47,6 +47,14 @@ pub enum GitError {
     Resolve { rev: String, source: git2::Error },
     #[error("reading commit {commit}: {source}")]
     Read { commit: String, source: git2::Error },
+    #[error(
+        "commit {commit} has a tree entry named {name:?} under {parent:?}, which no checkout may hold; refusing to export it"
+    )]
+    BadEntryName {
+        commit: String,
+        parent: String,
+        name: String,
+    },
     #[error("exporting commit {commit} to {path}: {source}")]
     Export {
         commit: String,
@@ -74,15 +82,25 @@ pub fn resolve(repo: &Repository, rev: &str) -> Result<CommitId, GitError> {
     Ok(CommitId(object.id().to_string()))
 }
 
-/// The tip of a branch: the local branch, else `origin/<branch>`. `None` when neither exists.
+/// The tip of a branch as the remote has it. In a repository with a remote, only the
+/// remote-tracking branch counts (`refs/remotes/origin/<branch>`, or the only remote's): a
+/// local branch may hold commits nobody reviewed or pushed. Without a remote, the local
+/// branch. `None` when it does not exist.
 pub fn branch_tip(repo: &Repository, branch: &str) -> Option<CommitId> {
-    [
-        format!("refs/heads/{branch}"),
-        format!("refs/remotes/origin/{branch}"),
-    ]
-    .iter()
-    .find_map(|name| repo.refname_to_id(name).ok())
-    .map(|oid| CommitId(oid.to_string()))
+    let remotes = repo.remotes().ok()?;
+    let names: Vec<&str> = remotes.iter().flatten().flatten().collect();
+    let reference = if names.is_empty() {
+        format!("refs/heads/{branch}")
+    } else {
+        let remote = names
+            .iter()
+            .find(|name| **name == "origin")
+            .or(names.first())?;
+        format!("refs/remotes/{remote}/{branch}")
+    };
+    repo.refname_to_id(&reference)
+        .ok()
+        .map(|oid| CommitId(oid.to_string()))
 }
 
 /// The commit object of `commit`.
@@ -139,12 +157,27 @@ pub fn read_file(
 
 /// Writes the configuration part of `commit` — the repository root's files and everything
 /// under `environments/`, `modules/`, `policies/` — into `destination`, which must not exist.
-/// Symlinks are recreated as symlinks (the repository check decides whether they may stay);
-/// submodules are left out.
 pub fn export_config_tree(
     repo: &Repository,
     commit: &CommitId,
     destination: &Path,
+) -> Result<(), GitError> {
+    export_tree(repo, commit, destination, &|relative, is_dir| {
+        let top = relative.split('/').next().unwrap_or_default();
+        CONFIG_FOLDERS.contains(&top) || (!is_dir && !relative.contains('/'))
+    })
+}
+
+/// Writes the entries of `commit` that `include` accepts (given the `/` path and whether the
+/// entry is a directory) into `destination`, which must not exist. A directory that is not
+/// included is not entered. Symlinks are recreated as symlinks (the repository check decides
+/// whether they may stay); submodules are left out. Every entry name is checked before
+/// anything is written: `.`, `..`, `.git`, and names with `/` or NUL are refused.
+pub fn export_tree(
+    repo: &Repository,
+    commit: &CommitId,
+    destination: &Path,
+    include: &dyn Fn(&str, bool) -> bool,
 ) -> Result<(), GitError> {
     let read = |source| read_error(commit, source);
     let export_error = |source| GitError::Export {
@@ -156,14 +189,22 @@ pub fn export_config_tree(
     fs::create_dir(destination).map_err(export_error)?;
     let mut failure: Option<GitError> = None;
     tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
-        let Ok(name) = entry.name() else {
-            return TreeWalkResult::Skip;
+        let name = match entry.name() {
+            Ok(name) if valid_entry_name(name) => name,
+            other => {
+                failure = Some(GitError::BadEntryName {
+                    commit: commit.to_string(),
+                    parent: parent.to_string(),
+                    name: other.map(str::to_string).unwrap_or_else(|_| {
+                        String::from_utf8_lossy(entry.name_bytes()).into_owned()
+                    }),
+                });
+                return TreeWalkResult::Abort;
+            }
         };
         let relative = format!("{parent}{name}");
-        let top = relative.split('/').next().unwrap_or_default();
-        let at_root = parent.is_empty();
-        let root_file = at_root && entry.kind() == Some(ObjectType::Blob);
-        if !(CONFIG_FOLDERS.contains(&top) || root_file) {
+        let is_dir = entry.kind() == Some(ObjectType::Tree);
+        if !include(&relative, is_dir) {
             return TreeWalkResult::Skip;
         }
         let target = destination.join(&relative);
@@ -195,6 +236,17 @@ pub fn export_config_tree(
     }
 }
 
+/// Whether a tree entry name may become a file name in a checkout. git itself refuses these
+/// names, but a crafted tree object can carry them.
+fn valid_entry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.eq_ignore_ascii_case(".git")
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
 fn write_blob(target: &Path, mode: i32, content: &[u8]) -> io::Result<()> {
     const SYMLINK: i32 = 0o120000;
     const EXECUTABLE: i32 = 0o100755;
@@ -207,4 +259,90 @@ fn write_blob(target: &Path, mode: i32, content: &[u8]) -> io::Result<()> {
         fs::set_permissions(target, fs::Permissions::from_mode(0o755))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repository() -> (tempfile::TempDir, Repository) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        (dir, repo)
+    }
+
+    fn commit_tree(repo: &Repository, tree: Oid) -> CommitId {
+        let signature = git2::Signature::now("test", "test@karrots.invalid").unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        let oid = repo
+            .commit(Some("HEAD"), &signature, &signature, "crafted", &tree, &[])
+            .unwrap();
+        CommitId(oid.to_string())
+    }
+
+    /// A raw tree object with one blob entry of any name, as a hostile remote could send.
+    fn crafted_tree(repo: &Repository, name: &[u8]) -> Oid {
+        let blob = repo
+            .blob(b"resource \"terraform_data\" \"x\" {}\n")
+            .unwrap();
+        let mut bytes = b"100644 ".to_vec();
+        bytes.extend_from_slice(name);
+        bytes.push(0);
+        bytes.extend_from_slice(blob.as_bytes());
+        let modules = repo.odb().unwrap().write(ObjectType::Tree, &bytes).unwrap();
+        let mut outer = b"40000 modules\0".to_vec();
+        outer.extend_from_slice(modules.as_bytes());
+        repo.odb().unwrap().write(ObjectType::Tree, &outer).unwrap()
+    }
+
+    #[test]
+    fn hostile_entry_names_are_refused_before_anything_is_written() {
+        for name in [&b".."[..], b".git", b".GIT", b"."] {
+            let (dir, repo) = repository();
+            let commit = commit_tree(&repo, crafted_tree(&repo, name));
+            let destination = dir.path().join("export");
+            let error = export_config_tree(&repo, &commit, &destination).unwrap_err();
+            assert!(
+                matches!(error, GitError::BadEntryName { .. }),
+                "{}: {error}",
+                String::from_utf8_lossy(name)
+            );
+            let written: Vec<_> = walkdir::WalkDir::new(&destination)
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_file())
+                .collect();
+            assert!(written.is_empty(), "{written:?}");
+        }
+        let (dir, repo) = repository();
+        let commit = commit_tree(&repo, crafted_tree(&repo, b"main.tf"));
+        export_config_tree(&repo, &commit, &dir.path().join("export")).unwrap();
+        assert!(dir.path().join("export/modules/main.tf").is_file());
+    }
+
+    #[test]
+    fn with_a_remote_only_the_remote_tracking_branch_counts() {
+        let (dir, repo) = repository();
+        let tree = crafted_tree(&repo, b"main.tf");
+        let pushed = commit_tree(&repo, tree);
+        repo.reference(
+            "refs/heads/main",
+            Oid::from_str(pushed.as_str()).unwrap(),
+            true,
+            "",
+        )
+        .unwrap();
+        assert_eq!(branch_tip(&repo, "main"), Some(pushed.clone()));
+        repo.remote("origin", &format!("file://{}", dir.path().display()))
+            .unwrap();
+        assert_eq!(branch_tip(&repo, "main"), None, "not fetched yet");
+        repo.reference(
+            "refs/remotes/origin/main",
+            Oid::from_str(pushed.as_str()).unwrap(),
+            true,
+            "",
+        )
+        .unwrap();
+        assert_eq!(branch_tip(&repo, "main"), Some(pushed));
+    }
 }

@@ -4,9 +4,11 @@
 //! The input closure is a set of directories inside the repository (the environment folder,
 //! the root module, every local module reached, `policies/`). Every file under them is hashed
 //! with its repository-relative `/`-separated path, in byte order of the paths, each field
-//! length-prefixed so no two different trees give the same byte stream. Symlinks contribute
-//! their target text, not what they point at. Nothing machine-specific (mtimes, owners, the
-//! absolute location of the checkout) enters the hash.
+//! length-prefixed so no two different trees give the same byte stream. A symlink to a file
+//! inside the tree contributes that file's content — what terraform reads through it — and
+//! any other symlink (which the check refuses) its link text, so the fingerprint never reads
+//! outside the tree. Nothing machine-specific (mtimes, owners, the absolute location of the
+//! checkout) enters the hash.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -44,6 +46,7 @@ enum Entry {
 /// not exist contributes nothing (an environment without `policies/` is valid).
 pub fn fingerprint(root: &Path, directories: &BTreeSet<RepoPath>) -> io::Result<Fingerprint> {
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let root_real = fs::canonicalize(root)?;
     for directory in directories {
         let start = directory.to_path(root);
         if !start.exists() {
@@ -57,9 +60,17 @@ pub fn fingerprint(root: &Path, directories: &BTreeSet<RepoPath>) -> io::Result<
             }
             let file_type = entry.file_type();
             if file_type.is_symlink() {
-                let target = fs::read_link(entry.path())?;
-                let target = target.to_string_lossy().into_owned().into_bytes();
-                entries.insert(relative, Entry::Symlink(target));
+                let resolved = fs::canonicalize(entry.path())
+                    .ok()
+                    .filter(|real| real.starts_with(&root_real) && real.is_file());
+                let content = match resolved {
+                    Some(real) => fs::read(real)?,
+                    None => fs::read_link(entry.path())?
+                        .to_string_lossy()
+                        .into_owned()
+                        .into_bytes(),
+                };
+                entries.insert(relative, Entry::Symlink(content));
             } else if file_type.is_file() {
                 entries.insert(relative, Entry::File(fs::read(entry.path())?));
             }
@@ -132,5 +143,29 @@ mod tests {
             fingerprint(one.path(), &set).unwrap(),
             fingerprint(two.path(), &set).unwrap()
         );
+    }
+
+    #[test]
+    fn a_symlink_contributes_what_it_points_at() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        fs::create_dir_all(root.join("modules/a")).unwrap();
+        fs::create_dir_all(root.join("modules/b")).unwrap();
+        fs::write(root.join("modules/b/real.tf"), "# one\n").unwrap();
+        std::os::unix::fs::symlink("../b/real.tf", root.join("modules/a/link.tf")).unwrap();
+        let set = dirs(&["modules/a"]);
+        let before = fingerprint(root, &set).unwrap();
+        // The link text is unchanged and modules/b is not in the set, yet the content
+        // terraform would read through the link changed: so does the fingerprint.
+        fs::write(root.join("modules/b/real.tf"), "# two\n").unwrap();
+        assert_ne!(before, fingerprint(root, &set).unwrap());
+        // A link out of the tree is hashed by its text; the file it names is never read.
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "one").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.join("modules/a/out.tf"))
+            .unwrap();
+        let with_link = fingerprint(root, &set).unwrap();
+        fs::write(outside.path().join("secret"), "two").unwrap();
+        assert_eq!(with_link, fingerprint(root, &set).unwrap());
     }
 }

@@ -87,18 +87,23 @@ fn forbidden_cli_settings(name: &str) -> Option<String> {
     }
 }
 
+/// Terraform's and OpenTofu's configuration file suffixes; OpenTofu reads `.tofu` files as
+/// terraform reads `.tf`, so each is refused exactly like its counterpart.
+const CONFIGURATION_SUFFIXES: [&str; 4] = [".tf.json", ".tofu.json", ".tf", ".tofu"];
+
 fn forbidden_in_module(name: &str) -> Option<String> {
-    let stem = name
-        .strip_suffix(".tf.json")
-        .or_else(|| name.strip_suffix(".tf"))?;
+    let (stem, suffix) = CONFIGURATION_SUFFIXES
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix).map(|stem| (stem, *suffix)))?;
     if stem == "override" || stem.ends_with("_override") {
         return Some(format!(
             "override file {name} is refused: it would silently replace reviewed configuration"
         ));
     }
-    if name.ends_with(".tf.json") {
+    if suffix.ends_with(".json") {
+        let hcl = suffix.trim_end_matches(".json");
         return Some(format!(
-            "{name} is refused: Karrots checks HCL (.tf) configuration only; write it as .tf"
+            "{name} is refused: Karrots checks HCL ({hcl}) configuration only; write it as {hcl}"
         ));
     }
     None
@@ -110,12 +115,24 @@ fn check_symlink(root: &Path, path: &Path, problems: &mut Vec<Problem>) {
     let Ok(target) = fs::read_link(path) else {
         return;
     };
-    let Ok(root_real) = fs::canonicalize(root) else {
+    if !symlink_leaves(root, path) {
         return;
+    }
+    problems.push(Problem::whole(
+        relative_to(root, path),
+        format!("symlink to {} leaves the repository", target.display()),
+    ));
+}
+
+/// Whether the symlink at `path` points outside the repository at `root`: physically where it
+/// resolves, lexically where it dangles.
+pub(crate) fn symlink_leaves(root: &Path, path: &Path) -> bool {
+    let (Ok(target), Ok(root_real)) = (fs::read_link(path), fs::canonicalize(root)) else {
+        return false;
     };
     let parent = path.parent().unwrap_or(root);
-    let inside = match fs::canonicalize(path) {
-        Ok(resolved) => resolved.starts_with(&root_real),
+    match fs::canonicalize(path) {
+        Ok(resolved) => !resolved.starts_with(&root_real),
         Err(_) => {
             let parent_real = fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
             let joined = parent_real.join(&target);
@@ -129,14 +146,8 @@ fn check_symlink(root: &Path, path: &Path, problems: &mut Vec<Problem>) {
                     other => normal.push(other),
                 }
             }
-            normal.starts_with(&root_real)
+            !normal.starts_with(&root_real)
         }
-    };
-    if !inside {
-        problems.push(Problem::whole(
-            relative_to(root, path),
-            format!("symlink to {} leaves the repository", target.display()),
-        ));
     }
 }
 
@@ -152,10 +163,24 @@ mod tests {
             "dev_override.tf",
             "x_override.tf.json",
             "main.tf.json",
+            "override.tofu",
+            "dev_override.tofu",
+            "override.tofu.json",
+            "main.tofu.json",
         ] {
             assert!(forbidden_in_module(name).is_some(), "{name}");
         }
-        for name in ["main.tf", "overrides.tf", "override.tfvars", "README.md"] {
+        assert_eq!(
+            forbidden_in_module("main.tofu.json").unwrap(),
+            "main.tofu.json is refused: Karrots checks HCL (.tofu) configuration only; write it as .tofu"
+        );
+        for name in [
+            "main.tf",
+            "main.tofu",
+            "overrides.tf",
+            "override.tfvars",
+            "README.md",
+        ] {
             assert!(forbidden_in_module(name).is_none(), "{name}");
         }
     }

@@ -1,8 +1,10 @@
 //! The config repository as data: its environments, the modules each reaches, the checks of
 //! SPEC §3.8 and each environment's input fingerprint.
 //!
-//! Works on a directory tree (a working copy, or later a commit exported to a workdir); it
-//! never runs terraform or git.
+//! Works on a directory tree (a working copy, or a commit exported to a workdir); it never
+//! runs terraform or git. [`check_repository`] judges a whole tree (`karrots check`);
+//! [`check_environment`] judges what one environment is built from, so a problem in another
+//! environment's folder does not stop it.
 
 mod fingerprint;
 mod layout;
@@ -18,9 +20,27 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Backend, EnvironmentFile, EnvironmentSpec, RepoPath, parse_environment_file};
+use crate::config::{
+    Backend, EnvName, EnvironmentFile, EnvironmentSpec, ProviderPattern, RepoPath,
+    default_provider_patterns, parse_environment_file,
+};
 use crate::problem::{Problem, relative_to};
 use module::{ModuleScan, ModuleSource, scan_module};
+
+/// What the operator decides for every environment, beyond the repository's own files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOptions {
+    /// Provider sources a commit may require (daemon config `terraform.providers`).
+    pub providers: Vec<ProviderPattern>,
+}
+
+impl Default for CheckOptions {
+    fn default() -> CheckOptions {
+        CheckOptions {
+            providers: default_provider_patterns(),
+        }
+    }
+}
 
 /// An environment that passed every check, with what it is built from.
 #[derive(Debug, Clone)]
@@ -43,8 +63,13 @@ pub struct CheckReport {
     pub problems: Vec<Problem>,
 }
 
-/// Checks the config repository whose working tree is at `root`.
+/// Checks the config repository whose working tree is at `root`, with the default options.
 pub fn check_repository(root: &Path) -> CheckReport {
+    check_repository_with(root, &CheckOptions::default())
+}
+
+/// Checks the whole config repository whose working tree is at `root`.
+pub fn check_repository_with(root: &Path, options: &CheckOptions) -> CheckReport {
     let mut report = CheckReport::default();
     if !root.is_dir() {
         report.problems.push(Problem::whole(
@@ -55,62 +80,235 @@ pub fn check_repository(root: &Path) -> CheckReport {
     }
     report.problems.extend(layout::scan_layout(root));
     let environment_files = load_environments(root, &mut report.problems);
-
     let mut scans: HashMap<RepoPath, ModuleScan> = HashMap::new();
     for file in &environment_files {
-        let Some(modules) = check_environment_modules(root, file, &mut scans, &mut report.problems)
-        else {
-            continue;
-        };
-        let mut inputs = modules.clone();
-        inputs.extend(
-            [
-                format!("environments/{}", file.spec.name),
-                "policies".to_string(),
-            ]
-            .iter()
-            .filter_map(|path| RepoPath::parse(path).ok()),
-        );
-        let init_signature = init_signature(&modules, &scans);
-        match fingerprint(root, &inputs) {
-            Ok(fingerprint) => report.environments.push(CheckedEnvironment {
-                spec: file.spec.clone(),
-                inputs,
-                modules,
-                init_signature,
-                fingerprint,
-            }),
-            Err(error) => report.problems.push(Problem::whole(
-                environment_file_path(&file.spec.name.to_string()),
-                format!("cannot read the environment's inputs: {error}"),
-            )),
+        match check_loaded_environment(root, file, &mut scans, options) {
+            Ok(checked) => report.environments.push(checked),
+            Err(problems) => report.problems.extend(problems),
         }
     }
     check_shared_state(&environment_files, &mut report.problems);
-
-    if let Ok(entries) = fs::read_dir(root.join("policies")) {
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|ext| ext == "json") && p.is_file())
-            .collect();
-        paths.sort();
-        for path in paths {
-            let relative = relative_to(root, &path);
-            match fs::read_to_string(&path) {
-                Ok(text) => report
-                    .problems
-                    .extend(policy::lint_policy(&relative, &text)),
-                Err(error) => report.problems.push(Problem::whole(
-                    relative,
-                    format!("cannot read the file: {error}"),
-                )),
-            }
-        }
-    }
-
+    report.problems.extend(lint_policies(root));
     report.problems.sort();
     report.problems.dedup();
     report
+}
+
+/// Checks what environment `name` is built from: its `karrots.yaml`, the modules it reaches,
+/// `policies/`, and the repository's top-level files. Problems elsewhere (another
+/// environment's folder, a module it does not reach) are not its problems.
+pub fn check_environment(
+    root: &Path,
+    name: &EnvName,
+    options: &CheckOptions,
+) -> Result<CheckedEnvironment, Vec<Problem>> {
+    let yaml_path = environment_file_path(name.as_str());
+    let text = fs::read_to_string(root.join(&yaml_path)).map_err(|error| {
+        vec![Problem::whole(
+            &yaml_path,
+            format!("environment {name} does not exist here: {error}"),
+        )]
+    })?;
+    let file = parse_environment_file(&text, &yaml_path, name.as_str())
+        .map_err(|problems| problems.into_vec())?;
+    let checked = check_loaded_environment(root, &file, &mut HashMap::new(), options);
+    let own_folder = RepoPath::parse(&format!("environments/{name}")).ok();
+    let inputs: BTreeSet<RepoPath> = match &checked {
+        Ok(checked) => checked.inputs.clone(),
+        Err(_) => own_folder.into_iter().collect(),
+    };
+    let mut problems: Vec<Problem> = layout::scan_layout(root)
+        .into_iter()
+        .filter(|problem| {
+            let path = crate::config::to_slash(&problem.path);
+            let top_level = !path.contains('/') && !CONFIG_FOLDERS.contains(&path.as_str());
+            top_level || inputs.iter().any(|input| input.contains(&path))
+        })
+        .collect();
+    problems.extend(lint_policies(root));
+    match checked {
+        Ok(checked) if problems.is_empty() => Ok(checked),
+        Ok(_) => {
+            problems.sort();
+            problems.dedup();
+            Err(problems)
+        }
+        Err(found) => {
+            problems.extend(found);
+            problems.sort();
+            problems.dedup();
+            Err(problems)
+        }
+    }
+}
+
+/// Everything about one loaded environment: its modules and their refusals, the providers
+/// they require, its symlinks, its fingerprint.
+fn check_loaded_environment(
+    root: &Path,
+    file: &EnvironmentFile,
+    scans: &mut HashMap<RepoPath, ModuleScan>,
+    options: &CheckOptions,
+) -> Result<CheckedEnvironment, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let Some(modules) = check_environment_modules(root, file, scans, &mut problems) else {
+        return Err(problems);
+    };
+    check_providers(&file.spec, &modules, scans, options, &mut problems);
+    let mut inputs = modules.clone();
+    inputs.extend(
+        [
+            format!("environments/{}", file.spec.name),
+            "policies".to_string(),
+        ]
+        .iter()
+        .filter_map(|path| RepoPath::parse(path).ok()),
+    );
+    check_symlinks_stay_in_closure(root, &file.spec, &inputs, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let init_signature = init_signature(&modules, scans);
+    match fingerprint(root, &inputs) {
+        Ok(fingerprint) => Ok(CheckedEnvironment {
+            spec: file.spec.clone(),
+            inputs,
+            modules,
+            init_signature,
+            fingerprint,
+        }),
+        Err(error) => Err(vec![Problem::whole(
+            environment_file_path(file.spec.name.as_str()),
+            format!("cannot read the environment's inputs: {error}"),
+        )]),
+    }
+}
+
+/// Every `policies/*.json` as an IAM policy document.
+fn lint_policies(root: &Path) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let Ok(entries) = fs::read_dir(root.join("policies")) else {
+        return problems;
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "json") && p.is_file())
+        .collect();
+    paths.sort();
+    for path in paths {
+        let relative = relative_to(root, &path);
+        match fs::read_to_string(&path) {
+            Ok(text) => problems.extend(policy::lint_policy(&relative, &text)),
+            Err(error) => problems.push(Problem::whole(
+                relative,
+                format!("cannot read the file: {error}"),
+            )),
+        }
+    }
+    problems
+}
+
+/// A provider outside the operator's allow-list is refused: `terraform init` would download
+/// and a plan would run whatever the commit names.
+fn check_providers(
+    spec: &EnvironmentSpec,
+    modules: &BTreeSet<RepoPath>,
+    scans: &HashMap<RepoPath, ModuleScan>,
+    options: &CheckOptions,
+    problems: &mut Vec<Problem>,
+) {
+    for scan in modules.iter().filter_map(|module| scans.get(module)) {
+        let declared: BTreeSet<&str> = scan
+            .providers
+            .iter()
+            .filter(|p| !p.implied)
+            .map(|p| p.local_name.as_str())
+            .collect();
+        for requirement in &scan.providers {
+            if requirement.implied && declared.contains(requirement.local_name.as_str()) {
+                continue;
+            }
+            let source = requirement
+                .source
+                .clone()
+                .unwrap_or_else(|| format!("hashicorp/{}", requirement.local_name));
+            if options
+                .providers
+                .iter()
+                .any(|pattern| pattern.matches(&source))
+            {
+                continue;
+            }
+            let allowed: Vec<String> = options.providers.iter().map(ToString::to_string).collect();
+            problems.push(Problem::new(
+                &requirement.file,
+                requirement.line,
+                format!(
+                    "provider {source:?} ({}) is not in the daemon's terraform.providers ({}) and is refused for environment {}: ask the operator to allow it",
+                    requirement.local_name,
+                    allowed.join(", "),
+                    spec.name
+                ),
+            ));
+        }
+    }
+}
+
+/// A symlink among an environment's inputs must resolve, physically, to a file among the same
+/// inputs: the checkout holds nothing else, and the fingerprint hashes what it points at.
+/// Links that leave the repository are the layout scan's to report.
+fn check_symlinks_stay_in_closure(
+    root: &Path,
+    spec: &EnvironmentSpec,
+    inputs: &BTreeSet<RepoPath>,
+    problems: &mut Vec<Problem>,
+) {
+    let Ok(root_real) = fs::canonicalize(root) else {
+        return;
+    };
+    for input in inputs {
+        for entry in walkdir::WalkDir::new(input.to_path(root))
+            .follow_links(false)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|entry| entry.path_is_symlink())
+        {
+            let path = entry.path();
+            let relative = relative_to(root, path);
+            let Ok(target) = fs::read_link(path) else {
+                continue;
+            };
+            if layout::symlink_leaves(root, path) {
+                continue; // reported by the layout scan
+            }
+            let why = match fs::canonicalize(path) {
+                Err(_) => format!(
+                    "symlink to {} dangles: its target does not exist",
+                    target.display()
+                ),
+                Ok(_) if target.is_absolute() => format!(
+                    "symlink to {} is absolute: a link must point, relatively, at a file of environment {}'s inputs",
+                    target.display(),
+                    spec.name
+                ),
+                Ok(resolved) => {
+                    let inside = resolved
+                        .strip_prefix(&root_real)
+                        .map(crate::config::to_slash)
+                        .unwrap_or_default();
+                    if resolved.is_file() && inputs.iter().any(|input| input.contains(&inside)) {
+                        continue;
+                    }
+                    format!(
+                        "symlink to {} resolves to {inside}, which is not a file of environment {}'s inputs (its folder, the modules it reaches, policies/)",
+                        target.display(),
+                        spec.name
+                    )
+                }
+            };
+            problems.push(Problem::whole(relative, why));
+        }
+    }
 }
 
 fn environment_file_path(folder: &str) -> PathBuf {

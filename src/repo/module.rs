@@ -28,6 +28,22 @@ pub(crate) struct ModuleScan {
     /// blocks, module calls and the providers implied by resource types. When none of them
     /// changed (nor the lock file), a new commit can reuse the previous init.
     pub init_declarations: BTreeSet<String>,
+    /// Every provider the module requires, explicitly or by a resource type's prefix.
+    pub providers: Vec<ProviderRequirement>,
+}
+
+/// A provider a module makes terraform install, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProviderRequirement {
+    pub file: PathBuf,
+    pub line: usize,
+    /// The local name (`aws`) a resource type or `required_providers` entry uses.
+    pub local_name: String,
+    /// The source address from `required_providers`; `None` when terraform would assume
+    /// `hashicorp/<local_name>`.
+    pub source: Option<String>,
+    /// Implied by a resource or data type rather than declared in `required_providers`.
+    pub implied: bool,
 }
 
 /// A `module` block, located.
@@ -55,7 +71,8 @@ pub(crate) struct Risk {
     pub construct: String,
 }
 
-/// Scans the `.tf` files directly inside `module` (Terraform does not read subdirectories).
+/// Scans the `.tf` and `.tofu` files directly inside `module` (Terraform does not read
+/// subdirectories; OpenTofu reads `.tofu` besides `.tf`, so both are checked alike).
 pub(crate) fn scan_module(root: &Path, module: &RepoPath) -> ModuleScan {
     let mut scan = ModuleScan::default();
     let directory = module.to_path(root);
@@ -66,7 +83,11 @@ pub(crate) fn scan_module(root: &Path, module: &RepoPath) -> ModuleScan {
     let mut files: Vec<PathBuf> = match fs::read_dir(&directory) {
         Ok(entries) => entries
             .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "tf") && path.is_file())
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|ext| ext == "tf" || ext == "tofu")
+                    && path.is_file()
+            })
             .filter(stays_inside)
             .collect(),
         Err(error) => {
@@ -122,6 +143,16 @@ pub(crate) fn scan_file(scan: &mut ModuleScan, module: &RepoPath, file: &Path, t
             let provider = kind.as_str().split('_').next().unwrap_or_default();
             scan.init_declarations
                 .insert(format!("{module}: provider type {provider}"));
+            // `terraform_data` and friends are built into terraform itself.
+            if provider != "terraform" {
+                scan.providers.push(ProviderRequirement {
+                    file: file.to_path_buf(),
+                    line,
+                    local_name: provider.to_string(),
+                    source: None,
+                    implied: true,
+                });
+            }
         }
         match block.ident.as_str() {
             "module" => {
@@ -150,6 +181,31 @@ pub(crate) fn scan_file(scan: &mut ModuleScan, module: &RepoPath, file: &Path, t
                     if inner.ident.as_str() == "required_providers" {
                         scan.init_declarations
                             .insert(format!("{module}: {}", source_text(inner.span())));
+                        for attribute in inner.body.attributes() {
+                            let source = match &attribute.value {
+                                Expression::Object(object) => {
+                                    object.iter().find_map(|(key, value)| {
+                                        let is_source =
+                                            key.as_ident().is_some_and(|k| k.as_str() == "source");
+                                        match value.expr() {
+                                            Expression::String(text) if is_source => {
+                                                Some(text.as_str().to_string())
+                                            }
+                                            _ => None,
+                                        }
+                                    })
+                                }
+                                // The old `aws = "~> 5.0"` form: a version, the default source.
+                                _ => None,
+                            };
+                            scan.providers.push(ProviderRequirement {
+                                file: file.to_path_buf(),
+                                line: line_of(attribute.span()),
+                                local_name: attribute.key.as_str().to_string(),
+                                source,
+                                implied: false,
+                            });
+                        }
                     }
                     if matches!(inner.ident.as_str(), "backend" | "cloud") {
                         scan.problems.push(Problem::new(
@@ -356,5 +412,26 @@ mod tests {
         let broken = scan("resource \"a\" \"b\" {\n  x = \n");
         assert_eq!(broken.problems.len(), 1);
         assert!(broken.problems[0].message.starts_with("not valid HCL"));
+    }
+
+    #[test]
+    fn provider_requirements_are_found_with_their_sources() {
+        let found = scan(
+            "terraform {\n  required_providers {\n    aws = { source = \"hashicorp/aws\", version = \"~> 5.0\" }\n    evil = {\n      source = \"evilcorp/evil\"\n    }\n    random = \"~> 3.0\"\n  }\n}\nresource \"null_resource\" \"n\" {}\nresource \"terraform_data\" \"t\" {}\n",
+        );
+        let found: Vec<(usize, &str, Option<&str>)> = found
+            .providers
+            .iter()
+            .map(|p| (p.line, p.local_name.as_str(), p.source.as_deref()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (3, "aws", Some("hashicorp/aws")),
+                (4, "evil", Some("evilcorp/evil")),
+                (7, "random", None),
+                (10, "null", None),
+            ]
+        );
     }
 }

@@ -4,13 +4,20 @@
 //! Providers come from Karrots, not from the commit: Karrots writes the CLI configuration
 //! (`TF_CLI_CONFIG_FILE`) with an explicit `provider_installation` — the plugin mirror when one
 //! is configured, `direct` only when none is — and gives terraform an empty `HOME`. Every call
-//! goes through [`crate::process`]. `terraform init` runs under an exclusive lock on the state
-//! directory, never two at once.
+//! goes through [`crate::process`], inside the Landlock sandbox ([`crate::sandbox`]) unless the
+//! daemon configuration says `sandbox: off`. `terraform init` runs under an exclusive lock on
+//! the state directory, never two at once.
+//!
+//! Each environment has two lanes ([`Lane`]): a plan of the `merged` lane may be applied, a
+//! `preview` plan never. A plan record names its lane, its run id and the SHA-256 of its plan
+//! file, and [`Terraform::apply`] checks all three.
 
 pub mod plan;
+mod stage;
 mod workdir;
 
-pub use workdir::{Readiness, Workdir};
+pub use stage::{StageError, stage_commit};
+pub use workdir::{Readiness, RunId, Workdir};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,12 +28,22 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Backend, RepoPath, S3Locking, TerraformSettings};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Backend, RepoPath, S3Locking, SandboxMode, TerraformSettings};
+use crate::engine::Lane;
 use crate::git::CommitId;
 use crate::process::{ProcessError, ProcessOutput, ProcessSpec, run};
 use crate::repo::{CheckedEnvironment, Fingerprint, fingerprint};
+use crate::sandbox::{SandboxPolicy, with_real_path};
 use plan::{PlanJsonError, PlanSummary, summarize};
 use workdir::{create_private_dir, write_private};
+
+/// How much of terraform's output an error or an alert carries: its last 4 KiB, where
+/// terraform puts the error.
+pub const ERROR_TAIL_BYTES: usize = 4 * 1024;
+/// Merged plans kept per environment; older plan directories are deleted.
+pub const MERGED_PLANS_KEPT: usize = 10;
 
 /// Files Karrots writes into the root module of a checkout.
 const BACKEND_FILE: &str = "karrots_backend.tf";
@@ -89,6 +106,15 @@ pub enum TerraformError {
         commit: String,
         reason: String,
     },
+    #[error(
+        "refusing to apply {commit} to {env}: its plan file changed since the plan (sha256 {planned} then, {now} now); plan again"
+    )]
+    PlanFileChanged {
+        env: String,
+        commit: String,
+        planned: String,
+        now: String,
+    },
 }
 
 fn io_context(context: impl Into<String>) -> impl FnOnce(io::Error) -> TerraformError {
@@ -116,6 +142,11 @@ impl std::fmt::Debug for RunEnvironment {
 pub struct PlanRecord {
     pub env: String,
     pub commit: String,
+    /// Only a `merged` plan may ever be applied.
+    pub lane: Lane,
+    pub run_id: RunId,
+    /// SHA-256 of the plan file when terraform wrote it; apply refuses any other file.
+    pub plan_sha256: String,
     /// The checkout's input fingerprint when the plan was made.
     pub fingerprint: String,
     /// The input directories the fingerprint covers, to recompute it before applying.
@@ -141,30 +172,59 @@ pub struct Terraform {
     /// Between SIGINT and SIGKILL on timeout.
     grace: Duration,
     state_dir: PathBuf,
-    cli_config: PathBuf,
+    plugin_mirror: Option<PathBuf>,
+    sandbox: SandboxMode,
 }
 
 impl Terraform {
-    /// Prepares the state directory and writes Karrots' terraform CLI configuration.
+    /// Prepares the state directory and writes Karrots' terraform CLI configuration, one per
+    /// lane (without a mirror each lane has its own plugin cache).
     pub fn new(
         settings: &TerraformSettings,
         state_dir: &Path,
+        sandbox: SandboxMode,
     ) -> Result<Terraform, TerraformError> {
         create_private_dir(state_dir)
             .map_err(io_context(format!("creating {}", state_dir.display())))?;
-        let cli_config = state_dir.join("terraformrc");
-        let installation = match &settings.plugin_mirror {
+        let binary = resolve_binary(&settings.binary);
+        let terraform = Terraform {
+            binary,
+            timeout: settings.timeout,
+            grace: Duration::from_secs(30),
+            state_dir: state_dir.to_path_buf(),
+            plugin_mirror: settings.plugin_mirror.clone(),
+            sandbox,
+        };
+        for lane in [Lane::Merged, Lane::Preview] {
+            terraform.write_cli_config(lane)?;
+        }
+        Ok(terraform)
+    }
+
+    fn cli_config(&self, lane: Lane) -> PathBuf {
+        self.state_dir.join(format!("terraformrc-{lane}"))
+    }
+
+    fn plugin_cache(&self, lane: Lane) -> Option<PathBuf> {
+        match self.plugin_mirror {
+            Some(_) => None,
+            None => Some(self.state_dir.join("plugin-cache").join(lane.as_str())),
+        }
+    }
+
+    fn write_cli_config(&self, lane: Lane) -> Result<(), TerraformError> {
+        let installation = match &self.plugin_mirror {
             Some(mirror) => format!(
                 "  filesystem_mirror {{\n    path = {}\n  }}\n",
                 serde_json::to_string(&mirror.display().to_string()).unwrap_or_default()
             ),
             None => "  direct {}\n".to_string(),
         };
-        // Without a mirror, environments share one download cache; init holds a lock for it.
-        let cache = match &settings.plugin_mirror {
-            Some(_) => String::new(),
-            None => {
-                let cache = state_dir.join("plugin-cache");
+        // Without a mirror, the environments of a lane share one download cache; init holds a
+        // lock for it. Lanes never share one: a preview cannot seed a merged run's providers.
+        let cache = match self.plugin_cache(lane) {
+            None => String::new(),
+            Some(cache) => {
                 create_private_dir(&cache).map_err(io_context("creating the plugin cache"))?;
                 format!(
                     "plugin_cache_dir = {}\n",
@@ -175,15 +235,9 @@ impl Terraform {
         let text = format!(
             "# Written by Karrots: providers come from here, never from the config repository.\nprovider_installation {{\n{installation}}}\n{cache}disable_checkpoint = true\n"
         );
-        write_private(&cli_config, text.as_bytes())
-            .map_err(io_context(format!("writing {}", cli_config.display())))?;
-        Ok(Terraform {
-            binary: settings.binary.clone(),
-            timeout: settings.timeout,
-            grace: Duration::from_secs(30),
-            state_dir: state_dir.to_path_buf(),
-            cli_config,
-        })
+        let path = self.cli_config(lane);
+        write_private(&path, text.as_bytes())
+            .map_err(io_context(format!("writing {}", path.display())))
     }
 
     /// Shortens the SIGINT-to-SIGKILL grace period (tests).
@@ -192,11 +246,42 @@ impl Terraform {
         self
     }
 
-    pub fn workdir(&self, env: &crate::config::EnvName) -> Workdir {
-        Workdir::new(&self.state_dir, env)
+    pub fn workdir(&self, env: &crate::config::EnvName, lane: Lane) -> Workdir {
+        Workdir::new(&self.state_dir, env, lane)
     }
 
-    fn command(&self, workdir: &Workdir, cwd: &Path, run_env: &RunEnvironment) -> ProcessSpec {
+    pub fn sandbox_mode(&self) -> SandboxMode {
+        self.sandbox
+    }
+
+    /// What one terraform process may read and write: its own lane's directories, nothing of
+    /// another lane or environment, nothing else of the state directory.
+    fn sandbox_policy(&self, workdir: &Workdir, writable: &[PathBuf]) -> SandboxPolicy {
+        let mut read_only = vec![workdir.checkout(), self.cli_config(workdir.lane())];
+        read_only.extend(with_real_path(&self.binary));
+        read_only.extend(self.plugin_mirror.iter().flat_map(|m| with_real_path(m)));
+        let mut read_write = vec![
+            workdir.tf_data(),
+            workdir.state(),
+            workdir.home(),
+            workdir.tmp(),
+        ];
+        read_write.extend(self.plugin_cache(workdir.lane()));
+        read_write.extend(writable.iter().cloned());
+        SandboxPolicy {
+            read_only,
+            read_write,
+        }
+    }
+
+    /// A terraform command for `workdir`, sandboxed, that may also write `writable`.
+    fn command(
+        &self,
+        workdir: &Workdir,
+        cwd: &Path,
+        run_env: &RunEnvironment,
+        writable: &[PathBuf],
+    ) -> ProcessSpec {
         let mut env: BTreeMap<String, String> = INHERITED_VARIABLES
             .iter()
             .filter_map(|name| {
@@ -207,8 +292,9 @@ impl Terraform {
             .collect();
         let own = [
             ("HOME", workdir.home()),
+            ("TMPDIR", workdir.tmp()),
             ("TF_DATA_DIR", workdir.tf_data()),
-            ("TF_CLI_CONFIG_FILE", self.cli_config.clone()),
+            ("TF_CLI_CONFIG_FILE", self.cli_config(workdir.lane())),
         ];
         for (name, path) in own {
             env.insert(name.to_string(), path.display().to_string());
@@ -219,9 +305,16 @@ impl Terraform {
         // Credentials come only from this run; never from an instance role by accident.
         env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
         env.extend(run_env.variables.clone());
-        ProcessSpec::new(&self.binary, cwd)
+        let spec = ProcessSpec::new(&self.binary, cwd)
             .env(env)
-            .timeout(self.timeout, self.grace)
+            .timeout(self.timeout, self.grace);
+        match self.sandbox {
+            SandboxMode::Landlock => spec.sandbox(self.sandbox_policy(workdir, writable)),
+            SandboxMode::Off => {
+                tracing::warn!(env = %workdir.env(), lane = %workdir.lane(), "sandbox: off — terraform runs without the Landlock sandbox and can read whatever this user can");
+                spec
+            }
+        }
     }
 
     /// Moves the export in `workdir.staging()` into place and writes Karrots' own files into
@@ -277,15 +370,13 @@ impl Terraform {
 
     /// Fingerprints the prepared (and initialised: init writes the lock file) checkout and
     /// marks it ready. The plan made next is tied to this fingerprint.
-    pub fn seal(
+    pub async fn seal(
         &self,
         workdir: &Workdir,
         checked: &CheckedEnvironment,
         commit: &CommitId,
     ) -> Result<Fingerprint, TerraformError> {
-        let fingerprint = fingerprint(&workdir.checkout(), &checked.inputs).map_err(io_context(
-            format!("fingerprinting the workdir of {}", workdir.env()),
-        ))?;
+        let fingerprint = fingerprint_checkout(workdir, &checked.inputs).await?;
         workdir
             .mark_ready(&Readiness {
                 commit: commit.to_string(),
@@ -319,19 +410,25 @@ impl Terraform {
             .collect()
     }
 
-    /// Plans `commit` of the environment, whose export waits in the workdir's staging
-    /// directory and has passed the repository check (`checked`).
+    /// Plans `commit` of the environment, whose input closure waits in the workdir's staging
+    /// directory (see [`stage_commit`]) and has passed the repository check (`checked`). The
+    /// plan goes to `plans/<run>/`. `cancel` stops terraform gracefully (SIGINT, grace, kill).
     pub async fn plan(
         &self,
         workdir: &Workdir,
         checked: &CheckedEnvironment,
         commit: &CommitId,
+        run_id: &RunId,
         run_env: &RunEnvironment,
+        cancel: &CancellationToken,
     ) -> Result<PlanRecord, TerraformError> {
         let committed_lock = self.prepare(workdir, checked)?;
+        if workdir.lane() == Lane::Preview && checked.spec.terraform.backend == Backend::Local {
+            self.snapshot_merged_state(workdir)?;
+        }
         let root_module = checked.spec.terraform.root.to_path(&workdir.checkout());
         let backend_args = self.backend_config(workdir, &checked.spec.terraform.backend);
-        let init_key = self.init_key(checked, &committed_lock, &backend_args)?;
+        let init_key = self.init_key(workdir.lane(), checked, &committed_lock, &backend_args)?;
         let init = InitSettings {
             root_module: &root_module,
             backend_args: &backend_args,
@@ -340,38 +437,55 @@ impl Terraform {
         let init_reused = fs::read_to_string(workdir.tf_data().join(INIT_KEY_FILE))
             .is_ok_and(|key| key == init_key);
         if !init_reused {
-            self.init(workdir, commit, run_env, &init).await?;
+            self.init(workdir, commit, run_env, &init, cancel).await?;
         }
-        let mut fingerprint = self.seal(workdir, checked, commit)?;
+        let mut fingerprint = self.seal(workdir, checked, commit).await?;
 
-        let plan_dir = workdir.plan_dir(commit);
+        let plan_dir = workdir.plan_dir(run_id);
         create_private_dir(&plan_dir).map_err(io_context("creating the plan directory"))?;
         let plan_file = plan_dir.join("plan.tfplan");
-        let plan_command = self
-            .command(workdir, &root_module, run_env)
-            .args(["plan", "-input=false", "-no-color", "-lock-timeout=5m"])
+        let mut plan_command = self
+            .command(
+                workdir,
+                &root_module,
+                run_env,
+                std::slice::from_ref(&plan_dir),
+            )
+            .args(["plan", "-input=false", "-no-color", "-lock-timeout=5m"]);
+        if workdir.lane() == Lane::Preview {
+            // A preview never takes the state lock: it must not hold up an apply, and its
+            // read-only role may not be allowed to write the lock.
+            plan_command = plan_command.arg("-lock=false");
+        }
+        let plan_command = plan_command
             .arg(format!("-out={}", plan_file.display()))
             .stdout_to(plan_dir.join("plan.txt"));
-        let mut output = run(&plan_command).await?;
+        let mut output = run(&plan_command, cancel).await?;
         if !output.success() && init_reused && needs_init(&output.stderr) {
             // The init signature missed something init acts on: init again, once.
-            self.init(workdir, commit, run_env, &init).await?;
-            fingerprint = self.seal(workdir, checked, commit)?;
-            output = run(&plan_command).await?;
+            self.init(workdir, commit, run_env, &init, cancel).await?;
+            fingerprint = self.seal(workdir, checked, commit).await?;
+            output = run(&plan_command, cancel).await?;
         }
         let env = workdir.env().as_str();
         if !output.success() {
             return Err(failed("plan", env, commit.as_str(), &output));
         }
         restrict(&plan_file)?;
+        let plan_sha256 = sha256_file(&plan_file)?;
 
         let json_file = plan_dir.join("plan.json");
         let show = self
-            .command(workdir, &root_module, run_env)
+            .command(
+                workdir,
+                &root_module,
+                run_env,
+                std::slice::from_ref(&plan_dir),
+            )
             .args(["show", "-json", "-no-color"])
             .arg(&plan_file)
             .stdout_to(&json_file);
-        let output = run(&show).await?;
+        let output = run(&show, cancel).await?;
         if !output.success() {
             return Err(failed("show", env, commit.as_str(), &output));
         }
@@ -379,6 +493,9 @@ impl Terraform {
         let record = PlanRecord {
             env: workdir.env().to_string(),
             commit: commit.to_string(),
+            lane: workdir.lane(),
+            run_id: run_id.clone(),
+            plan_sha256,
             fingerprint: fingerprint.to_string(),
             inputs: checked.inputs.clone(),
             root_module: checked.spec.terraform.root.clone(),
@@ -390,25 +507,64 @@ impl Terraform {
             .map_err(|e| io_context("writing meta.json")(io::Error::other(e)))?;
         write_private(&plan_dir.join("meta.json"), &meta)
             .map_err(io_context("writing meta.json"))?;
+        if workdir.lane() == Lane::Merged {
+            workdir
+                .prune_plans(MERGED_PLANS_KEPT)
+                .map_err(io_context("deleting old plans"))?;
+        }
         Ok(record)
     }
 
-    /// Runs `terraform init` under the init lock and records what it was run for.
+    /// A preview of a local-backend environment plans against a copy of the merged lane's
+    /// state: it sees what a merge would change, and cannot touch the real state.
+    fn snapshot_merged_state(&self, preview: &Workdir) -> Result<(), TerraformError> {
+        let merged = self.workdir(preview.env(), Lane::Merged).state_file();
+        let copy = preview.state_file();
+        let _ = fs::remove_file(&copy);
+        if merged.exists() {
+            fs::copy(&merged, &copy)
+                .map_err(io_context("copying the merged state for a preview"))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the artifacts of a preview plan once its run is recorded: previews are never
+    /// applied, and their plans may hold values of unmerged code.
+    pub fn discard_preview(&self, record: &PlanRecord) -> Result<(), TerraformError> {
+        if record.lane != Lane::Preview {
+            return Ok(());
+        }
+        match fs::remove_dir_all(&record.plan_dir) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                Err(io_context("deleting a preview plan")(error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `terraform init` under the init lock and records what it was run for. Init may
+    /// write the dependency lock file into the root module; nothing else of the checkout.
     async fn init(
         &self,
         workdir: &Workdir,
         commit: &CommitId,
         run_env: &RunEnvironment,
         settings: &InitSettings<'_>,
+        cancel: &CancellationToken,
     ) -> Result<(), TerraformError> {
         let key_file = workdir.tf_data().join(INIT_KEY_FILE);
         let _ = fs::remove_file(&key_file);
         let lock = self.init_lock().await?;
         let command = self
-            .command(workdir, settings.root_module, run_env)
+            .command(
+                workdir,
+                settings.root_module,
+                run_env,
+                &[settings.root_module.to_path_buf()],
+            )
             .args(["init", "-input=false", "-no-color", "-reconfigure"])
             .args(settings.backend_args.iter().cloned());
-        let output = run(&command).await?;
+        let output = run(&command, cancel).await?;
         drop(lock);
         if !output.success() {
             return Err(failed(
@@ -450,12 +606,13 @@ impl Terraform {
     /// declarations init acts on, the lock file, the backend settings and the CLI config.
     fn init_key(
         &self,
+        lane: Lane,
         checked: &CheckedEnvironment,
         committed_lock: &[u8],
         backend_args: &[String],
     ) -> Result<String, TerraformError> {
         let mut hasher = Sha256::new();
-        let cli = fs::read(&self.cli_config).map_err(io_context("reading the CLI config"))?;
+        let cli = fs::read(self.cli_config(lane)).map_err(io_context("reading the CLI config"))?;
         for part in [
             checked.init_signature.as_bytes(),
             checked.spec.terraform.root.as_str().as_bytes(),
@@ -470,25 +627,42 @@ impl Terraform {
         Ok(hex::encode(hasher.finalize()))
     }
 
-    /// Applies exactly the saved plan of `record`, after checking that the workdir still
-    /// holds the inputs it was made from. The plan file is deleted afterwards, whatever the
-    /// outcome: a plan is never applied twice, nor after a failed or interrupted apply.
+    /// Applies exactly the saved plan of `record`, after checking that it is a merged plan,
+    /// that its file is the one terraform wrote, and that the workdir still holds the inputs
+    /// it was made from. The plan file is deleted afterwards, whatever the outcome: a plan is
+    /// never applied twice, nor after a failed or interrupted apply.
     pub async fn apply(
         &self,
         workdir: &Workdir,
         record: &PlanRecord,
         run_env: &RunEnvironment,
+        cancel: &CancellationToken,
     ) -> Result<ProcessOutput, TerraformError> {
         let refuse = |reason: String| TerraformError::NotReady {
             env: record.env.clone(),
             commit: record.commit.clone(),
             reason,
         };
+        if record.lane != Lane::Merged || workdir.lane() != Lane::Merged {
+            return Err(refuse(
+                "it is a preview plan; only plans of the merged lane are ever applied".into(),
+            ));
+        }
         let plan_file = record.plan_file();
         if !plan_file.exists() {
             return Err(refuse(
                 "its plan file is gone (already applied, or never made)".into(),
             ));
+        }
+        let now = sha256_file(&plan_file)?;
+        if now != record.plan_sha256 {
+            let _ = fs::remove_file(&plan_file);
+            return Err(TerraformError::PlanFileChanged {
+                env: record.env.clone(),
+                commit: record.commit.clone(),
+                planned: record.plan_sha256.clone(),
+                now,
+            });
         }
         match workdir.readiness() {
             Some(ready) if ready.commit == record.commit => {}
@@ -497,8 +671,7 @@ impl Terraform {
             }
             None => return Err(refuse("the workdir was never finished".into())),
         }
-        let now = fingerprint(&workdir.checkout(), &record.inputs)
-            .map_err(io_context("fingerprinting the workdir"))?;
+        let now = fingerprint_checkout(workdir, &record.inputs).await?;
         if now.as_str() != record.fingerprint {
             let _ = fs::remove_file(&plan_file);
             return Err(TerraformError::FingerprintMismatch {
@@ -510,10 +683,15 @@ impl Terraform {
         }
         let root_module = record.root_module.to_path(&workdir.checkout());
         let command = self
-            .command(workdir, &root_module, run_env)
+            .command(
+                workdir,
+                &root_module,
+                run_env,
+                std::slice::from_ref(&record.plan_dir),
+            )
             .args(["apply", "-input=false", "-no-color", "-lock-timeout=5m"])
             .arg(&plan_file);
-        let outcome = run(&command).await;
+        let outcome = run(&command, cancel).await;
         let _ = fs::remove_file(&plan_file);
         let output = outcome?;
         if output.success() {
@@ -529,6 +707,39 @@ impl Terraform {
     }
 }
 
+/// The fingerprint of a workdir's checkout, walked on a blocking thread.
+async fn fingerprint_checkout(
+    workdir: &Workdir,
+    inputs: &BTreeSet<RepoPath>,
+) -> Result<Fingerprint, TerraformError> {
+    let checkout = workdir.checkout();
+    let inputs = inputs.clone();
+    let context = format!("fingerprinting the workdir of {}", workdir.env());
+    tokio::task::spawn_blocking(move || fingerprint(&checkout, &inputs))
+        .await
+        .map_err(io::Error::other)
+        .and_then(|result| result)
+        .map_err(io_context(context))
+}
+
+fn sha256_file(path: &Path) -> Result<String, TerraformError> {
+    let bytes = fs::read(path).map_err(io_context(format!("reading {}", path.display())))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// `terraform` (or `tofu`) resolved on PATH, so the sandbox can name the file it runs.
+fn resolve_binary(binary: &Path) -> PathBuf {
+    if binary.components().count() > 1 {
+        return binary.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| binary.to_path_buf())
+}
+
 /// What one `terraform init` is run with, and the key recorded when it succeeds.
 struct InitSettings<'a> {
     root_module: &'a Path,
@@ -542,8 +753,20 @@ fn failed(step: &'static str, env: &str, commit: &str, output: &ProcessOutput) -
         env: env.to_string(),
         commit: commit.to_string(),
         code: output.code.map_or("signal".to_string(), |c| c.to_string()),
-        stderr: output.stderr.clone(),
+        stderr: tail(&output.stderr, ERROR_TAIL_BYTES),
     }
+}
+
+/// The last `limit` bytes of `text` (cut at a character boundary), marked when cut.
+pub fn tail(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    let mut start = text.len() - limit;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[…]{}", &text[start..])
 }
 
 /// Terraform's ways of saying the working directory needs `terraform init`.
@@ -576,37 +799,58 @@ mod tests {
             plugin_mirror: Some(PathBuf::from("/opt/tf-plugins")),
             ..TerraformSettings::default()
         };
-        Terraform::new(&mirrored, state.path()).unwrap();
-        let text = fs::read_to_string(state.path().join("terraformrc")).unwrap();
-        assert!(
-            text.contains("filesystem_mirror {\n    path = \"/opt/tf-plugins\"\n  }"),
-            "{text}"
-        );
-        assert!(
-            !text.contains("direct") && !text.contains("plugin_cache_dir"),
-            "{text}"
-        );
+        Terraform::new(&mirrored, state.path(), SandboxMode::Landlock).unwrap();
+        for lane in ["merged", "preview"] {
+            let text =
+                fs::read_to_string(state.path().join(format!("terraformrc-{lane}"))).unwrap();
+            assert!(
+                text.contains("filesystem_mirror {\n    path = \"/opt/tf-plugins\"\n  }"),
+                "{text}"
+            );
+            assert!(
+                !text.contains("direct") && !text.contains("plugin_cache_dir"),
+                "{text}"
+            );
+        }
 
-        Terraform::new(&TerraformSettings::default(), state.path()).unwrap();
-        let text = fs::read_to_string(state.path().join("terraformrc")).unwrap();
-        assert!(
-            text.contains("provider_installation {\n  direct {}\n}"),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!(
-                "plugin_cache_dir = \"{}/plugin-cache\"",
-                state.path().display()
-            )),
-            "{text}"
-        );
-        let mode = fs::metadata(state.path().join("terraformrc"))
-            .unwrap()
-            .permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o600
-        );
+        Terraform::new(
+            &TerraformSettings::default(),
+            state.path(),
+            SandboxMode::Landlock,
+        )
+        .unwrap();
+        for lane in ["merged", "preview"] {
+            let file = state.path().join(format!("terraformrc-{lane}"));
+            let text = fs::read_to_string(&file).unwrap();
+            assert!(
+                text.contains("provider_installation {\n  direct {}\n}"),
+                "{text}"
+            );
+            // Each lane caches its own downloads: a preview never seeds a merged run.
+            assert!(
+                text.contains(&format!(
+                    "plugin_cache_dir = \"{}/plugin-cache/{lane}\"",
+                    state.path().display()
+                )),
+                "{text}"
+            );
+            let mode = fs::metadata(&file).unwrap().permissions();
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+                0o600
+            );
+        }
+    }
+
+    #[test]
+    fn errors_carry_only_the_tail_of_terraform_output() {
+        let long = format!("{}Error: the real cause", "noise ".repeat(2000));
+        let cut = tail(&long, ERROR_TAIL_BYTES);
+        assert!(cut.len() <= ERROR_TAIL_BYTES + "[…]".len());
+        assert!(cut.starts_with("[…]") && cut.ends_with("Error: the real cause"));
+        assert_eq!(tail("short", ERROR_TAIL_BYTES), "short");
+        // Never cut inside a character.
+        assert_eq!(tail("ééé", 3), "[…]é");
     }
 
     #[test]

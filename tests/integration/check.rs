@@ -352,6 +352,97 @@ fn refusal_fixtures() -> Vec<Fixture> {
             )],
         ),
         (
+            "a symlink into another environment's folder",
+            |r| {
+                r.symlink(
+                    "modules/extra/dev.yaml",
+                    "../../environments/dev/karrots.yaml",
+                )
+            },
+            vec![s(
+                "modules/extra/dev.yaml:1: symlink to ../../environments/dev/karrots.yaml resolves to environments/dev/karrots.yaml, which is not a file of environment prod's inputs (its folder, the modules it reaches, policies/)",
+            )],
+        ),
+        (
+            "a symlink to a directory",
+            |r| r.symlink("modules/extra/shared", "../shared"),
+            vec![s(
+                "modules/extra/shared:1: symlink to ../shared resolves to modules/shared, which is not a file of environment prod's inputs (its folder, the modules it reaches, policies/)",
+            )],
+        ),
+        (
+            "an absolute symlink that stays in the repository",
+            |r| {
+                let target = r.path().join("modules/shared/main.tf");
+                r.symlink("modules/extra/abs.tf", target)
+            },
+            vec![], // filled in below: the message names the temp dir
+        ),
+        (
+            "a dangling symlink inside the repository",
+            |r| r.symlink("modules/extra/gone.tf", "../shared/gone.tf"),
+            vec![s(
+                "modules/extra/gone.tf:1: symlink to ../shared/gone.tf dangles: its target does not exist",
+            )],
+        ),
+        (
+            "a provider outside the allow-list",
+            |r| {
+                r.write(
+                    "modules/extra/providers.tf",
+                    "terraform {\n  required_providers {\n    evil = {\n      source = \"evilcorp/evil\"\n    }\n  }\n}\n",
+                )
+            },
+            vec![s(
+                "modules/extra/providers.tf:3: provider \"evilcorp/evil\" (evil) is not in the daemon's terraform.providers (registry.terraform.io/hashicorp/*) and is refused for environment prod: ask the operator to allow it",
+            )],
+        ),
+        (
+            "a local-exec provisioner in a .tofu file",
+            |r| {
+                r.write(
+                    "modules/extra/main.tofu",
+                    "resource \"terraform_data\" \"t\" {\n  provisioner \"local-exec\" {\n    command = \"id\"\n  }\n}\n",
+                )
+            },
+            vec![format!(
+                "modules/extra/main.tofu:2: provisioner \"local-exec\" {}",
+                refused_for_prod("local-exec")
+            )],
+        ),
+        (
+            "an OpenTofu override file",
+            |r| {
+                r.write(
+                    "modules/extra/override.tofu",
+                    "# replaces reviewed configuration\n",
+                )
+            },
+            vec![s(
+                "modules/extra/override.tofu:1: override file override.tofu is refused: it would silently replace reviewed configuration",
+            )],
+        ),
+        (
+            "an OpenTofu JSON file",
+            |r| r.write("modules/extra/main.tofu.json", "{}\n"),
+            vec![s(
+                "modules/extra/main.tofu.json:1: main.tofu.json is refused: Karrots checks HCL (.tofu) configuration only; write it as .tofu",
+            )],
+        ),
+        (
+            "the repository root as root module",
+            |r| {
+                r.replace(
+                    "environments/prod/karrots.yaml",
+                    "root: modules/app-prod",
+                    "root: .",
+                )
+            },
+            vec![s(
+                "environments/prod/karrots.yaml:8: terraform.root: \".\" is the repository root; put the root module in a folder such as modules/platform, so the environment's inputs are that folder and the modules it reaches, not the whole repository",
+            )],
+        ),
+        (
             "two environments sharing one S3 state",
             |r| {
                 let backend = "  backend: { s3: { bucket: karrots-state, key: shared.tfstate, region: us-east-1, use_lockfile: true } }";
@@ -376,9 +467,16 @@ fn refusal_fixtures() -> Vec<Fixture> {
 #[test]
 fn each_refusal_fixture_fails_with_its_exact_location() {
     let mut failures = Vec::new();
-    for (name, setup, expected) in refusal_fixtures() {
+    for (name, setup, mut expected) in refusal_fixtures() {
         let repo = ConfigRepo::valid();
         setup(&repo);
+        if expected.is_empty() {
+            let target = repo.path().join("modules/shared/main.tf");
+            expected.push(format!(
+                "modules/extra/abs.tf:1: symlink to {} is absolute: a link must point, relatively, at a file of environment prod's inputs",
+                target.display()
+            ));
+        }
         let run = repo.check();
         if run.code != 1 || run.stderr_lines() != expected {
             failures.push(format!(
@@ -425,9 +523,10 @@ fn allow_lists_lift_exactly_the_refusals_they_name() {
 }
 
 #[test]
-fn symlinks_inside_the_repository_are_accepted() {
+fn symlinks_to_files_of_the_same_inputs_are_accepted() {
     let repo = ConfigRepo::valid();
-    repo.symlink("modules/extra/shared", "../shared");
+    // modules/extra is reached by prod, which also reaches modules/shared.
+    repo.symlink("modules/extra/notes.txt", "../shared/main.tf");
     repo.symlink(
         "environments/dev/policy.json",
         "../../policies/karrots-worker-ec2.json",

@@ -200,7 +200,7 @@ async fn an_apply_refuses_a_workdir_that_changed_since_its_plan() {
 
     let tampered = state
         .path()
-        .join("environments/prod/checkout/modules/app/main.tf");
+        .join("environments/prod/merged/checkout/modules/app/main.tf");
     std::fs::write(&tampered, APP_MODULE.replace("10.0.0.0/16", "10.9.0.0/16")).unwrap();
     let error = apply(state.path(), &record, &moto).await.unwrap_err();
     assert!(
@@ -291,7 +291,7 @@ fn providers_come_from_karrots_cli_config_only() {
     ];
     let run = karrots_with_env(&args, &env);
     assert_eq!(run.code, 2, "{}", run.stderr);
-    let written = std::fs::read_to_string(state.path().join("terraformrc")).unwrap();
+    let written = std::fs::read_to_string(state.path().join("terraformrc-merged")).unwrap();
     assert!(
         written.contains(&format!(
             "filesystem_mirror {{\n    path = \"{PLUGIN_MIRROR}\""
@@ -351,8 +351,8 @@ fn merged_commits_assume_role_arn_and_previews_get_the_preview_role() {
     let run = plan(&repo, &moto, state.path(), &["--rev", "feature"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(
-        run.stdout.contains("init: reused"),
-        "a new commit changing no declaration init acts on reuses the init\n{}",
+        run.stdout.contains("init: ran"),
+        "a preview inits in its own lane, never reusing the merged lane's\n{}",
         run.stdout
     );
     assert!(
@@ -360,6 +360,17 @@ fn merged_commits_assume_role_arn_and_previews_get_the_preview_role() {
         "{}",
         run.stdout
     );
+
+    repo.replace("modules/app/main.tf", "-feature", "-feature-2");
+    let feature_2 = repo.commit_all("rename it again");
+    let run = plan(&repo, &moto, state.path(), &["--rev", "feature"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("init: reused"),
+        "a new commit changing no declaration init acts on reuses its lane's init\n{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains(&feature_2[..7]), "{}", run.stdout);
 
     // A branch commit that changes the environment's identity is refused outright.
     repo.replace(

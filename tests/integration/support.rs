@@ -315,16 +315,28 @@ pub fn plan_env(
     karrots_with_env(&args, &test_credentials())
 }
 
-/// The record `karrots plan` left for `commit` of `env`.
+/// The newest record `karrots plan` left for `commit` of `env` in the merged lane.
 pub fn plan_record(state_dir: &Path, env: &str, commit: &str) -> karrots::terraform::PlanRecord {
-    let meta = state_dir
+    let plans = state_dir
         .join("environments")
         .join(env)
-        .join("plans")
-        .join(commit)
-        .join("meta.json");
-    let text = fs::read_to_string(&meta).unwrap_or_else(|e| panic!("{}: {e}", meta.display()));
-    serde_json::from_str(&text).expect("meta.json is a plan record")
+        .join("merged/plans");
+    let mut records: Vec<(std::time::SystemTime, karrots::terraform::PlanRecord)> =
+        fs::read_dir(&plans)
+            .unwrap_or_else(|e| panic!("{}: {e}", plans.display()))
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let text = fs::read_to_string(entry.path().join("meta.json")).ok()?;
+                let record: karrots::terraform::PlanRecord = serde_json::from_str(&text).ok()?;
+                let modified = entry.metadata().and_then(|m| m.modified()).ok()?;
+                (record.commit == commit).then_some((modified, record))
+            })
+            .collect();
+    records.sort_by_key(|(modified, _)| *modified);
+    records
+        .pop()
+        .unwrap_or_else(|| panic!("no plan of {commit} under {}", plans.display()))
+        .1
 }
 
 /// Applies a saved plan with the library operation the daemon uses, as moto's test user.
@@ -337,8 +349,12 @@ pub async fn apply_saved_plan(
         plugin_mirror: Some(PathBuf::from(PLUGIN_MIRROR)),
         ..karrots::config::TerraformSettings::default()
     };
-    let terraform =
-        karrots::terraform::Terraform::new(&settings, state_dir).expect("set up terraform");
+    let terraform = karrots::terraform::Terraform::new(
+        &settings,
+        state_dir,
+        karrots::config::SandboxMode::Landlock,
+    )
+    .expect("set up terraform");
     let env = karrots::config::EnvName::parse(&record.env).expect("a valid environment name");
     let mut variables: std::collections::BTreeMap<String, String> = test_credentials()
         .into_iter()
@@ -348,7 +364,12 @@ pub async fn apply_saved_plan(
     variables.insert("AWS_ENDPOINT_URL".into(), moto.url.clone());
     let run_env = karrots::terraform::RunEnvironment { variables };
     terraform
-        .apply(&terraform.workdir(&env), record, &run_env)
+        .apply(
+            &terraform.workdir(&env, record.lane),
+            record,
+            &run_env,
+            &tokio_util::sync::CancellationToken::new(),
+        )
         .await
         .map(|_| ())
 }
