@@ -5,3 +5,4 @@ mod check;
 mod plan;
 mod platform;
 mod support;
+mod untrusted;
