@@ -18,17 +18,25 @@
 //! it the crate is the pure configuration and repository checks, which the fuzz target builds.
 
 #[cfg(feature = "runtime")]
+pub mod alert;
+#[cfg(feature = "runtime")]
 pub mod aws;
 #[cfg(feature = "runtime")]
 pub mod cli;
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod daemon;
 pub mod engine;
 pub mod git;
+#[cfg(feature = "runtime")]
+pub mod http;
 pub mod problem;
 #[cfg(feature = "runtime")]
 pub mod process;
 pub mod repo;
 #[cfg(feature = "runtime")]
 pub mod sandbox;
+#[cfg(feature = "runtime")]
+pub mod store;
 #[cfg(feature = "runtime")]
 pub mod terraform;

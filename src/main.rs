@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use karrots::cli::{Cli, Command, check, plan};
+use karrots::cli::{Cli, Command, check, plan, serve, status};
 
 fn main() -> ExitCode {
     // Exit 2 means "changes" for `karrots plan`, so a usage error exits 1, not clap's 2.
@@ -33,6 +33,8 @@ fn main() -> ExitCode {
     let outcome: anyhow::Result<ExitCode> = match &cli.command {
         Command::Check(args) => check::exec(args).map_err(anyhow::Error::from),
         Command::Plan(args) => plan::exec(args),
+        Command::Serve(args) => serve::exec(args),
+        Command::Status(args) => status::exec(args),
     };
     match outcome {
         Ok(code) => code,

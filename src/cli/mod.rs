@@ -2,6 +2,8 @@
 
 pub mod check;
 pub mod plan;
+pub mod serve;
+pub mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -20,4 +22,8 @@ pub enum Command {
     /// Plan one environment at a revision in an isolated workdir; never applies.
     /// Exit 0: no changes, 2: changes, 1: error.
     Plan(Box<plan::PlanArgs>),
+    /// Run the daemon: watch the config repository, plan every commit, apply merged ones.
+    Serve(serve::ServeArgs),
+    /// Show the environments of a running daemon as a table.
+    Status(status::StatusArgs),
 }

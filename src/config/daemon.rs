@@ -23,6 +23,8 @@ pub struct DaemonConfig {
     pub listen: SocketAddr,
     /// The webhook secret is read from this file at start; it is never in the configuration.
     pub webhook_secret_file: Option<PathBuf>,
+    /// The bearer token the API requires; needed when `listen` is not a loopback address.
+    pub api_token_file: Option<PathBuf>,
     /// Terraform processes at once, across environments.
     pub concurrency: NonZeroUsize,
     /// Plan (never apply) commits of other branches that touch an environment.
@@ -179,6 +181,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         state_dir,
         listen,
         webhook_secret_file: raw.webhook_secret_file.as_deref().map(resolve),
+        api_token_file: raw.api_token_file.as_deref().map(resolve),
         concurrency,
         preview: raw.preview.unwrap_or(true),
         trust_branch,
@@ -297,7 +300,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `concurrency`, `preview`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `concurrency`, `preview`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
             ),
             (
                 "providers: [hashicorp/*]",

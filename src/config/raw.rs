@@ -101,6 +101,7 @@ pub(crate) struct RawDaemon {
     pub state_dir: String,
     pub listen: Option<String>,
     pub webhook_secret_file: Option<String>,
+    pub api_token_file: Option<String>,
     pub concurrency: Option<u64>,
     pub preview: Option<bool>,
     pub trust_branch: Option<String>,

@@ -1,4 +1,6 @@
-//! Pure decisions: what Karrots may do with a commit of an environment.
+//! Pure decisions: what Karrots may do with a commit of an environment — which lane and
+//! identity it runs with ([`decide_lane`]) and, in the daemon, whether to plan, apply, refuse
+//! or supersede it ([`reconcile`]).
 //!
 //! Architecture invariant: nothing here does I/O, reads a clock or starts a process. Callers
 //! gather the facts (the environment as the trust branch has it, as the commit has it, whether
@@ -6,6 +8,8 @@
 //! daemon ask the same function, so they cannot disagree on who gets the apply role.
 
 use crate::config::EnvironmentSpec;
+
+pub mod reconcile;
 
 /// The two workdirs of an environment. They share nothing: no checkout, no lock file, no
 /// plugin state, no plan.

@@ -13,6 +13,8 @@ use git2::{ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 
 use crate::repo::CONFIG_FOLDERS;
 
+pub mod mirror;
+
 /// A commit, by its full hex id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CommitId(String);
@@ -47,6 +49,8 @@ pub enum GitError {
     Resolve { rev: String, source: git2::Error },
     #[error("reading commit {commit}: {source}")]
     Read { commit: String, source: git2::Error },
+    #[error("the config repository {url} cannot be fetched: {message}")]
+    Remote { url: String, message: String },
     #[error(
         "commit {commit} has a tree entry named {name:?} under {parent:?}, which no checkout may hold; refusing to export it"
     )]
@@ -104,13 +108,16 @@ pub fn branch_tip(repo: &Repository, branch: &str) -> Option<CommitId> {
 }
 
 /// The commit object of `commit`.
-fn find_commit<'r>(repo: &'r Repository, commit: &CommitId) -> Result<git2::Commit<'r>, GitError> {
+pub(crate) fn find_commit<'r>(
+    repo: &'r Repository,
+    commit: &CommitId,
+) -> Result<git2::Commit<'r>, GitError> {
     Oid::from_str(commit.as_str())
         .and_then(|oid| repo.find_commit(oid))
         .map_err(|source| read_error(commit, source))
 }
 
-fn read_error(commit: &CommitId, source: git2::Error) -> GitError {
+pub(crate) fn read_error(commit: &CommitId, source: git2::Error) -> GitError {
     GitError::Read {
         commit: commit.to_string(),
         source,

@@ -17,7 +17,7 @@ mod stage;
 mod workdir;
 
 pub use stage::{StageError, stage_commit};
-pub use workdir::{Readiness, RunId, Workdir};
+pub use workdir::{Readiness, RunId, Workdir, create_private_dir};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -37,7 +37,7 @@ use crate::process::{ProcessError, ProcessOutput, ProcessSpec, run};
 use crate::repo::{CheckedEnvironment, Fingerprint, fingerprint};
 use crate::sandbox::{SandboxPolicy, with_real_path};
 use plan::{PlanJsonError, PlanSummary, summarize};
-use workdir::{create_private_dir, write_private};
+use workdir::write_private;
 
 /// How much of terraform's output an error or an alert carries: its last 4 KiB, where
 /// terraform puts the error.

@@ -2,6 +2,7 @@
 //! dirs. One test binary, so the crate is linked once.
 
 mod check;
+mod daemon;
 mod plan;
 mod platform;
 mod support;

@@ -1,0 +1,380 @@
+//! `karrots serve`: the reconciler.
+//!
+//! The main loop fetches the config repository into a bare mirror (on a timer, or at once when
+//! a verified webhook wakes it), reads the environments from the trust branch, and hands each
+//! new head to the worker of that environment and lane. Workers carry out what
+//! [`crate::engine`] decides: stage the commit's input closure, plan it, apply a merged plan,
+//! refuse, record and alert. Never two runs at once for one environment and lane; at most
+//! `concurrency` terraform runs overall, merged runs ahead of previews.
+//!
+//! Shutdown is a parameter of [`run`]: no new work is taken, plans are cancelled (SIGINT,
+//! grace, kill), an apply in flight finishes, and the store is left consistent.
+
+mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::{Alert, AlertKind};
+use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
+use crate::engine::Lane;
+use crate::git::mirror::{Heads, Mirror};
+use crate::git::{self, CommitId};
+use crate::store::{SqliteStore, StateStore};
+use crate::terraform::Terraform;
+
+pub use worker::Queue;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Git(#[from] crate::git::GitError),
+    #[error(transparent)]
+    Terraform(#[from] crate::terraform::TerraformError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What the main loop, the workers and the HTTP routes share.
+pub struct Shared {
+    pub config: DaemonConfig,
+    pub store: Arc<dyn StateStore>,
+    pub terraform: Terraform,
+    pub mirror: Mirror,
+    /// Wakes the main loop for an immediate fetch; a burst of wakes is one fetch.
+    pub wake: Notify,
+    /// Terraform runs at once, across environments.
+    permits: Semaphore,
+    /// Merged runs waiting for a permit: previews wait while there are any.
+    merged_waiting: AtomicUsize,
+    /// The environments as the trust branch describes them, from the last fetch.
+    trusted: RwLock<BTreeMap<String, EnvironmentSpec>>,
+    pub metrics: crate::http::Metrics,
+    /// When the last fetch succeeded.
+    pub last_fetch: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
+        self.trusted.read().ok()?.get(env).cloned()
+    }
+
+    /// Queues an alert for the daemon's sinks and the environment's own.
+    pub fn alert(&self, alert: Alert) {
+        let mut sinks: Vec<String> = self
+            .config
+            .alerts
+            .iter()
+            .map(|sink| sink.webhook.to_string())
+            .collect();
+        if let Some(spec) = self.trusted(&alert.env) {
+            sinks.extend(spec.alerts.iter().map(|sink| sink.webhook.to_string()));
+        }
+        tracing::info!(kind = ?alert.kind, env = %alert.env, commit = %alert.commit, message = %alert.message, "alert");
+        let body = serde_json::to_string(&alert).unwrap_or_default();
+        if let Err(error) = self.store.enqueue_alert(&sinks, &body) {
+            tracing::error!(%error, "queueing an alert");
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(
+    config: DaemonConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if config.sandbox == SandboxMode::Landlock {
+        crate::sandbox::probe()?;
+    } else {
+        tracing::warn!("sandbox: off — terraform runs without the Landlock sandbox");
+    }
+    crate::terraform::create_private_dir(&config.state_dir)
+        .map_err(|e| DaemonError::Setup(format!("creating {}: {e}", config.state_dir.display())))?;
+    let secret = crate::http::load_webhook_secret(&config).map_err(DaemonError::Setup)?;
+    let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
+    let store: Arc<dyn StateStore> =
+        Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
+    let terraform = Terraform::new(&config.terraform, &config.state_dir, config.sandbox)?;
+    let mirror =
+        Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
+    let shared = Arc::new(Shared {
+        permits: Semaphore::new(config.concurrency.get()),
+        config,
+        store,
+        terraform,
+        mirror,
+        wake: Notify::new(),
+        merged_waiting: AtomicUsize::new(0),
+        trusted: RwLock::new(BTreeMap::new()),
+        metrics: crate::http::Metrics::default(),
+        last_fetch: Mutex::new(None),
+    });
+
+    // Runs cut off by a kill: an apply is alerted, never re-applied from its old plan; the
+    // next head re-plans.
+    for run in shared.store.interrupt_open_runs()? {
+        tracing::warn!(env = %run.env, commit = %run.commit, kind = %run.kind, run = run.id, "found a run cut off by a restart");
+        if run.kind == "apply" {
+            shared.store.set_status(&run.env, "failed")?;
+            shared.alert(Alert::new(
+                AlertKind::ApplyInterrupted,
+                &run.env,
+                &run.commit,
+                format!("the apply of run {} was cut off when the daemon stopped; the next commit re-plans from the real state", run.id),
+            ));
+        }
+    }
+
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(shared.config.listen)
+        .await
+        .map_err(|e| DaemonError::Setup(format!("listening on {}: {e}", shared.config.listen)))?;
+    tracing::info!(listen = %shared.config.listen, repo = %shared.config.repo, "karrots serve is up");
+    let router = crate::http::router(shared.clone(), secret, api_token);
+    let http = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        }
+    });
+    let alerts = tokio::spawn(crate::alert::deliver(
+        shared.store.clone(),
+        reqwest::Client::new(),
+        Duration::from_millis(500),
+        stop.clone(),
+    ));
+
+    let mut poller = Poller::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        poller.poll(&shared, &stop).await;
+        tokio::select! {
+            () = tokio::time::sleep(shared.config.poll_interval) => {}
+            () = shared.wake.notified() => {}
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down: no new work; plans are cancelled, an apply in flight finishes");
+    stop.cancel();
+    for worker in poller.workers.into_values() {
+        let _ = worker.task.await;
+    }
+    let _ = http.await;
+    let _ = alerts.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One worker task per environment and lane.
+struct WorkerHandle {
+    queue: Arc<Queue>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The main loop's memory between polls.
+#[derive(Default)]
+struct Poller {
+    /// The heads seen at the last successful poll.
+    heads: Heads,
+    /// Whether the last fetch failed (a `source_error` was alerted for it).
+    failing: bool,
+    workers: HashMap<(String, Lane), WorkerHandle>,
+}
+
+impl Poller {
+    async fn poll(&mut self, shared: &Arc<Shared>, stop: &CancellationToken) {
+        let started = Instant::now();
+        let mirror_path = shared.mirror.path().to_path_buf();
+        let url = shared.config.repo.to_string();
+        let updated = tokio::task::spawn_blocking(move || {
+            Mirror::open_or_create(&mirror_path, &url).and_then(|mirror| mirror.update())
+        })
+        .await;
+        let (heads, fetched) = match updated {
+            Ok(Ok(update)) => update,
+            Ok(Err(error)) => {
+                shared.metrics.fetch_errors.inc();
+                tracing::warn!(%error, "fetch failed; keeping the last good revision");
+                if !self.failing {
+                    self.failing = true;
+                    shared.alert(Alert::new(
+                        AlertKind::SourceError,
+                        "",
+                        "",
+                        error.to_string(),
+                    ));
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "the fetch task failed");
+                return;
+            }
+        };
+        self.failing = false;
+        if let Ok(mut last) = shared.last_fetch.lock() {
+            *last = Some(Instant::now());
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), fetched, "polled the config repository");
+        if heads == self.heads {
+            return;
+        }
+        let previous = std::mem::replace(&mut self.heads, heads.clone());
+        let Some(trust_tip) = heads.get(shared.config.trust_branch.as_str()).cloned() else {
+            tracing::warn!(branch = %shared.config.trust_branch, "the trust branch does not exist in the repository; nothing runs until it does");
+            return;
+        };
+        let trusted = match read_trusted(shared, &trust_tip).await {
+            Ok(trusted) => trusted,
+            Err(error) => {
+                tracing::error!(%error, "reading the environments of the trust branch");
+                return;
+            }
+        };
+        let mut specs = BTreeMap::new();
+        for (name, spec) in trusted {
+            match spec {
+                Ok(spec) => {
+                    specs.insert(name, spec);
+                }
+                Err(problems) => {
+                    if previous.get(shared.config.trust_branch.as_str()) != Some(&trust_tip) {
+                        let _ = shared.store.set_status(&name, "error");
+                        shared.alert(Alert::new(
+                            AlertKind::ConfigError,
+                            &name,
+                            trust_tip.as_str(),
+                            format!("the trust branch's karrots.yaml does not load:\n{problems}"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Ok(mut current) = shared.trusted.write() {
+            *current = specs.clone();
+        }
+        for (name, spec) in &specs {
+            let branch = spec.branch.as_str();
+            if let Some(head) = heads.get(branch)
+                && previous.get(branch) != Some(head)
+            {
+                if let Err(error) = shared.store.upsert_environment(name, branch, head.as_str()) {
+                    tracing::error!(%error, env = %name, "recording the head");
+                }
+                self.enqueue(shared, stop, name, Lane::Merged, head);
+            }
+            if !shared.config.preview {
+                continue;
+            }
+            for (other, tip) in &heads {
+                let claimed = specs.values().any(|spec| spec.branch.as_str() == other);
+                if !claimed && previous.get(other) != Some(tip) {
+                    self.enqueue(shared, stop, name, Lane::Preview, tip);
+                }
+            }
+        }
+    }
+
+    fn enqueue(
+        &mut self,
+        shared: &Arc<Shared>,
+        stop: &CancellationToken,
+        env: &str,
+        lane: Lane,
+        commit: &CommitId,
+    ) {
+        let handle = self
+            .workers
+            .entry((env.to_string(), lane))
+            .or_insert_with(|| {
+                let queue = Arc::new(Queue::default());
+                let task = tokio::spawn(worker::work(
+                    shared.clone(),
+                    env.to_string(),
+                    lane,
+                    queue.clone(),
+                    stop.clone(),
+                ));
+                WorkerHandle { queue, task }
+            });
+        if let Some(superseded) = handle.queue.push(commit.as_str()) {
+            let kind = if lane == Lane::Merged {
+                "plan"
+            } else {
+                "preview"
+            };
+            tracing::info!(env, %lane, commit = %superseded, "superseded by a newer commit");
+            let _ = shared.store.record_run(
+                env,
+                &superseded,
+                kind,
+                "superseded",
+                &format!("{} arrived before this commit ran", &commit.as_str()[..7]),
+            );
+        }
+    }
+}
+
+type TrustedSpecs = Vec<(String, Result<EnvironmentSpec, crate::problem::Problems>)>;
+
+/// Every environment's `karrots.yaml` on the trust branch tip.
+async fn read_trusted(
+    shared: &Arc<Shared>,
+    trust_tip: &CommitId,
+) -> Result<TrustedSpecs, crate::git::GitError> {
+    let mirror = shared.mirror.path().to_path_buf();
+    let tip = trust_tip.clone();
+    tokio::task::spawn_blocking(move || {
+        let repo = git::open(&mirror)?;
+        let mut specs = Vec::new();
+        for name in git::mirror::environment_names(&repo, &tip)? {
+            let path = format!("environments/{name}/karrots.yaml");
+            if let Some(text) = git::read_file(&repo, &tip, &path)? {
+                specs.push((name.clone(), parse_environment(&text, path.as_ref(), &name)));
+            }
+        }
+        Ok(specs)
+    })
+    .await
+    .map_err(|e| crate::git::GitError::Remote {
+        url: "mirror".into(),
+        message: e.to_string(),
+    })?
+}
+
+/// Takes a terraform permit; merged runs go ahead of previews.
+pub(crate) async fn permit(
+    shared: &Shared,
+    lane: Lane,
+) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    match lane {
+        Lane::Merged => {
+            shared.merged_waiting.fetch_add(1, Ordering::SeqCst);
+            let permit = shared.permits.acquire().await.ok();
+            shared.merged_waiting.fetch_sub(1, Ordering::SeqCst);
+            permit
+        }
+        Lane::Preview => loop {
+            if shared.merged_waiting.load(Ordering::SeqCst) == 0 {
+                let permit = shared.permits.acquire().await.ok()?;
+                if shared.merged_waiting.load(Ordering::SeqCst) == 0 {
+                    return Some(permit);
+                }
+                drop(permit);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        },
+    }
+}

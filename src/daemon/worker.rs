@@ -1,0 +1,616 @@
+//! One worker per environment and lane: takes the newest queued commit and carries out what
+//! the engine decides for it. A commit queued while another waits supersedes it.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::alert::{Alert, AlertKind};
+use crate::engine::reconcile::{
+    AfterPlan, HeadDecision, HeadFacts, MergedState, PlanOutcome, decide_after_plan, decide_head,
+    decide_history, enqueue,
+};
+use crate::engine::{Lane, decide_lane};
+use crate::git::{self, CommitId};
+use crate::repo::{CheckOptions, CheckedEnvironment};
+use crate::store::Summary;
+use crate::terraform::{PlanRecord, RunId, StageError, TerraformError, stage_commit};
+
+use super::Shared;
+
+/// The commit waiting for a worker: at most one; a newer one replaces it.
+#[derive(Default)]
+pub struct Queue {
+    pending: Mutex<Option<String>>,
+    ready: Notify,
+}
+
+impl Queue {
+    /// Queues `commit`; returns the commit it superseded, if one was waiting.
+    pub fn push(&self, commit: &str) -> Option<String> {
+        let superseded = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            enqueue(&mut pending, commit)
+        };
+        self.ready.notify_one();
+        superseded
+    }
+
+    fn take(&self) -> Option<String> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+pub(super) async fn work(
+    shared: Arc<Shared>,
+    env: String,
+    lane: Lane,
+    queue: Arc<Queue>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = queue.ready.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        while let Some(commit) = queue.take() {
+            if stop.is_cancelled() {
+                return;
+            }
+            let commit = CommitId::from_hex(&commit);
+            let span =
+                tracing::info_span!("run", env = %env, lane = %lane, commit = %commit.short());
+            let outcome = match lane {
+                Lane::Merged => {
+                    merged(&shared, &env, &commit, &stop)
+                        .instrument(span.clone())
+                        .await
+                }
+                Lane::Preview => {
+                    preview(&shared, &env, &commit, &stop)
+                        .instrument(span.clone())
+                        .await
+                }
+            };
+            if let Err(error) = outcome {
+                let _enter = span.enter();
+                tracing::error!(%error, "the run failed");
+            }
+        }
+    }
+}
+
+/// A failure the worker reports and moves on from.
+type WorkResult = Result<(), String>;
+
+fn resources(record: &PlanRecord) -> Vec<serde_json::Value> {
+    record
+        .summary
+        .resources
+        .iter()
+        .map(|change| serde_json::json!({"address": change.address, "actions": change.actions}))
+        .collect()
+}
+
+fn summary(record: &PlanRecord) -> Summary {
+    Summary {
+        add: record.summary.add,
+        change: record.summary.change,
+        destroy: record.summary.destroy,
+    }
+}
+
+/// Stages `commit` for `env` in `lane` on a blocking thread.
+async fn stage(
+    shared: &Arc<Shared>,
+    env: &str,
+    lane: Lane,
+    commit: &CommitId,
+) -> Result<Result<CheckedEnvironment, StageError>, String> {
+    let name = crate::config::EnvName::parse(env)?;
+    let workdir = shared.terraform.workdir(&name, lane);
+    let mirror = shared.mirror.path().to_path_buf();
+    let commit = commit.clone();
+    let options = CheckOptions {
+        providers: shared.config.terraform.providers.clone(),
+    };
+    tokio::task::spawn_blocking(move || stage_commit(&workdir, &mirror, &commit, &options))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Refuses a commit whose configuration does not pass the checks: `config_error`.
+fn config_error(
+    shared: &Shared,
+    env: &str,
+    commit: &CommitId,
+    kind: &str,
+    message: String,
+) -> WorkResult {
+    let store = &shared.store;
+    store
+        .record_run(env, commit.as_str(), kind, "refused", &message)
+        .map_err(|e| e.to_string())?;
+    if kind != "preview" {
+        store.set_status(env, "error").map_err(|e| e.to_string())?;
+    }
+    shared.metrics.run(env, kind, "refused");
+    shared.alert(Alert::new(
+        AlertKind::ConfigError,
+        env,
+        commit.as_str(),
+        message,
+    ));
+    Ok(())
+}
+
+async fn merged(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &CommitId,
+    stop: &CancellationToken,
+) -> WorkResult {
+    let store = &shared.store;
+    let Some(trusted) = shared.trusted(env) else {
+        return Ok(());
+    };
+    let row = store
+        .environment(env)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    let state = MergedState {
+        last_applied: row.last_applied.clone(),
+        last_planned: row.last_planned.clone(),
+    };
+    let descends = match &row.last_applied {
+        None => true,
+        Some(last) => {
+            let (mirror, commit, last) = (
+                shared.mirror.path().to_path_buf(),
+                commit.clone(),
+                CommitId::from_hex(last),
+            );
+            tokio::task::spawn_blocking(move || {
+                git::open(&mirror)
+                    .and_then(|repo| git::mirror::descends_from(&repo, &commit, &last))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+        }
+    };
+    match decide_history(&state, commit.as_str(), descends) {
+        Some(HeadDecision::AlreadyThere) => return Ok(()),
+        Some(HeadDecision::RefuseRewrittenHistory { last_applied }) => {
+            let message = format!(
+                "{} does not descend from the last applied commit {}: history was rewritten (force-push or rewind); nothing is applied until the branch descends from it again",
+                commit.short(),
+                &last_applied[..7.min(last_applied.len())]
+            );
+            store
+                .record_run(env, commit.as_str(), "plan", "refused", &message)
+                .map_err(|e| e.to_string())?;
+            store
+                .set_status(env, "refused")
+                .map_err(|e| e.to_string())?;
+            store
+                .audit(env, commit.as_str(), "history_rewritten", &message)
+                .map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "plan", "refused");
+            shared.alert(Alert::new(
+                AlertKind::HistoryRewritten,
+                env,
+                commit.as_str(),
+                message,
+            ));
+            return Ok(());
+        }
+        _ => {}
+    }
+
+    let checked = match stage(shared, env, Lane::Merged, commit).await? {
+        Ok(checked) => checked,
+        Err(StageError::Refused(problems)) => {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return config_error(
+                shared,
+                env,
+                commit,
+                "plan",
+                format!(
+                    "the commit does not pass karrots check:\n{}",
+                    lines.join("\n")
+                ),
+            );
+        }
+        Err(error) => return Err(error.to_string()),
+    };
+    if let Err(refusal) = decide_lane(Some(&trusted), &checked.spec, true) {
+        return config_error(
+            shared,
+            env,
+            commit,
+            "plan",
+            refusal.reason(shared.config.trust_branch.as_str()),
+        );
+    }
+    let facts = HeadFacts {
+        commit: commit.to_string(),
+        descends_from_last_applied: descends,
+        fingerprint: checked.fingerprint.to_string(),
+    };
+    if decide_head(&state, &facts) == HeadDecision::Unaffected {
+        store
+            .set_last_applied(env, commit.as_str())
+            .map_err(|e| e.to_string())?;
+        store
+            .audit(
+                env,
+                commit.as_str(),
+                "unaffected",
+                "the commit does not change the environment's inputs",
+            )
+            .map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+
+    let Some(_permit) = super::permit(shared, Lane::Merged).await else {
+        return Ok(());
+    };
+    if stop.is_cancelled() {
+        return Ok(());
+    }
+    let run_id = store
+        .start_run(env, commit.as_str(), "plan")
+        .map_err(|e| e.to_string())?;
+    store
+        .set_status(env, "planning")
+        .map_err(|e| e.to_string())?;
+    let record = match plan(shared, env, Lane::Merged, commit, &checked, run_id, stop).await {
+        Ok(record) => record,
+        Err(message) => {
+            let result = if stop.is_cancelled() {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            store
+                .finish_run(run_id, result, Summary::default(), &[], &message)
+                .map_err(|e| e.to_string())?;
+            store.set_status(env, "failed").map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "plan", result);
+            return Ok(());
+        }
+    };
+    let result = if record.summary.has_changes() {
+        "changes"
+    } else {
+        "no_changes"
+    };
+    store
+        .finish_run(run_id, result, summary(&record), &resources(&record), "")
+        .map_err(|e| e.to_string())?;
+    store
+        .set_last_planned(env, &record.fingerprint, commit.as_str())
+        .map_err(|e| e.to_string())?;
+    shared.metrics.run(env, "plan", result);
+
+    let outcome = PlanOutcome {
+        has_changes: record.summary.has_changes(),
+        destroys: record.summary.destroys(),
+    };
+    match decide_after_plan(&trusted.apply, outcome) {
+        AfterPlan::InSync => {
+            store
+                .set_last_applied(env, commit.as_str())
+                .map_err(|e| e.to_string())?;
+            store
+                .set_status(env, "in_sync")
+                .map_err(|e| e.to_string())?;
+            store
+                .audit(env, commit.as_str(), "in_sync", "the plan has no changes")
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        AfterPlan::PlanOnly => {
+            store
+                .set_status(env, "in_sync")
+                .map_err(|e| e.to_string())?;
+            store
+                .audit(
+                    env,
+                    commit.as_str(),
+                    "plan_only",
+                    "apply.auto is false: the plan is not applied",
+                )
+                .map_err(|e| e.to_string())
+        }
+        AfterPlan::RefuseDestroy => {
+            let doomed: Vec<String> = record
+                .summary
+                .resources
+                .iter()
+                .filter(|change| change.actions.iter().any(|action| action == "delete"))
+                .map(|change| format!("{} ({})", change.address, change.actions.join(", ")))
+                .collect();
+            let message = format!(
+                "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
+                doomed.len(),
+                doomed.join(", ")
+            );
+            store
+                .record_run(env, commit.as_str(), "apply", "refused", &message)
+                .map_err(|e| e.to_string())?;
+            store
+                .set_status(env, "refused")
+                .map_err(|e| e.to_string())?;
+            store
+                .audit(env, commit.as_str(), "refused", &message)
+                .map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "apply", "refused");
+            let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
+            alert.resources = resources(&record);
+            shared.alert(alert);
+            Ok(())
+        }
+        AfterPlan::Apply => apply(shared, env, commit, &record, &trusted).await,
+    }
+}
+
+/// Plans `commit` in `lane` with the lane's identity.
+async fn plan(
+    shared: &Arc<Shared>,
+    env: &str,
+    lane: Lane,
+    commit: &CommitId,
+    checked: &CheckedEnvironment,
+    run_id: i64,
+    stop: &CancellationToken,
+) -> Result<PlanRecord, String> {
+    let trusted = shared
+        .trusted(env)
+        .ok_or("the environment left the trust branch")?;
+    let name = crate::config::EnvName::parse(env)?;
+    let endpoint = shared
+        .config
+        .aws_endpoint_url
+        .as_ref()
+        .map(|url| url.to_string());
+    let identity = crate::aws::establish(&name, &trusted.aws, lane, commit, endpoint.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    let run = RunId::parse(&format!("run-{run_id}"))?;
+    let workdir = shared.terraform.workdir(&name, lane);
+    tracing::info!(run = run_id, "planning");
+    let started = std::time::Instant::now();
+    let record = shared
+        .terraform
+        .plan(&workdir, checked, commit, &run, &identity.run_env, stop)
+        .await
+        .map_err(|e| e.to_string())?;
+    shared
+        .metrics
+        .plan_seconds
+        .observe(started.elapsed().as_secs_f64());
+    tracing::info!(
+        run = run_id,
+        add = record.summary.add,
+        change = record.summary.change,
+        destroy = record.summary.destroy,
+        "planned"
+    );
+    Ok(record)
+}
+
+/// Applies the saved plan of a merged commit. Not cancelled by shutdown: an apply in flight
+/// finishes (bounded by `terraform.timeout`).
+async fn apply(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &CommitId,
+    record: &PlanRecord,
+    trusted: &crate::config::EnvironmentSpec,
+) -> WorkResult {
+    let store = &shared.store;
+    let name = crate::config::EnvName::parse(env)?;
+    let endpoint = shared
+        .config
+        .aws_endpoint_url
+        .as_ref()
+        .map(|url| url.to_string());
+    let run_id = store
+        .start_run(env, commit.as_str(), "apply")
+        .map_err(|e| e.to_string())?;
+    store
+        .set_status(env, "applying")
+        .map_err(|e| e.to_string())?;
+    tracing::info!(run = run_id, "applying");
+    let started = std::time::Instant::now();
+    let outcome = async {
+        let identity = crate::aws::establish(
+            &name,
+            &trusted.aws,
+            Lane::Merged,
+            commit,
+            endpoint.as_deref(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let workdir = shared.terraform.workdir(&name, Lane::Merged);
+        shared
+            .terraform
+            .apply(
+                &workdir,
+                record,
+                &identity.run_env,
+                &CancellationToken::new(),
+            )
+            .await
+            .map_err(|error| match error {
+                TerraformError::StalePlan { .. } => format!("{error}; the next commit re-plans"),
+                other => other.to_string(),
+            })
+    }
+    .await;
+    shared
+        .metrics
+        .apply_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match outcome {
+        Ok(_) => {
+            store
+                .finish_run(run_id, "applied", summary(record), &resources(record), "")
+                .map_err(|e| e.to_string())?;
+            store
+                .set_last_applied(env, commit.as_str())
+                .map_err(|e| e.to_string())?;
+            store
+                .set_status(env, "in_sync")
+                .map_err(|e| e.to_string())?;
+            store
+                .audit(env, commit.as_str(), "applied", &format!("run {run_id}"))
+                .map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "apply", "applied");
+            tracing::info!(run = run_id, "applied");
+            let s = &record.summary;
+            let mut alert = Alert::new(
+                AlertKind::Applied,
+                env,
+                commit.as_str(),
+                format!(
+                    "applied {}: {} added, {} changed, {} destroyed",
+                    commit.short(),
+                    s.add,
+                    s.change,
+                    s.destroy
+                ),
+            );
+            alert.resources = resources(record);
+            shared.alert(alert);
+        }
+        Err(message) => {
+            store
+                .finish_run(
+                    run_id,
+                    "failed",
+                    summary(record),
+                    &resources(record),
+                    &message,
+                )
+                .map_err(|e| e.to_string())?;
+            store.set_status(env, "failed").map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "apply", "failed");
+            tracing::error!(run = run_id, error = %message, "apply failed");
+            shared.alert(Alert::new(
+                AlertKind::ApplyFailed,
+                env,
+                commit.as_str(),
+                message,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A preview: the preview lane's identity, never applied; its artifacts are deleted once the
+/// run is recorded. A commit that does not change the environment's inputs is not planned.
+async fn preview(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &CommitId,
+    stop: &CancellationToken,
+) -> WorkResult {
+    let store = &shared.store;
+    let Some(trusted) = shared.trusted(env) else {
+        return Ok(());
+    };
+    let checked = match stage(shared, env, Lane::Preview, commit).await? {
+        Ok(checked) => checked,
+        // A branch that does not define this environment, or breaks it, does not touch it
+        // the way a preview can show; a broken one is reported.
+        Err(StageError::Refused(problems)) => {
+            let defines = problems
+                .iter()
+                .all(|p| !p.message.contains("does not exist here"));
+            if !defines {
+                return Ok(());
+            }
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return config_error(
+                shared,
+                env,
+                commit,
+                "preview",
+                format!(
+                    "the commit does not pass karrots check:\n{}",
+                    lines.join("\n")
+                ),
+            );
+        }
+        Err(error) => return Err(error.to_string()),
+    };
+    let row = store
+        .environment(env)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    if row
+        .last_planned
+        .as_ref()
+        .is_some_and(|(fingerprint, _)| *fingerprint == checked.fingerprint.to_string())
+    {
+        tracing::debug!("the commit does not change the environment's inputs: no preview");
+        return Ok(());
+    }
+    if let Err(refusal) = decide_lane(Some(&trusted), &checked.spec, false) {
+        return config_error(
+            shared,
+            env,
+            commit,
+            "preview",
+            refusal.reason(shared.config.trust_branch.as_str()),
+        );
+    }
+    let Some(_permit) = super::permit(shared, Lane::Preview).await else {
+        return Ok(());
+    };
+    if stop.is_cancelled() {
+        return Ok(());
+    }
+    let run_id = store
+        .start_run(env, commit.as_str(), "preview")
+        .map_err(|e| e.to_string())?;
+    match plan(shared, env, Lane::Preview, commit, &checked, run_id, stop).await {
+        Ok(record) => {
+            let result = if record.summary.has_changes() {
+                "changes"
+            } else {
+                "no_changes"
+            };
+            store
+                .finish_run(run_id, result, summary(&record), &resources(&record), "")
+                .map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "preview", result);
+            shared
+                .terraform
+                .discard_preview(&record)
+                .map_err(|e| e.to_string())?;
+        }
+        Err(message) => {
+            let result = if stop.is_cancelled() {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            store
+                .finish_run(run_id, result, Summary::default(), &[], &message)
+                .map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "preview", result);
+        }
+    }
+    Ok(())
+}

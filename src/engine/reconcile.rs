@@ -1,0 +1,243 @@
+//! What the daemon does for an environment when its branch has a new head, and after a plan:
+//! a pure function of the recorded state and the facts gathered about the commit.
+
+use crate::config::ApplyPolicy;
+
+/// What the daemon knows about an environment's merged lane.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergedState {
+    /// The commit last applied (or found in sync), if any.
+    pub last_applied: Option<String>,
+    /// The input fingerprint of the last commit planned in the merged lane and the commit.
+    pub last_planned: Option<(String, String)>,
+}
+
+/// Facts about a new head of the environment's branch, gathered by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadFacts {
+    pub commit: String,
+    /// Whether the head descends from `last_applied` (true when nothing was applied yet).
+    pub descends_from_last_applied: bool,
+    /// The environment's input fingerprint at the head.
+    pub fingerprint: String,
+}
+
+/// The decision for a new head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadDecision {
+    /// The head is where the environment already is: nothing to record.
+    AlreadyThere,
+    /// History was rewritten (force-push, rewind): refuse until it descends again.
+    RefuseRewrittenHistory { last_applied: String },
+    /// The commit does not change the environment's inputs: no plan, recorded as a no-op.
+    Unaffected,
+    /// Plan the commit in the merged lane.
+    Plan,
+}
+
+/// The part of [`decide_head`] that needs no fingerprint: whether the head is where the
+/// environment already is, or rewrote its history. `None`: go on and fingerprint it.
+pub fn decide_history(
+    state: &MergedState,
+    commit: &str,
+    descends_from_last_applied: bool,
+) -> Option<HeadDecision> {
+    if state.last_applied.as_deref() == Some(commit) {
+        return Some(HeadDecision::AlreadyThere);
+    }
+    match &state.last_applied {
+        Some(last) if !descends_from_last_applied => Some(HeadDecision::RefuseRewrittenHistory {
+            last_applied: last.clone(),
+        }),
+        _ => None,
+    }
+}
+
+pub fn decide_head(state: &MergedState, head: &HeadFacts) -> HeadDecision {
+    if let Some(decision) = decide_history(state, &head.commit, head.descends_from_last_applied) {
+        return decision;
+    }
+    match &state.last_planned {
+        Some((fingerprint, _))
+            if *fingerprint == head.fingerprint && state.last_applied.is_some() =>
+        {
+            HeadDecision::Unaffected
+        }
+        _ => HeadDecision::Plan,
+    }
+}
+
+/// What a merged plan would do, as the decision after it needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanOutcome {
+    pub has_changes: bool,
+    /// Deletes or replaces something.
+    pub destroys: bool,
+}
+
+/// The decision after a merged plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterPlan {
+    /// Nothing to change: the environment is in sync at this commit.
+    InSync,
+    /// Apply the saved plan of this commit.
+    Apply,
+    /// `apply.auto: false`: stop after the plan.
+    PlanOnly,
+    /// The plan deletes or replaces resources and `apply.allow_destroy` is false.
+    RefuseDestroy,
+}
+
+pub fn decide_after_plan(policy: &ApplyPolicy, plan: PlanOutcome) -> AfterPlan {
+    if !plan.has_changes {
+        AfterPlan::InSync
+    } else if plan.destroys && !policy.allow_destroy {
+        AfterPlan::RefuseDestroy
+    } else if !policy.auto {
+        AfterPlan::PlanOnly
+    } else {
+        AfterPlan::Apply
+    }
+}
+
+/// A commit queued for a lane while another was waiting: the older one is superseded and
+/// never run. Returns the superseded commit, if any.
+pub fn enqueue(queued: &mut Option<String>, commit: &str) -> Option<String> {
+    match queued.replace(commit.to_string()) {
+        Some(old) if old != commit => Some(old),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(commit: &str, descends: bool, fingerprint: &str) -> HeadFacts {
+        HeadFacts {
+            commit: commit.into(),
+            descends_from_last_applied: descends,
+            fingerprint: fingerprint.into(),
+        }
+    }
+
+    #[test]
+    fn new_heads_in_one_table() {
+        let fresh = MergedState::default();
+        let applied = MergedState {
+            last_applied: Some("a".into()),
+            last_planned: Some(("fp1".into(), "a".into())),
+        };
+        let rows: &[(&str, &MergedState, HeadFacts, HeadDecision)] = &[
+            (
+                "first commit ever",
+                &fresh,
+                head("a", true, "fp1"),
+                HeadDecision::Plan,
+            ),
+            (
+                "the applied commit again",
+                &applied,
+                head("a", true, "fp1"),
+                HeadDecision::AlreadyThere,
+            ),
+            (
+                "a descendant that changes inputs",
+                &applied,
+                head("b", true, "fp2"),
+                HeadDecision::Plan,
+            ),
+            (
+                "a descendant that does not",
+                &applied,
+                head("b", true, "fp1"),
+                HeadDecision::Unaffected,
+            ),
+            (
+                "a force-push",
+                &applied,
+                head("x", false, "fp2"),
+                HeadDecision::RefuseRewrittenHistory {
+                    last_applied: "a".into(),
+                },
+            ),
+            (
+                "a force-push to unchanged inputs is still refused",
+                &applied,
+                head("x", false, "fp1"),
+                HeadDecision::RefuseRewrittenHistory {
+                    last_applied: "a".into(),
+                },
+            ),
+        ];
+        for (what, state, facts, expected) in rows {
+            assert_eq!(&decide_head(state, facts), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn after_a_plan_in_one_table() {
+        let policy = |auto, allow_destroy| ApplyPolicy {
+            auto,
+            allow_destroy,
+        };
+        let plan = |has_changes, destroys| PlanOutcome {
+            has_changes,
+            destroys,
+        };
+        let rows = [
+            (
+                "nothing to do",
+                policy(true, false),
+                plan(false, false),
+                AfterPlan::InSync,
+            ),
+            (
+                "changes, auto",
+                policy(true, false),
+                plan(true, false),
+                AfterPlan::Apply,
+            ),
+            (
+                "changes, auto off",
+                policy(false, false),
+                plan(true, false),
+                AfterPlan::PlanOnly,
+            ),
+            (
+                "a replacement refused",
+                policy(true, false),
+                plan(true, true),
+                AfterPlan::RefuseDestroy,
+            ),
+            (
+                "a refused replacement even without auto",
+                policy(false, false),
+                plan(true, true),
+                AfterPlan::RefuseDestroy,
+            ),
+            (
+                "a replacement allowed",
+                policy(true, true),
+                plan(true, true),
+                AfterPlan::Apply,
+            ),
+        ];
+        for (what, policy, plan, expected) in rows {
+            assert_eq!(decide_after_plan(&policy, plan), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_newer_commit_supersedes_the_queued_one() {
+        let mut queued = None;
+        assert_eq!(enqueue(&mut queued, "a"), None);
+        assert_eq!(
+            enqueue(&mut queued, "a"),
+            None,
+            "the same commit twice is not superseded"
+        );
+        assert_eq!(enqueue(&mut queued, "b"), Some("a".into()));
+        assert_eq!(queued.as_deref(), Some("b"));
+    }
+}

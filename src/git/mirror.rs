@@ -1,0 +1,167 @@
+//! The daemon's bare mirror of the config repository, under `state_dir`.
+//!
+//! The remote's branches are fetched into `refs/remotes/origin/*`, so everything that asks
+//! "is this commit on the branch?" ([`super::branch_tip`]) sees the branch as the remote has
+//! it. A poll first lists the remote's refs and fetches only when one moved. A failed fetch
+//! leaves the refs as they were: the daemon keeps the last good revision.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use git2::{Direction, FetchOptions, Repository};
+
+use super::{CommitId, GitError};
+
+/// The refspec of the mirror: every branch of the remote, pruned when deleted there.
+const REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
+
+/// A bare mirror of one remote.
+pub struct Mirror {
+    path: PathBuf,
+}
+
+/// Branch name → commit.
+pub type Heads = BTreeMap<String, CommitId>;
+
+fn remote_error(url: &str, source: git2::Error) -> GitError {
+    GitError::Remote {
+        url: url.to_string(),
+        message: source.message().to_string(),
+    }
+}
+
+impl Mirror {
+    /// Opens the mirror at `path`, creating it (bare, remote `origin` = `url`) when missing.
+    pub fn open_or_create(path: &Path, url: &str) -> Result<Mirror, GitError> {
+        let repo = match Repository::open_bare(path) {
+            Ok(repo) => repo,
+            Err(_) => Repository::init_bare(path).map_err(|source| GitError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?,
+        };
+        match repo.find_remote("origin") {
+            Ok(remote) if remote.url().ok() == Some(url) => {}
+            Ok(_) => repo
+                .remote_set_url("origin", url)
+                .map_err(|source| remote_error(url, source))?,
+            Err(_) => {
+                repo.remote_with_fetch("origin", url, REFSPEC)
+                    .map_err(|source| remote_error(url, source))?;
+            }
+        }
+        Ok(Mirror {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn open(&self) -> Result<Repository, GitError> {
+        Repository::open_bare(&self.path).map_err(|source| GitError::Open {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The branches the mirror holds now.
+    pub fn heads(&self) -> Result<Heads, GitError> {
+        let repo = self.open()?;
+        let mut heads = Heads::new();
+        let references = repo
+            .references_glob("refs/remotes/origin/*")
+            .map_err(|source| GitError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        for reference in references.flatten() {
+            if let (Ok(name), Some(target)) = (reference.name(), reference.target()) {
+                let branch = name.trim_start_matches("refs/remotes/origin/").to_string();
+                heads.insert(branch, CommitId::from_hex(&target.to_string()));
+            }
+        }
+        Ok(heads)
+    }
+
+    /// Lists the remote's branches (no objects are transferred).
+    pub fn remote_heads(&self) -> Result<Heads, GitError> {
+        let repo = self.open()?;
+        let mut remote = repo
+            .find_remote("origin")
+            .map_err(|source| remote_error("origin", source))?;
+        let url = remote.url().unwrap_or_default().to_string();
+        remote
+            .connect(Direction::Fetch)
+            .map_err(|source| remote_error(&url, source))?;
+        let mut heads = Heads::new();
+        for head in remote.list().map_err(|source| remote_error(&url, source))? {
+            if let Some(branch) = head.name().strip_prefix("refs/heads/") {
+                heads.insert(
+                    branch.to_string(),
+                    CommitId::from_hex(&head.oid().to_string()),
+                );
+            }
+        }
+        Ok(heads)
+    }
+
+    /// Brings the mirror up to date when the remote's branches moved. Returns the heads and
+    /// whether a fetch happened.
+    pub fn update(&self) -> Result<(Heads, bool), GitError> {
+        let remote_heads = self.remote_heads()?;
+        if remote_heads == self.heads()? {
+            return Ok((remote_heads, false));
+        }
+        let repo = self.open()?;
+        let mut remote = repo
+            .find_remote("origin")
+            .map_err(|source| remote_error("origin", source))?;
+        let url = remote.url().unwrap_or_default().to_string();
+        let mut options = FetchOptions::new();
+        options.prune(git2::FetchPrune::On);
+        remote
+            .fetch(&[REFSPEC], Some(&mut options), None)
+            .map_err(|source| remote_error(&url, source))?;
+        Ok((self.heads()?, true))
+    }
+}
+
+/// Whether `commit` is `ancestor` or descends from it.
+pub fn descends_from(
+    repo: &Repository,
+    commit: &CommitId,
+    ancestor: &CommitId,
+) -> Result<bool, GitError> {
+    if commit == ancestor {
+        return Ok(true);
+    }
+    let oid = |id: &CommitId| {
+        git2::Oid::from_str(id.as_str()).map_err(|source| super::read_error(id, source))
+    };
+    repo.graph_descendant_of(oid(commit)?, oid(ancestor)?)
+        .map_err(|source| super::read_error(commit, source))
+}
+
+/// The environments a commit defines: the folder names under `environments/` with a
+/// `karrots.yaml`.
+pub fn environment_names(repo: &Repository, commit: &CommitId) -> Result<Vec<String>, GitError> {
+    let tree = super::find_commit(repo, commit)?
+        .tree()
+        .map_err(|source| super::read_error(commit, source))?;
+    let Ok(entry) = tree.get_path(Path::new("environments")) else {
+        return Ok(Vec::new());
+    };
+    let folder = entry
+        .to_object(repo)
+        .and_then(|object| object.peel_to_tree())
+        .map_err(|source| super::read_error(commit, source))?;
+    let mut names: Vec<String> = folder
+        .iter()
+        .filter(|entry| entry.kind() == Some(git2::ObjectType::Tree))
+        .filter_map(|entry| entry.name().ok().map(str::to_string))
+        .collect();
+    names.sort();
+    Ok(names)
+}

@@ -1,0 +1,372 @@
+//! The daemon's HTTP interface: health, metrics, the JSON API and the webhooks.
+//!
+//! A webhook only wakes the main loop for a fetch — the daemon trusts what it fetches, never
+//! the payload — and only after its signature or token verifies in constant time. GitHub and
+//! Gitea sign with HMAC-SHA256 (SHA-1 signatures are not accepted); GitLab sends the shared
+//! token. Bodies over 25 MiB get 413. Off loopback, every route but `/healthz` and the hooks
+//! needs `Authorization: Bearer <api token>`.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use hmac::{KeyInit, Mac};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::DaemonConfig;
+use crate::daemon::Shared;
+
+/// The largest webhook body accepted.
+pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub env: String,
+    pub kind: String,
+    pub result: String,
+}
+
+/// The daemon's Prometheus metrics.
+pub struct Metrics {
+    pub runs: Family<RunLabels, Counter>,
+    pub plan_seconds: Histogram,
+    pub apply_seconds: Histogram,
+    pub fetch_errors: Counter,
+    /// Seconds since the last successful fetch, set when scraped.
+    pub since_fetch: Gauge<f64, AtomicU64>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let runs = Family::<RunLabels, Counter>::default();
+        let plan_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let apply_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let fetch_errors = Counter::default();
+        let since_fetch = Gauge::<f64, AtomicU64>::default();
+        let mut registry = Registry::with_prefix("karrots");
+        registry.register("runs", "Runs by environment, kind and result", runs.clone());
+        registry.register(
+            "plan_duration_seconds",
+            "Duration of terraform plans",
+            plan_seconds.clone(),
+        );
+        registry.register(
+            "apply_duration_seconds",
+            "Duration of terraform applies",
+            apply_seconds.clone(),
+        );
+        registry.register(
+            "fetch_errors",
+            "Failed fetches of the config repository",
+            fetch_errors.clone(),
+        );
+        registry.register(
+            "seconds_since_last_fetch",
+            "Seconds since the config repository was last fetched successfully",
+            since_fetch.clone(),
+        );
+        Metrics {
+            runs,
+            plan_seconds,
+            apply_seconds,
+            fetch_errors,
+            since_fetch,
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn run(&self, env: &str, kind: &str, result: &str) {
+        self.runs
+            .get_or_create(&RunLabels {
+                env: env.to_string(),
+                kind: kind.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// The webhook secret: `webhook_secret_file`, else `KARROTS_WEBHOOK_SECRET`; `None` turns the
+/// hooks off (they answer 401). A configured but empty secret refuses the start.
+pub fn load_webhook_secret(config: &DaemonConfig) -> Result<Option<Vec<u8>>, String> {
+    let secret = match &config.webhook_secret_file {
+        Some(file) => Some(
+            std::fs::read(file)
+                .map_err(|e| format!("webhook_secret_file {}: {e}", file.display()))?,
+        ),
+        None => std::env::var("KARROTS_WEBHOOK_SECRET")
+            .ok()
+            .map(String::into_bytes),
+    };
+    match secret {
+        Some(mut bytes) => {
+            while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                bytes.pop();
+            }
+            if bytes.is_empty() {
+                return Err("the webhook secret is empty: webhooks would verify nothing; put a long random secret in webhook_secret_file".into());
+            }
+            Ok(Some(bytes))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The API token: required when `listen` is not a loopback address.
+pub fn load_api_token(config: &DaemonConfig) -> Result<Option<Vec<u8>>, String> {
+    let token = match &config.api_token_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("api_token_file {}: {e}", file.display()))?;
+            let token = text.trim().as_bytes().to_vec();
+            if token.is_empty() {
+                return Err(format!("api_token_file {} is empty", file.display()));
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    if token.is_none() && !config.listen.ip().is_loopback() {
+        return Err(format!(
+            "listen: {} is not a loopback address, so the API would show your infrastructure to the network: set api_token_file, or listen on 127.0.0.1",
+            config.listen
+        ));
+    }
+    Ok(token)
+}
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    secret: Option<Arc<Vec<u8>>>,
+    api_token: Option<Arc<Vec<u8>>>,
+}
+
+pub fn router(shared: Arc<Shared>, secret: Option<Vec<u8>>, api_token: Option<Vec<u8>>) -> Router {
+    let state = AppState {
+        shared,
+        secret: secret.map(Arc::new),
+        api_token: api_token.map(Arc::new),
+    };
+    let guarded = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/environments", get(environments))
+        .route("/api/v1/runs", get(runs))
+        .route("/api/v1/runs/{id}", get(run))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/hooks/github", post(github))
+        .route("/hooks/gitlab", post(gitlab))
+        .route("/hooks/gitea", post(gitea))
+        .merge(guarded)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Equal bytes, compared in constant time (over their SHA-256, so lengths do not leak).
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    Sha256::digest(given)
+        .ct_eq(&Sha256::digest(expected))
+        .into()
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.api_token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !same_secret(given.as_bytes(), token) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let metrics = &state.shared.metrics;
+    let since = state
+        .shared
+        .last_fetch
+        .lock()
+        .ok()
+        .and_then(|last| last.map(|at| at.elapsed().as_secs_f64()))
+        .unwrap_or(f64::NAN);
+    metrics.since_fetch.set(since);
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &metrics.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn internal(error: impl std::fmt::Display) -> Response {
+    tracing::error!(%error, "API request failed");
+    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+}
+
+async fn environments(State(state): State<AppState>) -> Response {
+    let store = &state.shared.store;
+    let rows = match store.environments() {
+        Ok(rows) => rows,
+        Err(error) => return internal(error),
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let last_run = store
+            .runs(Some(&row.name))
+            .ok()
+            .and_then(|runs| runs.into_iter().next());
+        out.push(serde_json::json!({
+            "name": row.name,
+            "branch": row.branch,
+            "head": row.head,
+            "last_applied": row.last_applied,
+            "status": row.status,
+            "last_run": last_run,
+            "drift": {"status": "off", "checked_at": null, "resources": []},
+        }));
+    }
+    Json(out).into_response()
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    env: Option<String>,
+}
+
+async fn runs(State(state): State<AppState>, Query(query): Query<RunsQuery>) -> Response {
+    match state.shared.store.runs(query.env.as_deref()) {
+        Ok(runs) => Json(runs).into_response(),
+        Err(error) => internal(error),
+    }
+}
+
+async fn run(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    match state.shared.store.run(id) {
+        Ok(Some(run)) => Json(run).into_response(),
+        Ok(None) => StatusCode::NOT_FOUND.into_response(),
+        Err(error) => internal(error),
+    }
+}
+
+/// A verified hook: wake the main loop. A burst of hooks is one fetch, because the wake
+/// notification holds at most one permit.
+fn accepted(state: &AppState, forge: &str) -> Response {
+    tracing::info!(forge, "verified webhook: fetching");
+    state.shared.wake.notify_one();
+    (StatusCode::ACCEPTED, "fetching\n").into_response()
+}
+
+fn unauthorized(forge: &str, why: &str) -> Response {
+    tracing::warn!(forge, why, "webhook refused");
+    StatusCode::UNAUTHORIZED.into_response()
+}
+
+/// HMAC-SHA256 of `body` under `secret` equals the hex `signature` (constant time).
+fn hmac_verifies(secret: &[u8], body: &[u8], signature: &str) -> bool {
+    let Ok(expected) = hex::decode(signature.trim()) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&expected).is_ok()
+}
+
+async fn github(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = &state.secret else {
+        return unauthorized("github", "no webhook secret is configured");
+    };
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("sha256="));
+    match signature {
+        Some(signature) if hmac_verifies(secret, &body, signature) => accepted(&state, "github"),
+        Some(_) => unauthorized("github", "X-Hub-Signature-256 does not verify"),
+        None => unauthorized(
+            "github",
+            "no X-Hub-Signature-256 (SHA-1 signatures are not accepted)",
+        ),
+    }
+}
+
+async fn gitea(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = &state.secret else {
+        return unauthorized("gitea", "no webhook secret is configured");
+    };
+    match headers
+        .get("x-gitea-signature")
+        .and_then(|value| value.to_str().ok())
+    {
+        Some(signature) if hmac_verifies(secret, &body, signature) => accepted(&state, "gitea"),
+        _ => unauthorized("gitea", "X-Gitea-Signature does not verify"),
+    }
+}
+
+async fn gitlab(State(state): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
+    let Some(secret) = &state.secret else {
+        return unauthorized("gitlab", "no webhook secret is configured");
+    };
+    match headers.get("x-gitlab-token").map(|value| value.as_bytes()) {
+        Some(token) if same_secret(token, secret) => accepted(&state, "gitlab"),
+        _ => unauthorized("gitlab", "X-Gitlab-Token does not match"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_signatures_verify_only_for_the_exact_body_and_secret() {
+        let secret = b"It's a Secret to Everybody";
+        let body = b"Hello, World!";
+        // GitHub's documented example of X-Hub-Signature-256.
+        let signature = "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(hmac_verifies(secret, body, signature));
+        assert!(!hmac_verifies(secret, b"Hello, World?", signature));
+        assert!(!hmac_verifies(b"another secret", body, signature));
+        assert!(!hmac_verifies(secret, body, "not hex"));
+        assert!(
+            !hmac_verifies(secret, body, &signature[..40]),
+            "a SHA-1-length digest"
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_secret(b"token", b"token"));
+        assert!(!same_secret(b"toke", b"token"));
+        assert!(!same_secret(b"", b"token"));
+    }
+}

@@ -1,0 +1,601 @@
+//! `karrots serve` end to end: the real binary watching a bare git remote that a working clone
+//! pushes to, real terraform, moto for STS, and a local HTTP sink collecting the alerts.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{
+    ConfigRepo, Moto, PLUGIN_MIRROR, environment_yaml, karrots_binary, require_terraform_and_moto,
+};
+
+/// The AWS secret key every daemon test runs with: it must never reach the state directory
+/// or the logs.
+const CANARY_SECRET: &str = "canary-secret-8c1f0e27";
+
+/// A module that plans without provider downloads: one resource, named by a variable.
+const APP: &str = "variable \"label\" {\n  type    = string\n  default = \"v1\"\n}\n\nresource \"terraform_data\" \"app\" {\n  input = var.label\n}\n";
+
+/// A collector of alert POSTs on a free loopback port.
+pub struct AlertSink {
+    pub url: String,
+    received: Arc<Mutex<Vec<Value>>>,
+}
+
+impl AlertSink {
+    pub fn start() -> AlertSink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the alert sink");
+        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let store = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Some(body) = read_request(stream)
+                    && let Ok(value) = serde_json::from_slice(&body)
+                {
+                    store.lock().unwrap().push(value);
+                }
+            }
+        });
+        AlertSink { url, received }
+    }
+
+    pub fn kinds(&self, env: &str) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|alert| alert["env"] == env)
+            .map(|alert| alert["kind"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    pub fn find(&self, env: &str, kind: &str) -> Option<Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|alert| alert["env"] == env && alert["kind"] == kind)
+            .cloned()
+    }
+}
+
+/// Reads one HTTP/1.1 request, answers 200, returns its body.
+fn read_request(mut stream: TcpStream) -> Option<Vec<u8>> {
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (head_end, length) = loop {
+        let read = stream.read(&mut chunk).ok()?;
+        if read == 0 {
+            return None;
+        }
+        data.extend_from_slice(&chunk[..read]);
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while data.len() < head_end + length {
+        let read = stream.read(&mut chunk).ok()?;
+        if read == 0 {
+            break;
+        }
+        data.extend_from_slice(&chunk[..read]);
+    }
+    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    Some(data[head_end..].to_vec())
+}
+
+/// One HTTP request to the daemon; returns the status and the body.
+pub fn http(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).expect("connect to the daemon");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    // The daemon may answer (413) and close before a large body is written: not an error.
+    let _ = stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.write_all(body));
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies (axum's JSON): keep the JSON between the chunk sizes.
+    let body = if text.to_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(&body)
+    } else {
+        body
+    };
+    (status, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A bare remote, a working clone that pushes to it, and the daemon watching the remote.
+pub struct Fixture {
+    pub clone: ConfigRepo,
+    pub remote: tempfile::TempDir,
+    pub state: tempfile::TempDir,
+    pub moto: Moto,
+    pub sink: AlertSink,
+    pub daemon: Option<Child>,
+    pub address: String,
+    pub log: PathBuf,
+    pub secret_file: PathBuf,
+}
+
+impl Fixture {
+    /// prod (main) and dev (dev), each with its own root module; `prod_extra` is appended to
+    /// prod's karrots.yaml.
+    pub fn new(prod_extra: &str) -> Fixture {
+        require_terraform_and_moto();
+        let moto = Moto::start();
+        let sink = AlertSink::start();
+        let remote = tempfile::Builder::new()
+            .prefix("karrots-remote-")
+            .tempdir()
+            .unwrap();
+        let status = Command::new("git")
+            .args(["init", "-q", "--bare", "-b", "main"])
+            .arg(remote.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let clone = ConfigRepo::empty();
+        clone.write(
+            "environments/prod/karrots.yaml",
+            &environment_yaml("prod", "main", "modules/prod-app", prod_extra),
+        );
+        clone.write(
+            "environments/dev/karrots.yaml",
+            &environment_yaml("dev", "dev", "modules/dev-app", ""),
+        );
+        clone.write("modules/prod-app/main.tf", APP);
+        clone.write("modules/dev-app/main.tf", APP);
+        clone.init_git();
+        clone.git(&["remote", "add", "origin", remote.path().to_str().unwrap()]);
+        clone.git(&["push", "-q", "origin", "main"]);
+        clone.git(&["push", "-q", "origin", "main:dev"]);
+        let state = tempfile::Builder::new()
+            .prefix("karrots-state-")
+            .tempdir()
+            .unwrap();
+        let secret_file = state.path().join("webhook-secret");
+        std::fs::write(&secret_file, "hook-secret\n").unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let log = state.path().join("daemon.log");
+        let mut fixture = Fixture {
+            clone,
+            remote,
+            state,
+            moto,
+            sink,
+            daemon: None,
+            address,
+            log,
+            secret_file,
+        };
+        fixture.start();
+        fixture
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.state.path().join("karrots-serve.yaml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state.path().join("state")
+    }
+
+    pub fn start(&mut self) {
+        let config = format!(
+            "repo: {}\npoll_interval: 1s\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\nalerts:\n  - webhook: {}\n",
+            self.remote.path().display(),
+            self.state_dir().display(),
+            self.address,
+            self.secret_file.display(),
+            self.moto.url,
+            self.sink.url,
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(karrots_binary())
+            .args(["serve", "--config", self.config_path().to_str().unwrap()])
+            .env_remove("AWS_ENDPOINT_URL")
+            .env("AWS_ACCESS_KEY_ID", "AKIATESTKARROTS")
+            .env("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("KARROTS_LOG", "info,karrots=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start karrots serve");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&self.address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not listen:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> Value {
+        let (status, body) = http(&self.address, "GET", path, &[], b"");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    pub fn environment(&self, name: &str) -> Value {
+        self.get("/api/v1/environments")
+            .as_array()
+            .and_then(|envs| envs.iter().find(|env| env["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    pub fn runs(&self, env: &str) -> Vec<Value> {
+        self.get(&format!("/api/v1/runs?env={env}"))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits (up to 2 minutes) until `done` holds, showing the runs and logs if it never does.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&Fixture) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !done(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\nprod runs: {:#?}\ndev runs: {:#?}\nlogs:\n{}",
+                    self.runs("prod"),
+                    self.runs("dev"),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn applied(&self, env: &str, commit: &str) -> bool {
+        self.environment(env)["last_applied"] == commit
+    }
+
+    pub fn push(&self, refspec: &str) {
+        self.clone.git(&["push", "-q", "-f", "origin", refspec]);
+    }
+
+    pub fn stop(&mut self, signal: &str) -> std::process::ExitStatus {
+        let mut child = self.daemon.take().expect("a running daemon");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn no_file_contains(root: &Path, needle: &str) -> Result<(), String> {
+    for entry in walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        if entry.file_type().is_file()
+            && let Ok(bytes) = std::fs::read(entry.path())
+            && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+        {
+            return Err(entry.path().display().to_string());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn merges_apply_to_their_own_environment_and_branches_only_preview() {
+    let mut fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod and dev applied", |f| {
+        f.applied("prod", &first) && f.applied("dev", &first)
+    });
+    fixture.wait_for("the applied alert", |f| f.sink.kinds("prod").contains(&"applied".to_string()));
+    let applied = fixture.sink.find("prod", "applied").unwrap();
+    assert_eq!(applied["commit"], first.as_str());
+    assert_eq!(applied["resources"][0]["address"], "terraform_data.app");
+    assert_eq!(applied["resources"][0]["actions"][0], "create");
+
+    // A commit on dev changes dev only.
+    fixture.clone.git(&["checkout", "-q", "-b", "dev"]);
+    fixture
+        .clone
+        .replace("modules/dev-app/main.tf", "\"v1\"", "\"v2\"");
+    let dev_commit = fixture.clone.commit_all("dev: v2");
+    let prod_runs = fixture.runs("prod").len();
+    fixture.push("dev");
+    fixture.wait_for("dev applied", |f| f.applied("dev", &dev_commit));
+    assert_eq!(
+        fixture.runs("prod").len(),
+        prod_runs,
+        "prod did not run for a dev commit"
+    );
+    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+
+    // A merge to main that changes prod's module applies to prod; dev does not re-plan.
+    fixture.clone.git(&["checkout", "-q", "main"]);
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let prod_commit = fixture.clone.commit_all("prod: v2");
+    let dev_runs = fixture.runs("dev").len();
+    fixture.push("main");
+    fixture.wait_for("prod applied", |f| f.applied("prod", &prod_commit));
+    let runs = fixture.runs("prod");
+    assert_eq!(runs[0]["kind"], "apply");
+    assert_eq!(runs[0]["result"], "applied");
+    assert_eq!(runs[0]["summary"]["change"], 1);
+    assert_eq!(runs[1]["kind"], "plan");
+    assert_eq!(runs[1]["result"], "changes");
+    // dev's branch did not move: no dev run.
+    assert_eq!(fixture.runs("dev").len(), dev_runs);
+
+    // A feature branch gets a preview and nothing is applied.
+    fixture.clone.git(&["checkout", "-q", "-b", "feature"]);
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v2\"", "\"v3\"");
+    let feature = fixture.clone.commit_all("feature: v3");
+    fixture.push("feature");
+    fixture.wait_for("a preview of the feature branch", |f| {
+        f.runs("prod").iter().any(|run| {
+            run["kind"] == "preview"
+                && run["commit"] == feature.as_str()
+                && run["result"] == "changes"
+        })
+    });
+    assert_eq!(
+        fixture.environment("prod")["last_applied"],
+        prod_commit.as_str()
+    );
+    let preview_plans = fixture.state_dir().join("environments/prod/preview/plans");
+    assert_eq!(
+        std::fs::read_dir(preview_plans).unwrap().count(),
+        0,
+        "preview artifacts deleted"
+    );
+
+    // `karrots status` prints the table.
+    let status = Command::new(karrots_binary())
+        .args(["status", "--server", &format!("http://{}", fixture.address)])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        table.lines().any(|l| l.starts_with("prod")
+            && l.contains(&prod_commit[..7])
+            && l.contains("in_sync")),
+        "{table}"
+    );
+
+    // SIGTERM: a clean shutdown, exit 0.
+    let exit = fixture.stop("-TERM");
+    assert!(exit.success(), "{exit:?}\n{}", fixture.logs());
+
+    // No credential reached the state directory or the logs.
+    if let Err(file) = no_file_contains(fixture.state.path(), CANARY_SECRET) {
+        panic!("the AWS secret key was written to {file}");
+    }
+}
+
+#[test]
+fn force_pushes_destroys_and_bad_configuration_are_refused() {
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| {
+        f.applied("prod", &first) && f.applied("dev", &first)
+    });
+
+    // A replacement of prod's resource, with allow_destroy false: refused, alerted.
+    fixture.clone.replace(
+        "modules/prod-app/main.tf",
+        "input = var.label",
+        "input = var.label\n  triggers_replace = [\"2\"]",
+    );
+    let replacing = fixture.clone.commit_all("replace it");
+    fixture.push("main");
+    fixture.wait_for("the replacement refused", |f| {
+        f.sink.find("prod", "refused").is_some()
+    });
+    let refused = fixture.sink.find("prod", "refused").unwrap();
+    assert_eq!(refused["commit"], replacing.as_str());
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("terraform_data.app (delete, create)"),
+        "{refused}"
+    );
+    assert_eq!(fixture.environment("prod")["status"], "refused");
+    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+
+    // A force-push of main to a commit that does not descend from the applied one.
+    fixture.clone.git(&["reset", "-q", "--hard", &first]);
+    fixture
+        .clone
+        .git(&["commit", "-q", "--amend", "-m", "amended root"]);
+    let amended = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.push("main");
+    fixture.wait_for("history_rewritten", |f| {
+        f.sink.find("prod", "history_rewritten").is_some()
+    });
+    assert_eq!(
+        fixture.sink.find("prod", "history_rewritten").unwrap()["commit"],
+        amended.as_str()
+    );
+    assert_eq!(
+        fixture.environment("prod")["last_applied"],
+        first.as_str(),
+        "nothing applied"
+    );
+
+    // A bad karrots.yaml on dev's branch: config_error naming the line; prod goes on.
+    fixture.clone.git(&["checkout", "-q", "-b", "dev", &first]);
+    fixture
+        .clone
+        .append("environments/dev/karrots.yaml", "aply:\n  auto: true\n");
+    let broken = fixture.clone.commit_all("typo");
+    fixture.push("dev");
+    fixture.wait_for("config_error for dev", |f| {
+        f.sink.find("dev", "config_error").is_some()
+    });
+    let error = fixture.sink.find("dev", "config_error").unwrap();
+    assert_eq!(error["commit"], broken.as_str());
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("environments/dev/karrots.yaml:10: aply: unknown key `aply`"),
+        "{error}"
+    );
+    assert_eq!(fixture.environment("dev")["status"], "error");
+    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+}
+
+#[test]
+fn webhooks_must_verify() {
+    let fixture = Fixture::new("");
+    let body =
+        br#"{"ref": "refs/heads/main", "after": "0000000000000000000000000000000000000000"}"#;
+    let hook = |path: &str, headers: &[(&str, &str)]| {
+        http(&fixture.address, "POST", path, headers, body).0
+    };
+    // Unsigned, SHA-1 only, forged: 401.
+    assert_eq!(hook("/hooks/github", &[]), 401);
+    assert_eq!(
+        hook(
+            "/hooks/github",
+            &[(
+                "x-hub-signature",
+                "sha1=0123456789abcdef0123456789abcdef01234567"
+            )]
+        ),
+        401
+    );
+    assert_eq!(
+        hook(
+            "/hooks/github",
+            &[("x-hub-signature-256", &format!("sha256={}", "0".repeat(64)))]
+        ),
+        401
+    );
+    assert_eq!(
+        hook("/hooks/gitea", &[("x-gitea-signature", &"0".repeat(64))]),
+        401
+    );
+    assert_eq!(
+        hook("/hooks/gitlab", &[("x-gitlab-token", "hook-secre")]),
+        401
+    );
+    // Signed with the secret: accepted.
+    let signature = {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret").unwrap();
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    };
+    assert_eq!(
+        hook(
+            "/hooks/github",
+            &[("x-hub-signature-256", &format!("sha256={signature}"))]
+        ),
+        202
+    );
+    assert_eq!(
+        hook("/hooks/gitea", &[("x-gitea-signature", &signature)]),
+        202
+    );
+    assert_eq!(
+        hook("/hooks/gitlab", &[("x-gitlab-token", "hook-secret")]),
+        202
+    );
+    // Over 25 MiB: 413.
+    let big = vec![b'x'; 25 * 1024 * 1024 + 1];
+    let (status, _) = http(&fixture.address, "POST", "/hooks/github", &[], &big);
+    assert_eq!(status, 413);
+    let logs = fixture.logs();
+    assert_eq!(logs.matches("verified webhook").count(), 3, "{logs}");
+    assert!(!logs.contains("hook-secret"), "the secret reached the logs");
+}
