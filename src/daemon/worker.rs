@@ -165,7 +165,7 @@ async fn merged(
         .unwrap_or_default();
     let state = MergedState {
         last_applied: row.last_applied.clone(),
-        last_planned: row.last_planned.clone(),
+        applied_fingerprint: row.applied_fingerprint.clone(),
     };
     let descends = match &row.last_applied {
         None => true,
@@ -244,9 +244,10 @@ async fn merged(
         descends_from_last_applied: descends,
         fingerprint: checked.fingerprint.to_string(),
     };
+    let fingerprint = checked.fingerprint.to_string();
     if decide_head(&state, &facts) == HeadDecision::Unaffected {
         store
-            .set_last_applied(env, commit.as_str())
+            .set_last_applied(env, commit.as_str(), &fingerprint)
             .map_err(|e| e.to_string())?;
         store
             .audit(
@@ -295,9 +296,6 @@ async fn merged(
     store
         .finish_run(run_id, result, summary(&record), &resources(&record), "")
         .map_err(|e| e.to_string())?;
-    store
-        .set_last_planned(env, &record.fingerprint, commit.as_str())
-        .map_err(|e| e.to_string())?;
     shared.metrics.run(env, "plan", result);
 
     let outcome = PlanOutcome {
@@ -307,7 +305,7 @@ async fn merged(
     match decide_after_plan(&trusted.apply, outcome) {
         AfterPlan::InSync => {
             store
-                .set_last_applied(env, commit.as_str())
+                .set_last_applied(env, commit.as_str(), &fingerprint)
                 .map_err(|e| e.to_string())?;
             store
                 .set_status(env, "in_sync")
@@ -358,7 +356,7 @@ async fn merged(
             shared.alert(alert);
             Ok(())
         }
-        AfterPlan::Apply => apply(shared, env, commit, &record, &trusted).await,
+        AfterPlan::Apply => apply(shared, env, commit, &record, &trusted, &fingerprint).await,
     }
 }
 
@@ -415,6 +413,7 @@ async fn apply(
     commit: &CommitId,
     record: &PlanRecord,
     trusted: &crate::config::EnvironmentSpec,
+    fingerprint: &str,
 ) -> WorkResult {
     let store = &shared.store;
     let name = crate::config::EnvName::parse(env)?;
@@ -467,7 +466,7 @@ async fn apply(
                 .finish_run(run_id, "applied", summary(record), &resources(record), "")
                 .map_err(|e| e.to_string())?;
             store
-                .set_last_applied(env, commit.as_str())
+                .set_last_applied(env, commit.as_str(), &fingerprint)
                 .map_err(|e| e.to_string())?;
             store
                 .set_status(env, "in_sync")
@@ -558,11 +557,7 @@ async fn preview(
         .environment(env)
         .map_err(|e| e.to_string())?
         .unwrap_or_default();
-    if row
-        .last_planned
-        .as_ref()
-        .is_some_and(|(fingerprint, _)| *fingerprint == checked.fingerprint.to_string())
-    {
+    if row.applied_fingerprint.as_deref() == Some(checked.fingerprint.as_str()) {
         tracing::debug!("the commit does not change the environment's inputs: no preview");
         return Ok(());
     }

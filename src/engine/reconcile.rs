@@ -8,8 +8,10 @@ use crate::config::ApplyPolicy;
 pub struct MergedState {
     /// The commit last applied (or found in sync), if any.
     pub last_applied: Option<String>,
-    /// The input fingerprint of the last commit planned in the merged lane and the commit.
-    pub last_planned: Option<(String, String)>,
+    /// The input fingerprint of `last_applied`. A head with the same fingerprint changes
+    /// nothing the environment is built from. (Not the last *planned* fingerprint: a plan
+    /// whose apply failed or was cut off is not where the environment is.)
+    pub applied_fingerprint: Option<String>,
 }
 
 /// Facts about a new head of the environment's branch, gathered by the daemon.
@@ -57,10 +59,8 @@ pub fn decide_head(state: &MergedState, head: &HeadFacts) -> HeadDecision {
     if let Some(decision) = decide_history(state, &head.commit, head.descends_from_last_applied) {
         return decision;
     }
-    match &state.last_planned {
-        Some((fingerprint, _))
-            if *fingerprint == head.fingerprint && state.last_applied.is_some() =>
-        {
+    match &state.applied_fingerprint {
+        Some(fingerprint) if *fingerprint == head.fingerprint && state.last_applied.is_some() => {
             HeadDecision::Unaffected
         }
         _ => HeadDecision::Plan,
@@ -126,7 +126,7 @@ mod tests {
         let fresh = MergedState::default();
         let applied = MergedState {
             last_applied: Some("a".into()),
-            last_planned: Some(("fp1".into(), "a".into())),
+            applied_fingerprint: Some("fp1".into()),
         };
         let rows: &[(&str, &MergedState, HeadFacts, HeadDecision)] = &[
             (
@@ -152,6 +152,14 @@ mod tests {
                 &applied,
                 head("b", true, "fp1"),
                 HeadDecision::Unaffected,
+            ),
+            (
+                // b was planned (fp2) but its apply was cut off: the environment is still at
+                // a, so b is planned again, never taken as applied.
+                "the head of an interrupted apply",
+                &applied,
+                head("b", true, "fp2"),
+                HeadDecision::Plan,
             ),
             (
                 "a force-push",

@@ -29,9 +29,9 @@ pub struct EnvironmentRow {
     pub last_applied: Option<String>,
     /// `in_sync`, `planning`, `applying`, `drifted`, `refused`, `failed`, `error`.
     pub status: String,
-    /// The fingerprint and commit of the last merged plan.
+    /// The input fingerprint of `last_applied`.
     #[serde(skip)]
-    pub last_planned: Option<(String, String)>,
+    pub applied_fingerprint: Option<String>,
 }
 
 /// One run as the API shows it.
@@ -76,12 +76,12 @@ pub trait StateStore: Send + Sync {
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError>;
     fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError>;
     fn set_status(&self, name: &str, status: &str) -> Result<(), StoreError>;
-    fn set_last_applied(&self, name: &str, commit: &str) -> Result<(), StoreError>;
-    fn set_last_planned(
+    /// Records where the environment now is: the commit and its input fingerprint.
+    fn set_last_applied(
         &self,
         name: &str,
-        fingerprint: &str,
         commit: &str,
+        fingerprint: &str,
     ) -> Result<(), StoreError>;
     fn start_run(&self, env: &str, commit: &str, kind: &str) -> Result<i64, StoreError>;
     fn finish_run(
@@ -130,8 +130,7 @@ CREATE TABLE environments (
     branch TEXT NOT NULL,
     head TEXT,
     last_applied TEXT,
-    last_planned_fingerprint TEXT,
-    last_planned_commit TEXT,
+    applied_fingerprint TEXT,
     status TEXT NOT NULL DEFAULT 'in_sync'
 );
 CREATE TABLE runs (
@@ -245,20 +244,17 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
 }
 
 fn environment_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EnvironmentRow> {
-    let fingerprint: Option<String> = row.get(4)?;
-    let commit: Option<String> = row.get(5)?;
     Ok(EnvironmentRow {
         name: row.get(0)?,
         branch: row.get(1)?,
         head: row.get(2)?,
         last_applied: row.get(3)?,
-        last_planned: fingerprint.zip(commit),
-        status: row.get(6)?,
+        applied_fingerprint: row.get(4)?,
+        status: row.get(5)?,
     })
 }
 
-const ENVIRONMENT_COLUMNS: &str =
-    "name, branch, head, last_applied, last_planned_fingerprint, last_planned_commit, status";
+const ENVIRONMENT_COLUMNS: &str = "name, branch, head, last_applied, applied_fingerprint, status";
 
 impl StateStore for SqliteStore {
     fn environments(&self) -> Result<Vec<EnvironmentRow>, StoreError> {
@@ -303,26 +299,16 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn set_last_applied(&self, name: &str, commit: &str) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE environments SET last_applied = ?2 WHERE name = ?1",
-                params![name, commit],
-            )
-            .map(drop)
-        })
-    }
-
-    fn set_last_planned(
+    fn set_last_applied(
         &self,
         name: &str,
-        fingerprint: &str,
         commit: &str,
+        fingerprint: &str,
     ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "UPDATE environments SET last_planned_fingerprint = ?2, last_planned_commit = ?3 WHERE name = ?1",
-                params![name, fingerprint, commit],
+                "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3 WHERE name = ?1",
+                params![name, commit, fingerprint],
             )
             .map(drop)
         })

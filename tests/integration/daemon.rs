@@ -367,7 +367,9 @@ fn merges_apply_to_their_own_environment_and_branches_only_preview() {
     fixture.wait_for("prod and dev applied", |f| {
         f.applied("prod", &first) && f.applied("dev", &first)
     });
-    fixture.wait_for("the applied alert", |f| f.sink.kinds("prod").contains(&"applied".to_string()));
+    fixture.wait_for("the applied alert", |f| {
+        f.sink.kinds("prod").contains(&"applied".to_string())
+    });
     let applied = fixture.sink.find("prod", "applied").unwrap();
     assert_eq!(applied["commit"], first.as_str());
     assert_eq!(applied["resources"][0]["address"], "terraform_data.app");
@@ -598,4 +600,119 @@ fn webhooks_must_verify() {
     let logs = fixture.logs();
     assert_eq!(logs.matches("verified webhook").count(), 3, "{logs}");
     assert!(!logs.contains("hook-secret"), "the secret reached the logs");
+}
+
+/// A resource whose creation takes `seconds`: an apply long enough to interrupt.
+fn slow_resource(name: &str, seconds: u32) -> String {
+    format!(
+        "\nresource \"terraform_data\" \"{name}\" {{\n  provisioner \"local-exec\" {{\n    command = \"sleep {seconds}\"\n  }}\n}}\n"
+    )
+}
+
+#[test]
+fn commits_that_arrive_while_busy_are_coalesced_to_the_newest() {
+    let fixture = Fixture::new("allow: [local-exec]\n");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    fixture
+        .clone
+        .append("modules/prod-app/main.tf", &slow_resource("slow", 6));
+    let slow = fixture.clone.commit_all("a slow apply");
+    fixture.push("main");
+    fixture.wait_for("the slow apply", |f| {
+        f.environment("prod")["status"] == "applying"
+    });
+
+    // Two commits while prod is busy: the first waits, the second supersedes it.
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let older = fixture.clone.commit_all("v2");
+    fixture.push("main");
+    std::thread::sleep(Duration::from_millis(2500));
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v2\"", "\"v3\"");
+    let newest = fixture.clone.commit_all("v3");
+    fixture.push("main");
+    fixture.wait_for("the newest applied", |f| f.applied("prod", &newest));
+
+    let runs = fixture.runs("prod");
+    let of = |commit: &str| -> Vec<(String, String)> {
+        runs.iter()
+            .filter(|run| run["commit"] == commit)
+            .map(|run| {
+                (
+                    run["kind"].as_str().unwrap().to_string(),
+                    run["result"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        of(&slow).contains(&("apply".into(), "applied".into())),
+        "{runs:#?}"
+    );
+    assert_eq!(
+        of(&older),
+        vec![("plan".to_string(), "superseded".to_string())],
+        "{runs:#?}"
+    );
+    assert!(
+        of(&newest).contains(&("apply".into(), "applied".into())),
+        "{runs:#?}"
+    );
+}
+
+#[test]
+fn a_kill_during_an_apply_is_found_interrupted_and_never_reapplied_from_its_plan() {
+    let mut fixture = Fixture::new("allow: [local-exec]\n");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    fixture
+        .clone
+        .append("modules/prod-app/main.tf", &slow_resource("slow", 5));
+    let slow = fixture.clone.commit_all("a slow apply");
+    fixture.push("main");
+    fixture.wait_for("the slow apply", |f| {
+        f.environment("prod")["status"] == "applying"
+    });
+    fixture.stop("-KILL");
+    fixture.start();
+
+    fixture.wait_for("apply_interrupted", |f| {
+        f.sink.find("prod", "apply_interrupted").is_some()
+    });
+    assert_eq!(
+        fixture.sink.find("prod", "apply_interrupted").unwrap()["commit"],
+        slow.as_str()
+    );
+    let interrupted: Vec<Value> = fixture
+        .runs("prod")
+        .into_iter()
+        .filter(|run| run["kind"] == "apply" && run["result"] == "interrupted")
+        .collect();
+    assert_eq!(interrupted.len(), 1, "{:#?}", fixture.runs("prod"));
+
+    // The restart re-plans from the real state; the cut-off plan file is never applied.
+    fixture.wait_for("prod at the slow commit", |f| f.applied("prod", &slow));
+    let applied_again = fixture
+        .runs("prod")
+        .into_iter()
+        .filter(|run| {
+            run["commit"] == slow.as_str() && run["kind"] == "apply" && run["result"] == "applied"
+        })
+        .count();
+    assert!(applied_again <= 1, "{:#?}", fixture.runs("prod"));
+    let plans_after_restart = fixture
+        .runs("prod")
+        .into_iter()
+        .filter(|run| run["commit"] == slow.as_str() && run["kind"] == "plan")
+        .count();
+    assert_eq!(
+        plans_after_restart, 2,
+        "planned before the kill and again after it"
+    );
 }
