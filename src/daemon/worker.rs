@@ -466,7 +466,7 @@ async fn apply(
                 .finish_run(run_id, "applied", summary(record), &resources(record), "")
                 .map_err(|e| e.to_string())?;
             store
-                .set_last_applied(env, commit.as_str(), &fingerprint)
+                .set_last_applied(env, commit.as_str(), fingerprint)
                 .map_err(|e| e.to_string())?;
             store
                 .set_status(env, "in_sync")
