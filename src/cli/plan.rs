@@ -56,6 +56,9 @@ pub struct PlanArgs {
     /// The kernel sandbox for terraform: landlock (default) or off.
     #[arg(long, value_name = "MODE")]
     pub sandbox: Option<String>,
+    /// Also write plan.json (`terraform show -json`) with the kept plan artifacts.
+    #[arg(long, requires = "state_dir")]
+    pub json_plan: bool,
 }
 
 struct Settings {
@@ -238,6 +241,11 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
             &cancel,
         )
         .await?;
+    if args.json_plan {
+        terraform
+            .render_json(&workdir, &record, &identity.run_env, &cancel)
+            .await?;
+    }
     print_summary(
         &commit,
         &record,

@@ -36,7 +36,7 @@ use crate::git::CommitId;
 use crate::process::{ProcessError, ProcessOutput, ProcessSpec, run};
 use crate::repo::{CheckedEnvironment, Fingerprint, fingerprint};
 use crate::sandbox::{SandboxPolicy, with_real_path};
-use plan::{PlanJsonError, PlanSummary, summarize};
+use plan::{PlanJsonError, PlanSummary, StreamReport, summarize, summarize_stream};
 use workdir::write_private;
 
 /// How much of terraform's output an error or an alert carries: its last 4 KiB, where
@@ -444,6 +444,7 @@ impl Terraform {
         let plan_dir = workdir.plan_dir(run_id);
         create_private_dir(&plan_dir).map_err(io_context("creating the plan directory"))?;
         let plan_file = plan_dir.join("plan.tfplan");
+        let stream_file = plan_dir.join("plan.jsonl");
         let mut plan_command = self
             .command(
                 workdir,
@@ -451,7 +452,13 @@ impl Terraform {
                 run_env,
                 std::slice::from_ref(&plan_dir),
             )
-            .args(["plan", "-input=false", "-no-color", "-lock-timeout=5m"]);
+            .args([
+                "plan",
+                "-input=false",
+                "-no-color",
+                "-json",
+                "-lock-timeout=5m",
+            ]);
         if workdir.lane() == Lane::Preview {
             // A preview never takes the state lock: it must not hold up an apply, and its
             // read-only role may not be allowed to write the lock.
@@ -459,37 +466,33 @@ impl Terraform {
         }
         let plan_command = plan_command
             .arg(format!("-out={}", plan_file.display()))
-            .stdout_to(plan_dir.join("plan.txt"));
-        let mut output = run(&plan_command, cancel).await?;
-        if !output.success() && init_reused && needs_init(&output.stderr) {
+            .stdout_to(&stream_file);
+        // The summary comes from plan's own event stream: no `show -json`, which would load
+        // every provider schema a second time.
+        let planned =
+            |output: ProcessOutput| -> Result<(ProcessOutput, StreamReport), TerraformError> {
+                let stream =
+                    fs::read_to_string(&stream_file).map_err(io_context("reading plan.jsonl"))?;
+                Ok((output, summarize_stream(&stream)))
+            };
+        let (mut output, mut report) = planned(run(&plan_command, cancel).await?)?;
+        let complaint = |output: &ProcessOutput, report: &StreamReport| {
+            format!("{}{}", report.errors, output.stderr)
+        };
+        if !output.success() && init_reused && needs_init(&complaint(&output, &report)) {
             // The init signature missed something init acts on: init again, once.
             self.init(workdir, commit, run_env, &init, cancel).await?;
             fingerprint = self.seal(workdir, checked, commit).await?;
-            output = run(&plan_command, cancel).await?;
+            (output, report) = planned(run(&plan_command, cancel).await?)?;
         }
         let env = workdir.env().as_str();
         if !output.success() {
+            output.stderr = complaint(&output, &report);
             return Err(failed("plan", env, commit.as_str(), &output));
         }
         restrict(&plan_file)?;
         let plan_sha256 = sha256_file(&plan_file)?;
 
-        let json_file = plan_dir.join("plan.json");
-        let show = self
-            .command(
-                workdir,
-                &root_module,
-                run_env,
-                std::slice::from_ref(&plan_dir),
-            )
-            .args(["show", "-json", "-no-color"])
-            .arg(&plan_file)
-            .stdout_to(&json_file);
-        let output = run(&show, cancel).await?;
-        if !output.success() {
-            return Err(failed("show", env, commit.as_str(), &output));
-        }
-        let json = fs::read_to_string(&json_file).map_err(io_context("reading plan.json"))?;
         let record = PlanRecord {
             env: workdir.env().to_string(),
             commit: commit.to_string(),
@@ -499,7 +502,7 @@ impl Terraform {
             fingerprint: fingerprint.to_string(),
             inputs: checked.inputs.clone(),
             root_module: checked.spec.terraform.root.clone(),
-            summary: summarize(&json)?,
+            summary: report.summary,
             plan_dir: plan_dir.clone(),
             init_reused,
         };
@@ -526,6 +529,36 @@ impl Terraform {
                 .map_err(io_context("copying the merged state for a preview"))?;
         }
         Ok(())
+    }
+
+    /// Writes `plan.json` (`terraform show -json` of the saved plan) next to the plan, for
+    /// whoever wants the whole plan document; plans themselves do not need it. Returns the
+    /// summary read from it.
+    pub async fn render_json(
+        &self,
+        workdir: &Workdir,
+        record: &PlanRecord,
+        run_env: &RunEnvironment,
+        cancel: &CancellationToken,
+    ) -> Result<PlanSummary, TerraformError> {
+        let root_module = record.root_module.to_path(&workdir.checkout());
+        let json_file = record.plan_dir.join("plan.json");
+        let show = self
+            .command(
+                workdir,
+                &root_module,
+                run_env,
+                std::slice::from_ref(&record.plan_dir),
+            )
+            .args(["show", "-json", "-no-color"])
+            .arg(record.plan_file())
+            .stdout_to(&json_file);
+        let output = run(&show, cancel).await?;
+        if !output.success() {
+            return Err(failed("show", &record.env, &record.commit, &output));
+        }
+        let json = fs::read_to_string(&json_file).map_err(io_context("reading plan.json"))?;
+        Ok(summarize(&json)?)
     }
 
     /// Deletes the artifacts of a preview plan once its run is recorded: previews are never

@@ -1,7 +1,11 @@
-//! Reads `terraform show -json` of a saved plan into a summary. Pure: text in, data out.
+//! Reads what terraform says about a plan into a summary. Pure: text in, data out.
 //!
-//! The summary comes from `resource_changes` (what an apply would do) and `resource_drift`
-//! (what changed outside terraform since the last apply), never from terraform's exit code.
+//! Two sources give the same summary: the event stream of `terraform plan -json`
+//! ([`summarize_stream`]: `planned_change`, `resource_drift`, `outputs`, and the error
+//! diagnostics), which every plan produces anyway, and `terraform show -json` of a saved plan
+//! ([`summarize`]: `resource_changes`, `resource_drift`), which costs a second run of the
+//! provider schemas and is made only when the whole plan document is wanted. Never from
+//! terraform's exit code.
 
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +120,112 @@ pub fn summarize(show_json: &str) -> Result<PlanSummary, PlanJsonError> {
     Ok(summary)
 }
 
+/// One line of `terraform plan -json`.
+#[derive(Deserialize)]
+struct StreamEvent {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(rename = "@level", default)]
+    level: String,
+    #[serde(rename = "@message", default)]
+    message: String,
+    change: Option<StreamChange>,
+    outputs: Option<std::collections::BTreeMap<String, StreamOutput>>,
+    diagnostic: Option<StreamDiagnostic>,
+}
+
+#[derive(Deserialize)]
+struct StreamChange {
+    resource: StreamResource,
+    action: String,
+}
+
+#[derive(Deserialize)]
+struct StreamResource {
+    addr: String,
+}
+
+#[derive(Deserialize)]
+struct StreamOutput {
+    #[serde(default)]
+    action: String,
+}
+
+#[derive(Deserialize)]
+struct StreamDiagnostic {
+    #[serde(default)]
+    detail: String,
+}
+
+/// `plan -json`'s single action as `show -json`'s action list.
+fn actions_of(action: &str) -> Vec<String> {
+    match action {
+        "replace" => vec!["delete".into(), "create".into()],
+        "noop" => vec!["no-op".into()],
+        other => vec![other.to_string()],
+    }
+}
+
+/// What the event stream of one `terraform plan -json` said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamReport {
+    pub summary: PlanSummary,
+    /// The error diagnostics, as text (terraform prints them on stdout with `-json`).
+    pub errors: String,
+}
+
+/// Reads the lines of `terraform plan -json`. Lines that are not JSON (a provider's stray
+/// output) are skipped.
+pub fn summarize_stream(stream: &str) -> StreamReport {
+    let mut report = StreamReport::default();
+    let summary = &mut report.summary;
+    for line in stream.lines() {
+        let Ok(event) = serde_json::from_str::<StreamEvent>(line) else {
+            continue;
+        };
+        if event.level == "error" {
+            report.errors.push_str(&event.message);
+            report.errors.push('\n');
+            if let Some(diagnostic) = &event.diagnostic
+                && !diagnostic.detail.is_empty()
+            {
+                report.errors.push_str(&diagnostic.detail);
+                report.errors.push('\n');
+            }
+        }
+        match (event.kind.as_str(), event.change, event.outputs) {
+            ("planned_change", Some(change), _) => {
+                let actions = actions_of(&change.action);
+                match change.action.as_str() {
+                    "noop" | "read" => continue,
+                    "create" => summary.add += 1,
+                    "update" => summary.change += 1,
+                    "delete" => summary.destroy += 1,
+                    "replace" => {
+                        summary.add += 1;
+                        summary.destroy += 1;
+                        summary.replace += 1;
+                    }
+                    _ => {}
+                }
+                summary.resources.push(ResourceChange {
+                    address: change.resource.addr,
+                    actions,
+                });
+            }
+            ("resource_drift", Some(change), _) => summary.drift.push(ResourceChange {
+                address: change.resource.addr,
+                actions: actions_of(&change.action),
+            }),
+            ("outputs", _, Some(outputs)) => {
+                summary.outputs_change = outputs.values().any(|output| output.action != "noop");
+            }
+            _ => {}
+        }
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +297,62 @@ mod tests {
         let outputs_only = serde_json::json!({"output_changes": {"x": {"actions": ["create"]}}});
         assert!(summarize(&outputs_only.to_string()).unwrap().has_changes());
         assert!(summarize("not json").is_err());
+    }
+
+    /// Lines as terraform 1.11 prints them (trimmed to the fields read).
+    const STREAM: &str = r#"{"@level":"info","@message":"Terraform 1.11.4","type":"version","ui":"1.2"}
+{"@level":"info","@message":"aws_vpc.main: Drift detected (update)","change":{"resource":{"addr":"aws_vpc.main"},"action":"update"},"type":"resource_drift"}
+{"@level":"info","@message":"aws_vpc.main: Plan to update","change":{"resource":{"addr":"aws_vpc.main"},"action":"update"},"type":"planned_change"}
+{"@level":"info","@message":"terraform_data.a: Plan to replace","change":{"resource":{"addr":"terraform_data.a"},"action":"replace","reason":"cannot_update"},"type":"planned_change"}
+{"@level":"info","@message":"aws_subnet.a: Plan to create","change":{"resource":{"addr":"aws_subnet.a"},"action":"create"},"type":"planned_change"}
+{"@level":"info","@message":"data.x: Plan to read","change":{"resource":{"addr":"data.x"},"action":"read"},"type":"planned_change"}
+{"@level":"info","@message":"Plan: 2 to add, 1 to change, 1 to destroy.","changes":{"add":2,"change":1,"import":0,"remove":1,"operation":"plan"},"type":"change_summary"}
+{"@level":"info","@message":"Outputs: 1","outputs":{"o":{"sensitive":false,"action":"noop"}},"type":"outputs"}
+a provider's stray line
+"#;
+
+    #[test]
+    fn the_stream_gives_the_same_summary_as_show_json() {
+        let report = summarize_stream(STREAM);
+        let summary = &report.summary;
+        assert_eq!(
+            (
+                summary.add,
+                summary.change,
+                summary.destroy,
+                summary.replace
+            ),
+            (2, 1, 1, 1)
+        );
+        let changes: Vec<(&str, Vec<String>)> = summary
+            .resources
+            .iter()
+            .map(|r| (r.address.as_str(), r.actions.clone()))
+            .collect();
+        assert_eq!(
+            changes,
+            vec![
+                ("aws_vpc.main", vec!["update".to_string()]),
+                (
+                    "terraform_data.a",
+                    vec!["delete".to_string(), "create".to_string()]
+                ),
+                ("aws_subnet.a", vec!["create".to_string()]),
+            ]
+        );
+        assert_eq!(summary.drift.len(), 1);
+        assert!(summary.has_changes() && summary.destroys() && !summary.outputs_change);
+        assert!(report.errors.is_empty());
+    }
+
+    #[test]
+    fn error_diagnostics_are_collected_as_text() {
+        let stream = r#"{"@level":"error","@message":"Error: Module not installed","diagnostic":{"severity":"error","summary":"Module not installed","detail":"Run terraform init."},"type":"diagnostic"}"#;
+        let report = summarize_stream(stream);
+        assert_eq!(
+            report.errors,
+            "Error: Module not installed\nRun terraform init.\n"
+        );
+        assert!(!report.summary.has_changes());
     }
 }

@@ -9,7 +9,8 @@
 //!   checkout/.karrots-ready   written last: the commit and fingerprint of a finished preparation
 //!   tf-data/          TF_DATA_DIR: providers and modules, kept across commits of this lane
 //!   state/            the local backend's state, outside the checkout so re-exports keep it
-//!   plans/<run-id>/   plan.tfplan, plan.json, plan.txt, meta.json — all mode 0600
+//!   plans/<run-id>/   plan.tfplan, plan.jsonl (terraform's event stream), meta.json, and
+//!                     plan.json when asked for — all mode 0600
 //!   home/             an empty HOME, so no user file (~/.terraformrc, ~/.aws) reaches terraform
 //!   tmp/              TMPDIR: the only scratch space the sandbox allows
 //! ```

@@ -112,7 +112,7 @@ async fn plan_apply_replan_then_an_out_of_band_tag_shows_as_drift() {
     let record = record_of(state.path(), &commit);
     assert_eq!(record.summary.add, 1);
     assert!(!record.init_reused, "the first plan runs init");
-    for artifact in ["plan.tfplan", "plan.json", "plan.txt", "meta.json"] {
+    for artifact in ["plan.tfplan", "plan.jsonl", "meta.json"] {
         let mode = std::fs::metadata(record.plan_dir.join(artifact))
             .unwrap()
             .permissions();
@@ -320,7 +320,7 @@ fn merged_commits_assume_role_arn_and_previews_get_the_preview_role() {
     let merged = repo.git(&["rev-parse", "HEAD"]);
     let state = tempfile::tempdir().unwrap();
 
-    let run = plan(&repo, &moto, state.path(), &[]);
+    let run = plan(&repo, &moto, state.path(), &["--json-plan"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     let session = format!("assumed-role/karrots-worker/karrots-prod-{}", &merged[..7]);
     assert!(
