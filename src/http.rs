@@ -46,6 +46,8 @@ pub struct Metrics {
     pub plan_seconds: Histogram,
     pub apply_seconds: Histogram,
     pub fetch_errors: Counter,
+    /// Commits waiting for a worker.
+    pub queue_depth: Gauge,
     /// Seconds since the last successful fetch, set when scraped.
     pub since_fetch: Gauge<f64, AtomicU64>,
     registry: Registry,
@@ -58,8 +60,14 @@ impl Default for Metrics {
         let apply_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let fetch_errors = Counter::default();
         let since_fetch = Gauge::<f64, AtomicU64>::default();
+        let queue_depth = Gauge::default();
         let mut registry = Registry::with_prefix("karrots");
         registry.register("runs", "Runs by environment, kind and result", runs.clone());
+        registry.register(
+            "queue_depth",
+            "Commits waiting for a worker",
+            queue_depth.clone(),
+        );
         registry.register(
             "plan_duration_seconds",
             "Duration of terraform plans",
@@ -85,6 +93,7 @@ impl Default for Metrics {
             plan_seconds,
             apply_seconds,
             fetch_errors,
+            queue_depth,
             since_fetch,
             registry,
         }

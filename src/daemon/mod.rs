@@ -156,6 +156,7 @@ pub async fn run(
         stop.clone(),
     ));
 
+    let _watcher = watch_file_remote(&shared);
     let mut poller = Poller::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -285,6 +286,22 @@ impl Poller {
                 }
             }
         }
+        // Environments a moved branch defines that the trust branch does not: checked only.
+        for (branch, tip) in &heads {
+            if previous.get(branch) == Some(tip) || branch == shared.config.trust_branch.as_str() {
+                continue;
+            }
+            let (mirror, at) = (shared.mirror.path().to_path_buf(), tip.clone());
+            let names = tokio::task::spawn_blocking(move || {
+                git::open(&mirror).and_then(|repo| git::mirror::environment_names(&repo, &at))
+            })
+            .await;
+            for name in names.ok().and_then(Result::ok).unwrap_or_default() {
+                if !specs.contains_key(&name) {
+                    self.enqueue(shared, stop, &name, Lane::Preview, tip);
+                }
+            }
+        }
     }
 
     fn enqueue(
@@ -299,7 +316,7 @@ impl Poller {
             .workers
             .entry((env.to_string(), lane))
             .or_insert_with(|| {
-                let queue = Arc::new(Queue::default());
+                let queue = Arc::new(Queue::new(shared.metrics.queue_depth.clone()));
                 let task = tokio::spawn(worker::work(
                     shared.clone(),
                     env.to_string(),
@@ -352,6 +369,45 @@ async fn read_trusted(
         url: "mirror".into(),
         message: e.to_string(),
     })?
+}
+
+/// For a `file://` remote, watches its refs so a push wakes the fetch at once rather than at
+/// the next poll. `KARROTS_NO_WATCH=1` turns the watch off (a benchmark timing webhooks
+/// alone needs that). The watcher lives as long as the returned value.
+fn watch_file_remote(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    if shared.config.repo.scheme() != "file" || std::env::var_os("KARROTS_NO_WATCH").is_some() {
+        return None;
+    }
+    let path = shared.config.repo.to_file_path().ok()?;
+    // A bare repository holds refs/ itself; a working repository in .git/.
+    let git_dir = if path.join("refs").is_dir() {
+        path
+    } else {
+        path.join(".git")
+    };
+    let woken = shared.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|event| !event.kind.is_access()) {
+            woken.wake.notify_one();
+        }
+    })
+    .map_err(|error| tracing::warn!(%error, "cannot watch the remote; polling only"))
+    .ok()?;
+    // refs/ for pushed branches; the git dir itself for packed-refs, which is replaced whole.
+    let watched = watcher
+        .watch(&git_dir.join("refs"), notify::RecursiveMode::Recursive)
+        .and_then(|()| watcher.watch(&git_dir, notify::RecursiveMode::NonRecursive));
+    match watched {
+        Ok(()) => {
+            tracing::info!(remote = %git_dir.display(), "watching the remote's refs: a push is seen at once");
+            Some(watcher)
+        }
+        Err(error) => {
+            tracing::warn!(%error, remote = %git_dir.display(), "cannot watch the remote; polling only");
+            None
+        }
+    }
 }
 
 /// Takes a terraform permit; merged runs go ahead of previews.

@@ -21,17 +21,29 @@ use crate::terraform::{PlanRecord, RunId, StageError, TerraformError, stage_comm
 use super::Shared;
 
 /// The commit waiting for a worker: at most one; a newer one replaces it.
-#[derive(Default)]
 pub struct Queue {
     pending: Mutex<Option<String>>,
     ready: Notify,
+    /// Commits waiting across all queues (the `queue_depth` metric).
+    depth: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Queue {
     /// Queues `commit`; returns the commit it superseded, if one was waiting.
+    pub fn new(depth: prometheus_client::metrics::gauge::Gauge) -> Queue {
+        Queue {
+            pending: Mutex::new(None),
+            ready: Notify::new(),
+            depth,
+        }
+    }
+
     pub fn push(&self, commit: &str) -> Option<String> {
         let superseded = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.is_none() {
+                self.depth.inc();
+            }
             enqueue(&mut pending, commit)
         };
         self.ready.notify_one();
@@ -39,10 +51,15 @@ impl Queue {
     }
 
     fn take(&self) -> Option<String> {
-        self.pending
+        let taken = self
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .take();
+        if taken.is_some() {
+            self.depth.dec();
+        }
+        taken
     }
 }
 
@@ -526,7 +543,7 @@ async fn preview(
 ) -> WorkResult {
     let store = &shared.store;
     let Some(trusted) = shared.trusted(env) else {
-        return Ok(());
+        return static_check(shared, env, commit).await;
     };
     let checked = match stage(shared, env, Lane::Preview, commit).await? {
         Ok(checked) => checked,
@@ -608,4 +625,39 @@ async fn preview(
         }
     }
     Ok(())
+}
+
+/// An environment a branch defines that is not on the trust branch yet: its identity is
+/// unknown, so it is checked and never planned.
+async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> WorkResult {
+    let trust = shared.config.trust_branch.as_str();
+    match stage(shared, env, Lane::Preview, commit).await? {
+        Ok(checked) => {
+            let reason = decide_lane(None, &checked.spec, false)
+                .err()
+                .map(|refusal| refusal.reason(trust))
+                .unwrap_or_default();
+            let message = format!("passes karrots check; not planned: {reason}");
+            shared
+                .store
+                .record_run(env, commit.as_str(), "preview", "refused", &message)
+                .map_err(|e| e.to_string())?;
+            shared.metrics.run(env, "preview", "refused");
+            Ok(())
+        }
+        Err(StageError::Refused(problems)) => {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            config_error(
+                shared,
+                env,
+                commit,
+                "preview",
+                format!(
+                    "the commit does not pass karrots check (the environment is not on the trust branch {trust} yet):\n{}",
+                    lines.join("\n")
+                ),
+            )
+        }
+        Err(error) => Err(error.to_string()),
+    }
 }

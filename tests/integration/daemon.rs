@@ -168,12 +168,18 @@ pub struct Fixture {
     pub address: String,
     pub log: PathBuf,
     pub secret_file: PathBuf,
+    pub poll_interval: &'static str,
 }
 
 impl Fixture {
     /// prod (main) and dev (dev), each with its own root module; `prod_extra` is appended to
     /// prod's karrots.yaml.
     pub fn new(prod_extra: &str) -> Fixture {
+        Fixture::with_poll(prod_extra, "1s")
+    }
+
+    /// [`Fixture::new`] with another `poll_interval`.
+    pub fn with_poll(prod_extra: &str, poll_interval: &'static str) -> Fixture {
         require_terraform_and_moto();
         let moto = Moto::start();
         let sink = AlertSink::start();
@@ -225,6 +231,7 @@ impl Fixture {
             address,
             log,
             secret_file,
+            poll_interval,
         };
         fixture.start();
         fixture
@@ -240,8 +247,9 @@ impl Fixture {
 
     pub fn start(&mut self) {
         let config = format!(
-            "repo: {}\npoll_interval: 1s\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\nalerts:\n  - webhook: {}\n",
+            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\nalerts:\n  - webhook: {}\n",
             self.remote.path().display(),
+            self.poll_interval,
             self.state_dir().display(),
             self.address,
             self.secret_file.display(),
@@ -513,6 +521,16 @@ fn force_pushes_destroys_and_bad_configuration_are_refused() {
         "nothing applied"
     );
 
+    // History that descends from the applied commit again is planned and applied again.
+    fixture.clone.git(&["reset", "-q", "--hard", &first]);
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let descends = fixture.clone.commit_all("back on track");
+    fixture.push("main");
+    fixture.wait_for("prod applied again", |f| f.applied("prod", &descends));
+    assert_eq!(fixture.environment("prod")["status"], "in_sync");
+
     // A bad karrots.yaml on dev's branch: config_error naming the line; prod goes on.
     fixture.clone.git(&["checkout", "-q", "-b", "dev", &first]);
     fixture
@@ -533,7 +551,11 @@ fn force_pushes_destroys_and_bad_configuration_are_refused() {
         "{error}"
     );
     assert_eq!(fixture.environment("dev")["status"], "error");
-    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+    assert_eq!(
+        fixture.environment("prod")["last_applied"],
+        descends.as_str(),
+        "prod goes on"
+    );
 }
 
 #[test]
@@ -714,5 +736,77 @@ fn a_kill_during_an_apply_is_found_interrupted_and_never_reapplied_from_its_plan
     assert_eq!(
         plans_after_restart, 2,
         "planned before the kill and again after it"
+    );
+}
+
+#[test]
+fn a_push_to_a_file_remote_is_seen_at_once_without_polling() {
+    // Polling once an hour: only the watch of the remote's refs can wake the daemon.
+    let fixture = Fixture::with_poll("", "1h");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("the first poll's applies", |f| f.applied("prod", &first));
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let second = fixture.clone.commit_all("v2");
+    let pushed = Instant::now();
+    fixture.push("main");
+    fixture.wait_for("the push seen through the watch", |f| {
+        f.applied("prod", &second)
+    });
+    assert!(
+        pushed.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        pushed.elapsed()
+    );
+    assert!(
+        fixture.logs().contains("watching the remote's refs"),
+        "{}",
+        fixture.logs()
+    );
+}
+
+#[test]
+fn an_environment_not_on_the_trust_branch_is_checked_and_never_planned() {
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    fixture.clone.git(&["checkout", "-q", "-b", "feature"]);
+    fixture.clone.write(
+        "environments/qa/karrots.yaml",
+        &environment_yaml("qa", "qa", "modules/prod-app", ""),
+    );
+    let feature = fixture.clone.commit_all("a new environment, qa");
+    fixture.push("feature");
+    fixture.wait_for("qa checked", |f| !f.runs("qa").is_empty());
+    let runs = fixture.runs("qa");
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(runs[0]["commit"], feature.as_str());
+    assert_eq!(runs[0]["kind"], "preview");
+    assert_eq!(runs[0]["result"], "refused");
+    assert_eq!(
+        runs[0]["message"],
+        "passes karrots check; not planned: the environment is not on the trust branch main: merge its karrots.yaml there first"
+    );
+    let plans = fixture.state_dir().join("environments/qa/preview/plans");
+    assert!(!plans.exists() || std::fs::read_dir(&plans).unwrap().count() == 0);
+
+    // A broken one is a config_error naming the line.
+    fixture
+        .clone
+        .append("environments/qa/karrots.yaml", "nme: qa\n");
+    let broken = fixture.clone.commit_all("typo in qa");
+    fixture.push("feature");
+    fixture.wait_for("config_error for qa", |f| {
+        f.sink.find("qa", "config_error").is_some()
+    });
+    let error = fixture.sink.find("qa", "config_error").unwrap();
+    assert_eq!(error["commit"], broken.as_str());
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("environments/qa/karrots.yaml:10: nme: unknown key"),
+        "{error}"
     );
 }
