@@ -141,7 +141,37 @@ async fn stage(
         .map_err(|e| e.to_string())
 }
 
-/// Refuses a commit whose configuration does not pass the checks: `config_error`.
+/// Records a refusal: a run that never reaches terraform (result `refused`), the
+/// environment's status when there is one to set, the audit log, the metric, and the alert.
+fn refuse(
+    shared: &Shared,
+    commit: &CommitId,
+    run_kind: &str,
+    status: Option<&str>,
+    alert: Alert,
+) -> WorkResult {
+    let store = &shared.store;
+    let env = alert.env.as_str();
+    let decision = serde_json::to_value(alert.kind)
+        .ok()
+        .and_then(|kind| kind.as_str().map(str::to_string))
+        .unwrap_or_default();
+    store
+        .record_run(env, commit.as_str(), run_kind, "refused", &alert.message)
+        .map_err(|e| e.to_string())?;
+    if let Some(status) = status {
+        store.set_status(env, status).map_err(|e| e.to_string())?;
+    }
+    store
+        .audit(env, commit.as_str(), &decision, &alert.message)
+        .map_err(|e| e.to_string())?;
+    shared.metrics.run(env, run_kind, "refused");
+    shared.alert(alert);
+    Ok(())
+}
+
+/// Refuses a commit whose configuration does not pass the checks: `config_error`. A preview
+/// leaves the environment's status alone.
 fn config_error(
     shared: &Shared,
     env: &str,
@@ -149,21 +179,9 @@ fn config_error(
     kind: &str,
     message: String,
 ) -> WorkResult {
-    let store = &shared.store;
-    store
-        .record_run(env, commit.as_str(), kind, "refused", &message)
-        .map_err(|e| e.to_string())?;
-    if kind != "preview" {
-        store.set_status(env, "error").map_err(|e| e.to_string())?;
-    }
-    shared.metrics.run(env, kind, "refused");
-    shared.alert(Alert::new(
-        AlertKind::ConfigError,
-        env,
-        commit.as_str(),
-        message,
-    ));
-    Ok(())
+    let status = (kind != "preview").then_some("error");
+    let alert = Alert::new(AlertKind::ConfigError, env, commit.as_str(), message);
+    refuse(shared, commit, kind, status, alert)
 }
 
 async fn merged(
@@ -209,23 +227,8 @@ async fn merged(
                 commit.short(),
                 &last_applied[..7.min(last_applied.len())]
             );
-            store
-                .record_run(env, commit.as_str(), "plan", "refused", &message)
-                .map_err(|e| e.to_string())?;
-            store
-                .set_status(env, "refused")
-                .map_err(|e| e.to_string())?;
-            store
-                .audit(env, commit.as_str(), "history_rewritten", &message)
-                .map_err(|e| e.to_string())?;
-            shared.metrics.run(env, "plan", "refused");
-            shared.alert(Alert::new(
-                AlertKind::HistoryRewritten,
-                env,
-                commit.as_str(),
-                message,
-            ));
-            return Ok(());
+            let alert = Alert::new(AlertKind::HistoryRewritten, env, commit.as_str(), message);
+            return refuse(shared, commit, "plan", Some("refused"), alert);
         }
         _ => {}
     }
@@ -358,20 +361,9 @@ async fn merged(
                 doomed.len(),
                 doomed.join(", ")
             );
-            store
-                .record_run(env, commit.as_str(), "apply", "refused", &message)
-                .map_err(|e| e.to_string())?;
-            store
-                .set_status(env, "refused")
-                .map_err(|e| e.to_string())?;
-            store
-                .audit(env, commit.as_str(), "refused", &message)
-                .map_err(|e| e.to_string())?;
-            shared.metrics.run(env, "apply", "refused");
             let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
             alert.resources = resources(&record);
-            shared.alert(alert);
-            Ok(())
+            refuse(shared, commit, "apply", Some("refused"), alert)
         }
         AfterPlan::Apply => apply(shared, env, commit, &record, &trusted, &fingerprint).await,
     }
