@@ -45,6 +45,9 @@ pub enum DaemonError {
     Setup(String),
 }
 
+/// How long a wake waits for the rest of its burst before fetching.
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
+
 /// What the main loop, the workers and the HTTP routes share.
 pub struct Shared {
     pub config: DaemonConfig,
@@ -163,7 +166,12 @@ pub async fn run(
         poller.poll(&shared, &stop).await;
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}
-            () = shared.wake.notified() => {}
+            () = shared.wake.notified() => {
+                // A burst of hooks (or ref updates of one push) is one fetch: let it arrive,
+                // then drop the wake it left. A wake during the fetch still fetches again.
+                tokio::time::sleep(WAKE_DEBOUNCE).await;
+                let _ = tokio::time::timeout(Duration::ZERO, shared.wake.notified()).await;
+            }
             () = &mut shutdown => break,
         }
     }
@@ -192,6 +200,8 @@ struct Poller {
     /// Whether the last fetch failed (a `source_error` was alerted for it).
     failing: bool,
     workers: HashMap<(String, Lane), WorkerHandle>,
+    /// The trust branch's parsed environments, by blob.
+    spec_cache: SpecCache,
 }
 
 impl Poller {
@@ -237,8 +247,12 @@ impl Poller {
             tracing::warn!(branch = %shared.config.trust_branch, "the trust branch does not exist in the repository; nothing runs until it does");
             return;
         };
-        let trusted = match read_trusted(shared, &trust_tip).await {
-            Ok(trusted) => trusted,
+        let cache = std::mem::take(&mut self.spec_cache);
+        let trusted = match read_trusted(shared, &trust_tip, cache).await {
+            Ok((trusted, cache)) => {
+                self.spec_cache = cache;
+                trusted
+            }
             Err(error) => {
                 tracing::error!(%error, "reading the environments of the trust branch");
                 return;
@@ -346,23 +360,42 @@ impl Poller {
 
 type TrustedSpecs = Vec<(String, Result<EnvironmentSpec, crate::problem::Problems>)>;
 
-/// Every environment's `karrots.yaml` on the trust branch tip.
+/// Parsed trust-branch `karrots.yaml` files by environment and blob id: a file that did not
+/// change between two trust-branch heads is not parsed again.
+type SpecCache = HashMap<(String, git2::Oid), Result<EnvironmentSpec, crate::problem::Problems>>;
+
+/// Every environment's `karrots.yaml` on the trust branch tip, and the cache to keep.
 async fn read_trusted(
     shared: &Arc<Shared>,
     trust_tip: &CommitId,
-) -> Result<TrustedSpecs, crate::git::GitError> {
+    cache: SpecCache,
+) -> Result<(TrustedSpecs, SpecCache), crate::git::GitError> {
     let mirror = shared.mirror.path().to_path_buf();
     let tip = trust_tip.clone();
     tokio::task::spawn_blocking(move || {
         let repo = git::open(&mirror)?;
+        let read = |source| crate::git::read_error(&tip, source);
+        let tree = git::find_commit(&repo, &tip)?.tree().map_err(read)?;
         let mut specs = Vec::new();
+        let mut kept = SpecCache::new();
         for name in git::mirror::environment_names(&repo, &tip)? {
             let path = format!("environments/{name}/karrots.yaml");
-            if let Some(text) = git::read_file(&repo, &tip, &path)? {
-                specs.push((name.clone(), parse_environment(&text, path.as_ref(), &name)));
-            }
+            let Ok(entry) = tree.get_path(std::path::Path::new(&path)) else {
+                continue;
+            };
+            let key = (name.clone(), entry.id());
+            let parsed = match cache.get(&key) {
+                Some(parsed) => parsed.clone(),
+                None => {
+                    let blob = repo.find_blob(entry.id()).map_err(read)?;
+                    let text = String::from_utf8_lossy(blob.content());
+                    parse_environment(&text, path.as_ref(), &name)
+                }
+            };
+            kept.insert(key, parsed.clone());
+            specs.push((name, parsed));
         }
-        Ok(specs)
+        Ok((specs, kept))
     })
     .await
     .map_err(|e| crate::git::GitError::Remote {

@@ -1,7 +1,7 @@
 //! Staging a commit for an environment: what of the commit terraform will see.
 //!
-//! The commit's configuration tree is exported to `inspect/` and checked for this one
-//! environment; then only its input closure — its folder, the modules it reaches, `policies/` —
+//! The commit's configuration tree — less the other environments' folders — is exported to
+//! `inspect/` and checked for this one environment; then only its input closure — its folder, the modules it reaches, `policies/` —
 //! is exported again into `staging/`. A `file()` that reaches another environment's folder or
 //! an unreached module finds nothing, so terraform reads only fingerprinted input.
 //!
@@ -45,7 +45,21 @@ pub fn stage_commit(
         .map_err(io("preparing the workdir"))?;
     let repo = git::open(repo_dir)?;
     let inspect = workdir.inspect();
-    git::export_config_tree(&repo, commit, &inspect)?;
+    // What the check needs: the root's files, this environment's folder, every module and
+    // the policies — not the other environments' folders, however many there are.
+    let own_folder = format!("environments/{}", workdir.env());
+    git::export_tree(&repo, commit, &inspect, &|path, is_dir| {
+        let top = path.split('/').next().unwrap_or_default();
+        match top {
+            "modules" | "policies" => true,
+            "environments" => {
+                path == "environments"
+                    || path == own_folder
+                    || path.starts_with(&format!("{own_folder}/"))
+            }
+            _ => !is_dir && !path.contains('/'),
+        }
+    })?;
     let checked =
         check_environment(&inspect, workdir.env(), options).map_err(StageError::Refused)?;
     let inputs = &checked.inputs;

@@ -560,7 +560,19 @@ fn force_pushes_destroys_and_bad_configuration_are_refused() {
 
 #[test]
 fn webhooks_must_verify() {
-    let fixture = Fixture::new("");
+    // No polling: every fetch after the first is a hook's.
+    let fixture = Fixture::with_poll("", "1h");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("the first poll's applies", |f| {
+        f.applied("prod", &first) && f.applied("dev", &first)
+    });
+    let fetches = || {
+        fixture
+            .logs()
+            .matches("polled the config repository")
+            .count()
+    };
+    let before = fetches();
     let body =
         br#"{"ref": "refs/heads/main", "after": "0000000000000000000000000000000000000000"}"#;
     let hook = |path: &str, headers: &[(&str, &str)]| {
@@ -593,6 +605,8 @@ fn webhooks_must_verify() {
         hook("/hooks/gitlab", &[("x-gitlab-token", "hook-secre")]),
         401
     );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fetches(), before, "a refused hook fetched");
     // Signed with the secret: accepted.
     let signature = {
         use hmac::{KeyInit, Mac};
@@ -615,12 +629,47 @@ fn webhooks_must_verify() {
         hook("/hooks/gitlab", &[("x-gitlab-token", "hook-secret")]),
         202
     );
+    // Each verified hook wakes one fetch at most; a burst is coalesced.
+    fixture.wait_for("a fetch for the verified hooks", |_| fetches() > before);
+    let after_three = fetches();
+    assert!(
+        after_three - before <= 3,
+        "{} fetches",
+        after_three - before
+    );
+    let github = [("x-hub-signature-256", format!("sha256={signature}"))];
+    let headers: Vec<(&str, &str)> = github.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let address = fixture.address.clone();
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            std::thread::spawn(move || {
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                http(&address, "POST", "/hooks/github", &headers, body).0
+            })
+        })
+        .collect();
+    for request in burst {
+        assert_eq!(request.join().unwrap(), 202);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let burst_fetches = fetches() - after_three;
+    assert!(
+        (1..=2).contains(&burst_fetches),
+        "10 hooks at once made {burst_fetches} fetches"
+    );
     // Over 25 MiB: 413.
     let big = vec![b'x'; 25 * 1024 * 1024 + 1];
     let (status, _) = http(&fixture.address, "POST", "/hooks/github", &[], &big);
     assert_eq!(status, 413);
     let logs = fixture.logs();
-    assert_eq!(logs.matches("verified webhook").count(), 3, "{logs}");
+    assert_eq!(logs.matches("verified webhook").count(), 13, "{logs}");
     assert!(!logs.contains("hook-secret"), "the secret reached the logs");
 }
 
