@@ -62,6 +62,9 @@ pub struct Shared {
     merged_waiting: AtomicUsize,
     /// The environments as the trust branch describes them, from the last fetch.
     trusted: RwLock<BTreeMap<String, EnvironmentSpec>>,
+    /// The input closure of each environment's last applied commit, as staged: a new head
+    /// that changes no path inside it has the same fingerprint, without staging it.
+    applied_inputs: Mutex<HashMap<String, std::collections::BTreeSet<crate::config::RepoPath>>>,
     pub metrics: crate::http::Metrics,
     /// When the last fetch succeeded.
     pub last_fetch: Mutex<Option<Instant>>,
@@ -70,6 +73,23 @@ pub struct Shared {
 impl Shared {
     pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
         self.trusted.read().ok()?.get(env).cloned()
+    }
+
+    pub(crate) fn applied_inputs(
+        &self,
+        env: &str,
+    ) -> Option<std::collections::BTreeSet<crate::config::RepoPath>> {
+        self.applied_inputs.lock().ok()?.get(env).cloned()
+    }
+
+    pub(crate) fn remember_applied_inputs(
+        &self,
+        env: &str,
+        inputs: &std::collections::BTreeSet<crate::config::RepoPath>,
+    ) {
+        if let Ok(mut known) = self.applied_inputs.lock() {
+            known.insert(env.to_string(), inputs.clone());
+        }
     }
 
     /// Queues an alert for the daemon's sinks and the environment's own.
@@ -119,6 +139,7 @@ pub async fn run(
         wake: Notify::new(),
         merged_waiting: AtomicUsize::new(0),
         trusted: RwLock::new(BTreeMap::new()),
+        applied_inputs: Mutex::new(HashMap::new()),
         metrics: crate::http::Metrics::default(),
         last_fetch: Mutex::new(None),
     });

@@ -202,17 +202,27 @@ async fn merged(
         last_applied: row.last_applied.clone(),
         applied_fingerprint: row.applied_fingerprint.clone(),
     };
-    let descends = match &row.last_applied {
-        None => true,
+    // Ancestry, and whether the commit changed any path of the last applied commit's input
+    // closure (when that closure is known): both from git, on a blocking thread.
+    let (descends, untouched) = match &row.last_applied {
+        None => (true, false),
         Some(last) => {
             let (mirror, commit, last) = (
                 shared.mirror.path().to_path_buf(),
                 commit.clone(),
                 CommitId::from_hex(last),
             );
+            let inputs = shared.applied_inputs(env);
             tokio::task::spawn_blocking(move || {
-                git::open(&mirror)
-                    .and_then(|repo| git::mirror::descends_from(&repo, &commit, &last))
+                let repo = git::open(&mirror)?;
+                let descends = git::mirror::descends_from(&repo, &commit, &last)?;
+                let untouched = match inputs {
+                    Some(inputs) if descends => git::mirror::changed_paths(&repo, &last, &commit)?
+                        .iter()
+                        .all(|path| !inputs.iter().any(|input| input.contains(path))),
+                    _ => false,
+                };
+                Ok::<_, git::GitError>((descends, untouched))
             })
             .await
             .map_err(|e| e.to_string())?
@@ -233,6 +243,30 @@ async fn merged(
         _ => {}
     }
 
+    // No path of the applied closure changed, so neither did the closure nor its fingerprint:
+    // the engine decides on the applied fingerprint without the commit being staged (with
+    // hundreds of environments on one branch, staging each to learn this would starve the
+    // one that changed).
+    if untouched && let Some(applied) = &state.applied_fingerprint {
+        let facts = HeadFacts {
+            commit: commit.to_string(),
+            descends_from_last_applied: descends,
+            fingerprint: applied.clone(),
+        };
+        if decide_head(&state, &facts) == HeadDecision::Unaffected {
+            store
+                .set_last_applied(env, commit.as_str(), applied)
+                .map_err(|e| e.to_string())?;
+            return store
+                .audit(
+                    env,
+                    commit.as_str(),
+                    "unaffected",
+                    "the commit changes no path the environment is built from",
+                )
+                .map_err(|e| e.to_string());
+        }
+    }
     let checked = match stage(shared, env, Lane::Merged, commit).await? {
         Ok(checked) => checked,
         Err(StageError::Refused(problems)) => {
@@ -269,6 +303,7 @@ async fn merged(
         store
             .set_last_applied(env, commit.as_str(), &fingerprint)
             .map_err(|e| e.to_string())?;
+        shared.remember_applied_inputs(env, &checked.inputs);
         store
             .audit(
                 env,
@@ -327,6 +362,7 @@ async fn merged(
             store
                 .set_last_applied(env, commit.as_str(), &fingerprint)
                 .map_err(|e| e.to_string())?;
+            shared.remember_applied_inputs(env, &checked.inputs);
             store
                 .set_status(env, "in_sync")
                 .map_err(|e| e.to_string())?;
@@ -477,6 +513,7 @@ async fn apply(
             store
                 .set_last_applied(env, commit.as_str(), fingerprint)
                 .map_err(|e| e.to_string())?;
+            shared.remember_applied_inputs(env, &record.inputs);
             store
                 .set_status(env, "in_sync")
                 .map_err(|e| e.to_string())?;

@@ -165,3 +165,31 @@ pub fn environment_names(repo: &Repository, commit: &CommitId) -> Result<Vec<Str
     names.sort();
     Ok(names)
 }
+
+/// The paths (`/`-separated, old and new sides) that differ between two commits.
+pub fn changed_paths(
+    repo: &Repository,
+    from: &CommitId,
+    to: &CommitId,
+) -> Result<Vec<String>, GitError> {
+    let tree = |id: &CommitId| {
+        super::find_commit(repo, id)?
+            .tree()
+            .map_err(|source| super::read_error(id, source))
+    };
+    let (old, new) = (tree(from)?, tree(to)?);
+    let diff = repo
+        .diff_tree_to_tree(Some(&old), Some(&new), None)
+        .map_err(|source| super::read_error(to, source))?;
+    let mut paths = Vec::new();
+    for delta in diff.deltas() {
+        for file in [delta.old_file(), delta.new_file()] {
+            if let Some(path) = file.path().and_then(Path::to_str) {
+                paths.push(path.to_string());
+            }
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
+}

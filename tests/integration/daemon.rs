@@ -417,6 +417,21 @@ fn merges_apply_to_their_own_environment_and_branches_only_preview() {
     // dev's branch did not move: no dev run.
     assert_eq!(fixture.runs("dev").len(), dev_runs);
 
+    // A commit on main that touches nothing prod is built from: recorded, not planned.
+    fixture
+        .clone
+        .write("README.md", "# the config repository\n");
+    let readme = fixture.clone.commit_all("a README");
+    let prod_runs = fixture.runs("prod").len();
+    fixture.push("main");
+    fixture.wait_for("prod at the README commit", |f| f.applied("prod", &readme));
+    assert_eq!(
+        fixture.runs("prod").len(),
+        prod_runs,
+        "no plan for an unaffected commit"
+    );
+    let prod_commit = readme;
+
     // A feature branch gets a preview and nothing is applied.
     fixture.clone.git(&["checkout", "-q", "-b", "feature"]);
     fixture
