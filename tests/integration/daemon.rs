@@ -874,3 +874,72 @@ fn an_environment_not_on_the_trust_branch_is_checked_and_never_planned() {
         "{error}"
     );
 }
+
+#[test]
+fn a_failed_apply_is_alerted_and_the_next_commit_replans() {
+    // A resource whose provisioner failed is tainted, and tainted means replaced: prod allows it.
+    let fixture = Fixture::new("allow: [local-exec]\napply:\n  allow_destroy: true\n");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    // An apply that fails part-way: one resource is created, the next one's provisioner fails.
+    fixture.clone.append(
+        "modules/prod-app/main.tf",
+        "\nresource \"terraform_data\" \"ok\" {}\n\nresource \"terraform_data\" \"broken\" {\n  depends_on = [terraform_data.ok]\n  provisioner \"local-exec\" {\n    command = \"echo the provisioner failed >&2; exit 1\"\n  }\n}\n",
+    );
+    let broken = fixture.clone.commit_all("an apply that fails");
+    fixture.push("main");
+    fixture.wait_for("apply_failed", |f| {
+        f.sink.find("prod", "apply_failed").is_some()
+    });
+    let alert = fixture.sink.find("prod", "apply_failed").unwrap();
+    assert_eq!(alert["commit"], broken.as_str());
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("the provisioner failed"),
+        "{alert}"
+    );
+    assert!(
+        alert["message"].as_str().unwrap().len() < 6 * 1024,
+        "bounded output"
+    );
+    assert_eq!(fixture.environment("prod")["status"], "failed");
+    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+
+    // The next commit re-plans from the state the failed apply left.
+    fixture.clone.replace(
+        "modules/prod-app/main.tf",
+        "echo the provisioner failed >&2; exit 1",
+        "true",
+    );
+    let fixed = fixture.clone.commit_all("fix the provisioner");
+    fixture.push("main");
+    fixture.wait_for("prod applied at the fix", |f| f.applied("prod", &fixed));
+    let plan = fixture
+        .runs("prod")
+        .into_iter()
+        .find(|run| run["commit"] == fixed.as_str() && run["kind"] == "plan")
+        .unwrap();
+    let changes: Vec<(String, String)> = plan["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap().to_string(),
+                r["actions"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![(
+            "terraform_data.broken".to_string(),
+            "[\"delete\",\"create\"]".to_string()
+        )],
+        "only the tainted resource is replaced; terraform_data.ok survived the failed apply"
+    );
+    assert_eq!(fixture.environment("prod")["status"], "in_sync");
+}
