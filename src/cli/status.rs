@@ -8,8 +8,13 @@ use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The daemon's address.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8088")]
+    /// The daemon's address (also `--url`).
+    #[arg(
+        long,
+        alias = "url",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8088"
+    )]
     pub server: String,
     /// A file holding the API token (needed when the daemon listens off loopback).
     #[arg(long, value_name = "FILE")]
