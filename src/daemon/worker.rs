@@ -102,8 +102,33 @@ pub(super) async fn work(
     }
 }
 
-/// A failure the worker reports and moves on from.
-type WorkResult = Result<(), String>;
+/// A failure the worker logs and moves on from; the run it belonged to is recorded as failed
+/// where there is one.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WorkError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Git(#[from] git::GitError),
+    #[error(transparent)]
+    Terraform(#[from] TerraformError),
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    #[error(transparent)]
+    Aws(#[from] crate::aws::AwsError),
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for WorkError {
+    fn from(message: String) -> WorkError {
+        WorkError::Other(message)
+    }
+}
+
+type WorkResult = Result<(), WorkError>;
 
 fn resources(record: &PlanRecord) -> Vec<serde_json::Value> {
     record
@@ -128,7 +153,7 @@ async fn stage(
     env: &str,
     lane: Lane,
     commit: &CommitId,
-) -> Result<Result<CheckedEnvironment, StageError>, String> {
+) -> Result<Result<CheckedEnvironment, StageError>, WorkError> {
     let name = crate::config::EnvName::parse(env)?;
     let workdir = shared.terraform.workdir(&name, lane);
     let mirror = shared.mirror.path().to_path_buf();
@@ -138,7 +163,7 @@ async fn stage(
     };
     tokio::task::spawn_blocking(move || stage_commit(&workdir, &mirror, &commit, &options))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(WorkError::from)
 }
 
 /// Records a refusal: a run that never reaches terraform (result `refused`), the
@@ -156,15 +181,11 @@ fn refuse(
         .ok()
         .and_then(|kind| kind.as_str().map(str::to_string))
         .unwrap_or_default();
-    store
-        .record_run(env, commit.as_str(), run_kind, "refused", &alert.message)
-        .map_err(|e| e.to_string())?;
+    store.record_run(env, commit.as_str(), run_kind, "refused", &alert.message)?;
     if let Some(status) = status {
-        store.set_status(env, status).map_err(|e| e.to_string())?;
+        store.set_status(env, status)?;
     }
-    store
-        .audit(env, commit.as_str(), &decision, &alert.message)
-        .map_err(|e| e.to_string())?;
+    store.audit(env, commit.as_str(), &decision, &alert.message)?;
     shared.metrics.run(env, run_kind, "refused");
     shared.alert(alert);
     Ok(())
@@ -194,10 +215,7 @@ async fn merged(
     let Some(trusted) = shared.trusted(env) else {
         return Ok(());
     };
-    let row = store
-        .environment(env)
-        .map_err(|e| e.to_string())?
-        .unwrap_or_default();
+    let row = store.environment(env)?.unwrap_or_default();
     let state = MergedState {
         last_applied: row.last_applied.clone(),
         applied_fingerprint: row.applied_fingerprint.clone(),
@@ -224,9 +242,7 @@ async fn merged(
                 };
                 Ok::<_, git::GitError>((descends, untouched))
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+            .await??
         }
     };
     match decide_history(&state, commit.as_str(), descends) {
@@ -254,9 +270,7 @@ async fn merged(
             fingerprint: applied.clone(),
         };
         if decide_head(&state, &facts) == HeadDecision::Unaffected {
-            store
-                .set_last_applied(env, commit.as_str(), applied)
-                .map_err(|e| e.to_string())?;
+            store.set_last_applied(env, commit.as_str(), applied)?;
             return store
                 .audit(
                     env,
@@ -264,7 +278,7 @@ async fn merged(
                     "unaffected",
                     "the commit changes no path the environment is built from",
                 )
-                .map_err(|e| e.to_string());
+                .map_err(WorkError::from);
         }
     }
     let checked = match stage(shared, env, Lane::Merged, commit).await? {
@@ -282,7 +296,7 @@ async fn merged(
                 ),
             );
         }
-        Err(error) => return Err(error.to_string()),
+        Err(error) => return Err(error.into()),
     };
     if let Err(refusal) = decide_lane(Some(&trusted), &checked.spec, true) {
         return config_error(
@@ -300,18 +314,14 @@ async fn merged(
     };
     let fingerprint = checked.fingerprint.to_string();
     if decide_head(&state, &facts) == HeadDecision::Unaffected {
-        store
-            .set_last_applied(env, commit.as_str(), &fingerprint)
-            .map_err(|e| e.to_string())?;
+        store.set_last_applied(env, commit.as_str(), &fingerprint)?;
         shared.remember_applied_inputs(env, &checked.inputs);
-        store
-            .audit(
-                env,
-                commit.as_str(),
-                "unaffected",
-                "the commit does not change the environment's inputs",
-            )
-            .map_err(|e| e.to_string())?;
+        store.audit(
+            env,
+            commit.as_str(),
+            "unaffected",
+            "the commit does not change the environment's inputs",
+        )?;
         return Ok(());
     }
 
@@ -321,12 +331,8 @@ async fn merged(
     if stop.is_cancelled() {
         return Ok(());
     }
-    let run_id = store
-        .start_run(env, commit.as_str(), "plan")
-        .map_err(|e| e.to_string())?;
-    store
-        .set_status(env, "planning")
-        .map_err(|e| e.to_string())?;
+    let run_id = store.start_run(env, commit.as_str(), "plan")?;
+    store.set_status(env, "planning")?;
     let record = match plan(shared, env, Lane::Merged, commit, &checked, run_id, stop).await {
         Ok(record) => record,
         Err(message) => {
@@ -335,10 +341,14 @@ async fn merged(
             } else {
                 "failed"
             };
-            store
-                .finish_run(run_id, result, Summary::default(), &[], &message)
-                .map_err(|e| e.to_string())?;
-            store.set_status(env, "failed").map_err(|e| e.to_string())?;
+            store.finish_run(
+                run_id,
+                result,
+                Summary::default(),
+                &[],
+                &message.to_string(),
+            )?;
+            store.set_status(env, "failed")?;
             shared.metrics.run(env, "plan", result);
             return Ok(());
         }
@@ -348,9 +358,7 @@ async fn merged(
     } else {
         "no_changes"
     };
-    store
-        .finish_run(run_id, result, summary(&record), &resources(&record), "")
-        .map_err(|e| e.to_string())?;
+    store.finish_run(run_id, result, summary(&record), &resources(&record), "")?;
     shared.metrics.run(env, "plan", result);
 
     let outcome = PlanOutcome {
@@ -359,22 +367,14 @@ async fn merged(
     };
     match decide_after_plan(&trusted.apply, outcome) {
         AfterPlan::InSync => {
-            store
-                .set_last_applied(env, commit.as_str(), &fingerprint)
-                .map_err(|e| e.to_string())?;
+            store.set_last_applied(env, commit.as_str(), &fingerprint)?;
             shared.remember_applied_inputs(env, &checked.inputs);
-            store
-                .set_status(env, "in_sync")
-                .map_err(|e| e.to_string())?;
-            store
-                .audit(env, commit.as_str(), "in_sync", "the plan has no changes")
-                .map_err(|e| e.to_string())?;
+            store.set_status(env, "in_sync")?;
+            store.audit(env, commit.as_str(), "in_sync", "the plan has no changes")?;
             Ok(())
         }
         AfterPlan::PlanOnly => {
-            store
-                .set_status(env, "in_sync")
-                .map_err(|e| e.to_string())?;
+            store.set_status(env, "in_sync")?;
             store
                 .audit(
                     env,
@@ -382,7 +382,7 @@ async fn merged(
                     "plan_only",
                     "apply.auto is false: the plan is not applied",
                 )
-                .map_err(|e| e.to_string())
+                .map_err(WorkError::from)
         }
         AfterPlan::RefuseDestroy => {
             let doomed: Vec<String> = record
@@ -414,19 +414,18 @@ async fn plan(
     checked: &CheckedEnvironment,
     run_id: i64,
     stop: &CancellationToken,
-) -> Result<PlanRecord, String> {
+) -> Result<PlanRecord, WorkError> {
     let trusted = shared
         .trusted(env)
-        .ok_or("the environment left the trust branch")?;
+        .ok_or_else(|| WorkError::Other("the environment left the trust branch".into()))?;
     let name = crate::config::EnvName::parse(env)?;
     let endpoint = shared
         .config
         .aws_endpoint_url
         .as_ref()
         .map(|url| url.to_string());
-    let identity = crate::aws::establish(&name, &trusted.aws, lane, commit, endpoint.as_deref())
-        .await
-        .map_err(|e| e.to_string())?;
+    let identity =
+        crate::aws::establish(&name, &trusted.aws, lane, commit, endpoint.as_deref()).await?;
     let run = RunId::parse(&format!("run-{run_id}"))?;
     let workdir = shared.terraform.workdir(&name, lane);
     tracing::info!(run = run_id, "planning");
@@ -434,8 +433,7 @@ async fn plan(
     let record = shared
         .terraform
         .plan(&workdir, checked, commit, &run, &identity.run_env, stop)
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     shared
         .metrics
         .plan_seconds
@@ -467,12 +465,8 @@ async fn apply(
         .aws_endpoint_url
         .as_ref()
         .map(|url| url.to_string());
-    let run_id = store
-        .start_run(env, commit.as_str(), "apply")
-        .map_err(|e| e.to_string())?;
-    store
-        .set_status(env, "applying")
-        .map_err(|e| e.to_string())?;
+    let run_id = store.start_run(env, commit.as_str(), "apply")?;
+    store.set_status(env, "applying")?;
     tracing::info!(run = run_id, "applying");
     let started = std::time::Instant::now();
     let outcome = async {
@@ -484,7 +478,7 @@ async fn apply(
             endpoint.as_deref(),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|error| error.to_string())?;
         let workdir = shared.terraform.workdir(&name, Lane::Merged);
         shared
             .terraform
@@ -507,19 +501,11 @@ async fn apply(
         .observe(started.elapsed().as_secs_f64());
     match outcome {
         Ok(_) => {
-            store
-                .finish_run(run_id, "applied", summary(record), &resources(record), "")
-                .map_err(|e| e.to_string())?;
-            store
-                .set_last_applied(env, commit.as_str(), fingerprint)
-                .map_err(|e| e.to_string())?;
+            store.finish_run(run_id, "applied", summary(record), &resources(record), "")?;
+            store.set_last_applied(env, commit.as_str(), fingerprint)?;
             shared.remember_applied_inputs(env, &record.inputs);
-            store
-                .set_status(env, "in_sync")
-                .map_err(|e| e.to_string())?;
-            store
-                .audit(env, commit.as_str(), "applied", &format!("run {run_id}"))
-                .map_err(|e| e.to_string())?;
+            store.set_status(env, "in_sync")?;
+            store.audit(env, commit.as_str(), "applied", &format!("run {run_id}"))?;
             shared.metrics.run(env, "apply", "applied");
             tracing::info!(run = run_id, "applied");
             let s = &record.summary;
@@ -539,16 +525,14 @@ async fn apply(
             shared.alert(alert);
         }
         Err(message) => {
-            store
-                .finish_run(
-                    run_id,
-                    "failed",
-                    summary(record),
-                    &resources(record),
-                    &message,
-                )
-                .map_err(|e| e.to_string())?;
-            store.set_status(env, "failed").map_err(|e| e.to_string())?;
+            store.finish_run(
+                run_id,
+                "failed",
+                summary(record),
+                &resources(record),
+                &message,
+            )?;
+            store.set_status(env, "failed")?;
             shared.metrics.run(env, "apply", "failed");
             tracing::error!(run = run_id, error = %message, "apply failed");
             shared.alert(Alert::new(
@@ -597,12 +581,9 @@ async fn preview(
                 ),
             );
         }
-        Err(error) => return Err(error.to_string()),
+        Err(error) => return Err(error.into()),
     };
-    let row = store
-        .environment(env)
-        .map_err(|e| e.to_string())?
-        .unwrap_or_default();
+    let row = store.environment(env)?.unwrap_or_default();
     if row.applied_fingerprint.as_deref() == Some(checked.fingerprint.as_str()) {
         tracing::debug!("the commit does not change the environment's inputs: no preview");
         return Ok(());
@@ -622,9 +603,7 @@ async fn preview(
     if stop.is_cancelled() {
         return Ok(());
     }
-    let run_id = store
-        .start_run(env, commit.as_str(), "preview")
-        .map_err(|e| e.to_string())?;
+    let run_id = store.start_run(env, commit.as_str(), "preview")?;
     match plan(shared, env, Lane::Preview, commit, &checked, run_id, stop).await {
         Ok(record) => {
             let result = if record.summary.has_changes() {
@@ -632,14 +611,9 @@ async fn preview(
             } else {
                 "no_changes"
             };
-            store
-                .finish_run(run_id, result, summary(&record), &resources(&record), "")
-                .map_err(|e| e.to_string())?;
+            store.finish_run(run_id, result, summary(&record), &resources(&record), "")?;
             shared.metrics.run(env, "preview", result);
-            shared
-                .terraform
-                .discard_preview(&record)
-                .map_err(|e| e.to_string())?;
+            shared.terraform.discard_preview(&record)?;
         }
         Err(message) => {
             let result = if stop.is_cancelled() {
@@ -647,9 +621,13 @@ async fn preview(
             } else {
                 "failed"
             };
-            store
-                .finish_run(run_id, result, Summary::default(), &[], &message)
-                .map_err(|e| e.to_string())?;
+            store.finish_run(
+                run_id,
+                result,
+                Summary::default(),
+                &[],
+                &message.to_string(),
+            )?;
             shared.metrics.run(env, "preview", result);
         }
     }
@@ -669,8 +647,7 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
             let message = format!("passes karrots check; not planned: {reason}");
             shared
                 .store
-                .record_run(env, commit.as_str(), "preview", "refused", &message)
-                .map_err(|e| e.to_string())?;
+                .record_run(env, commit.as_str(), "preview", "refused", &message)?;
             shared.metrics.run(env, "preview", "refused");
             Ok(())
         }
@@ -687,6 +664,6 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
                 ),
             )
         }
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(error.into()),
     }
 }
