@@ -281,11 +281,26 @@ fn check_symlinks_stay_in_closure(
             if layout::symlink_leaves(root, path) {
                 continue; // reported by the layout scan
             }
+            // Where the link points, read lexically: a tree checked without the other
+            // environments' folders must still name a link into one for what it is.
+            let lexical = relative
+                .parent()
+                .map(|parent| parent.join(&target))
+                .and_then(|joined| RepoPath::parse(&crate::config::to_slash(&joined)).ok());
+            let outside =
+                |path: &RepoPath| !inputs.iter().any(|input| input.contains(path.as_str()));
             let why = match fs::canonicalize(path) {
-                Err(_) => format!(
-                    "symlink to {} dangles: its target does not exist",
-                    target.display()
-                ),
+                Err(_) => match lexical.filter(|path| !target.is_absolute() && outside(path)) {
+                    Some(path) => format!(
+                        "symlink to {} resolves to {path}, which is not a file of environment {}'s inputs (its folder, the modules it reaches, policies/)",
+                        target.display(),
+                        spec.name
+                    ),
+                    None => format!(
+                        "symlink to {} dangles: its target does not exist",
+                        target.display()
+                    ),
+                },
                 Ok(_) if target.is_absolute() => format!(
                     "symlink to {} is absolute: a link must point, relatively, at a file of environment {}'s inputs",
                     target.display(),
