@@ -331,35 +331,12 @@ async fn merged(
     if stop.is_cancelled() {
         return Ok(());
     }
-    let run_id = store.start_run(env, commit.as_str(), "plan")?;
     store.set_status(env, "planning")?;
-    let record = match plan(shared, env, Lane::Merged, commit, &checked, run_id, stop).await {
-        Ok(record) => record,
-        Err(message) => {
-            let result = if stop.is_cancelled() {
-                "interrupted"
-            } else {
-                "failed"
-            };
-            store.finish_run(
-                run_id,
-                result,
-                Summary::default(),
-                &[],
-                &message.to_string(),
-            )?;
-            store.set_status(env, "failed")?;
-            shared.metrics.run(env, "plan", result);
-            return Ok(());
-        }
+    let Some(record) = recorded_plan(shared, env, Lane::Merged, commit, &checked, stop).await?
+    else {
+        store.set_status(env, "failed")?;
+        return Ok(());
     };
-    let result = if record.summary.has_changes() {
-        "changes"
-    } else {
-        "no_changes"
-    };
-    store.finish_run(run_id, result, summary(&record), &resources(&record), "")?;
-    shared.metrics.run(env, "plan", result);
 
     let outcome = PlanOutcome {
         has_changes: record.summary.has_changes(),
@@ -403,6 +380,47 @@ async fn merged(
         }
         AfterPlan::Apply => apply(shared, env, commit, &record, &trusted, &fingerprint).await,
     }
+}
+
+/// Plans `commit` in `lane` as a recorded run (`plan` or `preview`): `changes` or
+/// `no_changes`, else `failed` (or `interrupted` when cancelled) with the error. `None` when
+/// the plan did not succeed; the run says why.
+async fn recorded_plan(
+    shared: &Arc<Shared>,
+    env: &str,
+    lane: Lane,
+    commit: &CommitId,
+    checked: &CheckedEnvironment,
+    stop: &CancellationToken,
+) -> Result<Option<PlanRecord>, WorkError> {
+    let kind = match lane {
+        Lane::Merged => "plan",
+        Lane::Preview => "preview",
+    };
+    let store = &shared.store;
+    let run_id = store.start_run(env, commit.as_str(), kind)?;
+    let (result, record) = match plan(shared, env, lane, commit, checked, run_id, stop).await {
+        Ok(record) => {
+            let result = if record.summary.has_changes() {
+                "changes"
+            } else {
+                "no_changes"
+            };
+            store.finish_run(run_id, result, summary(&record), &resources(&record), "")?;
+            (result, Some(record))
+        }
+        Err(error) => {
+            let result = if stop.is_cancelled() {
+                "interrupted"
+            } else {
+                "failed"
+            };
+            store.finish_run(run_id, result, Summary::default(), &[], &error.to_string())?;
+            (result, None)
+        }
+    };
+    shared.metrics.run(env, kind, result);
+    Ok(record)
 }
 
 /// Plans `commit` in `lane` with the lane's identity.
@@ -603,33 +621,8 @@ async fn preview(
     if stop.is_cancelled() {
         return Ok(());
     }
-    let run_id = store.start_run(env, commit.as_str(), "preview")?;
-    match plan(shared, env, Lane::Preview, commit, &checked, run_id, stop).await {
-        Ok(record) => {
-            let result = if record.summary.has_changes() {
-                "changes"
-            } else {
-                "no_changes"
-            };
-            store.finish_run(run_id, result, summary(&record), &resources(&record), "")?;
-            shared.metrics.run(env, "preview", result);
-            shared.terraform.discard_preview(&record)?;
-        }
-        Err(message) => {
-            let result = if stop.is_cancelled() {
-                "interrupted"
-            } else {
-                "failed"
-            };
-            store.finish_run(
-                run_id,
-                result,
-                Summary::default(),
-                &[],
-                &message.to_string(),
-            )?;
-            shared.metrics.run(env, "preview", result);
-        }
+    if let Some(record) = recorded_plan(shared, env, Lane::Preview, commit, &checked, stop).await? {
+        shared.terraform.discard_preview(&record)?;
     }
     Ok(())
 }
