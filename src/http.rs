@@ -40,8 +40,24 @@ pub struct RunLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnvLabels {
+    pub env: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub env: String,
+    pub status: String,
+}
+
 /// The daemon's Prometheus metrics.
 pub struct Metrics {
+    /// 1 for each environment's current drift status, 0 for the others.
+    pub drift_status: Family<DriftLabels, Gauge>,
+    /// Resources the last drift check found drifted, per environment.
+    pub drifted_resources: Family<EnvLabels, Gauge>,
+    pub drift_check_seconds: Histogram,
     pub runs: Family<RunLabels, Counter>,
     pub plan_seconds: Histogram,
     pub apply_seconds: Histogram,
@@ -56,6 +72,9 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Metrics {
         let runs = Family::<RunLabels, Counter>::default();
+        let drift_status = Family::<DriftLabels, Gauge>::default();
+        let drifted_resources = Family::<EnvLabels, Gauge>::default();
+        let drift_check_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let plan_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let apply_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         let fetch_errors = Counter::default();
@@ -79,6 +98,21 @@ impl Default for Metrics {
             apply_seconds.clone(),
         );
         registry.register(
+            "drift_status",
+            "Drift status per environment: 1 for the current one (in_sync, drifted, error)",
+            drift_status.clone(),
+        );
+        registry.register(
+            "drifted_resources",
+            "Resources found drifted by the last drift check",
+            drifted_resources.clone(),
+        );
+        registry.register(
+            "drift_check_duration_seconds",
+            "Duration of drift checks, from staging to the plan's summary",
+            drift_check_seconds.clone(),
+        );
+        registry.register(
             "fetch_errors",
             "Failed fetches of the config repository",
             fetch_errors.clone(),
@@ -89,6 +123,9 @@ impl Default for Metrics {
             since_fetch.clone(),
         );
         Metrics {
+            drift_status,
+            drifted_resources,
+            drift_check_seconds,
             runs,
             plan_seconds,
             apply_seconds,
@@ -101,6 +138,28 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records an environment's drift status and how many resources drifted.
+    pub fn drift(&self, env: &str, status: crate::engine::drift::DriftStatus, drifted: usize) {
+        use crate::engine::drift::DriftStatus;
+        for each in [
+            DriftStatus::InSync,
+            DriftStatus::Drifted,
+            DriftStatus::Error,
+        ] {
+            self.drift_status
+                .get_or_create(&DriftLabels {
+                    env: env.to_string(),
+                    status: each.as_str().to_string(),
+                })
+                .set(i64::from(each == status));
+        }
+        self.drifted_resources
+            .get_or_create(&EnvLabels {
+                env: env.to_string(),
+            })
+            .set(drifted as i64);
+    }
+
     pub fn run(&self, env: &str, kind: &str, result: &str) {
         self.runs
             .get_or_create(&RunLabels {
@@ -253,6 +312,16 @@ async fn environments(State(state): State<AppState>) -> Response {
             .runs(Some(&row.name))
             .ok()
             .and_then(|runs| runs.into_iter().next());
+        let drift = store.drift(&row.name).unwrap_or_default();
+        let checks_on = state
+            .shared
+            .trusted(&row.name)
+            .is_some_and(|spec| spec.drift.interval.is_some());
+        let addresses: Vec<&serde_json::Value> = drift
+            .resources
+            .iter()
+            .filter_map(|resource| resource.get("address"))
+            .collect();
         out.push(serde_json::json!({
             "name": row.name,
             "branch": row.branch,
@@ -260,7 +329,13 @@ async fn environments(State(state): State<AppState>) -> Response {
             "last_applied": row.last_applied,
             "status": row.status,
             "last_run": last_run,
-            "drift": {"status": "off", "checked_at": null, "resources": []},
+            "drift": {
+                "status": if checks_on { drift.status.as_str() } else { "off" },
+                "checked_at": drift.checked_at,
+                "resources": addresses,
+                "details": drift.resources,
+                "message": drift.message,
+            },
         }));
     }
     Json(out).into_response()

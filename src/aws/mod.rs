@@ -7,6 +7,8 @@
 //! The temporary credentials reach terraform only as variables of its process
 //! ([`RunEnvironment`]); nothing here writes or logs them.
 
+pub mod cloudtrail;
+
 use aws_config::BehaviorVersion;
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::ProvideCredentials;
@@ -24,6 +26,9 @@ pub struct RunIdentity {
     /// `None` for a preview without a preview role: terraform gets no credentials.
     pub caller_arn: Option<String>,
     pub run_env: RunEnvironment,
+    /// The same credentials, for the daemon's own calls in the run's name (CloudTrail).
+    /// Their `Debug` hides the secret.
+    pub credentials: Option<Credentials>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,7 @@ pub async fn establish(
                 return Ok(RunIdentity {
                     caller_arn: None,
                     run_env: RunEnvironment { variables },
+                    credentials: None,
                 });
             }
         },
@@ -153,6 +159,7 @@ pub async fn establish(
     Ok(RunIdentity {
         caller_arn: Some(arn),
         run_env: RunEnvironment { variables },
+        credentials: Some(credentials),
     })
 }
 

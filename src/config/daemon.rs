@@ -36,6 +36,9 @@ pub struct DaemonConfig {
     pub sandbox: SandboxMode,
     /// An AWS emulator for tests and demos; `None` for real AWS.
     pub aws_endpoint_url: Option<url::Url>,
+    /// Where CloudTrail `LookupEvents` goes, when not where `aws_endpoint_url` says (an
+    /// emulator without CloudTrail, or a test double of it).
+    pub cloudtrail_endpoint_url: Option<url::Url>,
     pub alerts: Vec<AlertSink>,
 }
 
@@ -141,6 +144,12 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
             .map(Some),
         None => Some(None),
     };
+    let cloudtrail_endpoint_url = match raw.aws.cloudtrail_endpoint_url {
+        Some(text) => v
+            .check("aws.cloudtrail_endpoint_url", parse_webhook_url(&text))
+            .map(Some),
+        None => Some(None),
+    };
     let alerts = v.alerts(&raw.alerts);
     let sandbox = v.check(
         "sandbox",
@@ -175,6 +184,9 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     else {
         unreachable!("a missing value without a reported problem")
     };
+    let Some(cloudtrail_endpoint_url) = cloudtrail_endpoint_url else {
+        unreachable!("a missing value without a reported problem")
+    };
     Ok(DaemonConfig {
         repo,
         poll_interval,
@@ -193,6 +205,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         },
         sandbox,
         aws_endpoint_url,
+        cloudtrail_endpoint_url,
         alerts,
     })
 }
@@ -244,6 +257,7 @@ terraform:
 sandbox: landlock
 aws:
   endpoint_url: http://127.0.0.1:4566
+  cloudtrail_endpoint_url: http://127.0.0.1:4567
 alerts:
   - webhook: http://127.0.0.1:9000/alerts
 ";
@@ -260,6 +274,10 @@ alerts:
         assert_eq!(config.terraform.timeout, Duration::from_secs(1800));
         assert_eq!(config.concurrency.get(), 2);
         assert_eq!(config.alerts.len(), 1);
+        assert_eq!(
+            config.cloudtrail_endpoint_url.map(|u| u.to_string()),
+            Some("http://127.0.0.1:4567/".into())
+        );
     }
 
     #[test]

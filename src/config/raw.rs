@@ -127,4 +127,5 @@ pub(crate) struct RawTerraformSettings {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawAwsSettings {
     pub endpoint_url: Option<String>,
+    pub cloudtrail_endpoint_url: Option<String>,
 }

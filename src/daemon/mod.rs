@@ -10,6 +10,7 @@
 //! Shutdown is a parameter of [`run`]: no new work is taken, plans are cancelled (SIGINT,
 //! grace, kill), an apply in flight finishes, and the store is left consistent.
 
+mod drift;
 mod worker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -68,9 +69,19 @@ pub struct Shared {
     pub metrics: crate::http::Metrics,
     /// When the last fetch succeeded.
     pub last_fetch: Mutex<Option<Instant>>,
+    /// CloudTrail `LookupEvents` requests, two a second per account.
+    pub cloudtrail_limiter: crate::aws::cloudtrail::AccountLimiter,
 }
 
 impl Shared {
+    /// The AWS endpoint every run is pointed at (an emulator), if any.
+    pub fn endpoint(&self) -> Option<String> {
+        self.config
+            .aws_endpoint_url
+            .as_ref()
+            .map(|url| url.to_string())
+    }
+
     pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
         self.trusted.read().ok()?.get(env).cloned()
     }
@@ -142,6 +153,7 @@ pub async fn run(
         applied_inputs: Mutex::new(HashMap::new()),
         metrics: crate::http::Metrics::default(),
         last_fetch: Mutex::new(None),
+        cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
     });
 
     // Runs cut off by a kill: an apply is alerted, never re-applied from its old plan; the
@@ -464,19 +476,28 @@ fn watch_file_remote(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher>
     }
 }
 
-/// Takes a terraform permit; merged runs go ahead of previews.
+/// Who gets the next terraform permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Priority {
+    /// Merged commits: never wait behind anything but other runs in flight.
+    First,
+    /// Previews and drift checks: wait while a merged run waits.
+    AfterMerges,
+}
+
+/// Takes a terraform permit; merged runs go ahead of previews and drift checks.
 pub(crate) async fn permit(
     shared: &Shared,
-    lane: Lane,
+    priority: Priority,
 ) -> Option<tokio::sync::SemaphorePermit<'_>> {
-    match lane {
-        Lane::Merged => {
+    match priority {
+        Priority::First => {
             shared.merged_waiting.fetch_add(1, Ordering::SeqCst);
             let permit = shared.permits.acquire().await.ok();
             shared.merged_waiting.fetch_sub(1, Ordering::SeqCst);
             permit
         }
-        Lane::Preview => loop {
+        Priority::AfterMerges => loop {
             if shared.merged_waiting.load(Ordering::SeqCst) == 0 {
                 let permit = shared.permits.acquire().await.ok()?;
                 if shared.merged_waiting.load(Ordering::SeqCst) == 0 {

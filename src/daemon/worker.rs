@@ -23,7 +23,9 @@ use super::Shared;
 /// The commit waiting for a worker: at most one; a newer one replaces it.
 pub struct Queue {
     pending: Mutex<Option<String>>,
-    ready: Notify,
+    pub(super) ready: Notify,
+    /// Cancels the drift check in progress, if any: a commit pushed goes first.
+    drift_check: Mutex<CancellationToken>,
     /// Commits waiting across all queues (the `queue_depth` metric).
     depth: prometheus_client::metrics::gauge::Gauge,
 }
@@ -34,8 +36,21 @@ impl Queue {
         Queue {
             pending: Mutex::new(None),
             ready: Notify::new(),
+            drift_check: Mutex::new(CancellationToken::new()),
             depth,
         }
+    }
+
+    /// `cancel` is what stops the drift check now running; a pushed commit triggers it.
+    pub(super) fn preempt_with(&self, cancel: CancellationToken) {
+        *self.drift_check.lock().unwrap_or_else(|p| p.into_inner()) = cancel;
+    }
+
+    pub(super) fn has_pending(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     pub fn push(&self, commit: &str) -> Option<String> {
@@ -46,6 +61,10 @@ impl Queue {
             }
             enqueue(&mut pending, commit)
         };
+        self.drift_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
         self.ready.notify_one();
         superseded
     }
@@ -70,9 +89,31 @@ pub(super) async fn work(
     queue: Arc<Queue>,
     stop: CancellationToken,
 ) {
+    let mut clock = super::drift::DriftClock::new();
     loop {
+        // Only the merged lane checks for drift (of the last applied commit).
+        let drift_due = match lane {
+            Lane::Merged => clock.due(&shared, &env),
+            Lane::Preview => None,
+        };
+        let drift_wait = async {
+            match drift_due {
+                Some(due) => tokio::time::sleep_until(due.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = queue.ready.notified() => {}
+            () = drift_wait => {
+                let span = tracing::info_span!("drift", env = %env, lane = %lane);
+                if let Err(error) = super::drift::check(&shared, &env, &queue, &mut clock, &stop)
+                    .instrument(span.clone())
+                    .await
+                {
+                    let _enter = span.enter();
+                    tracing::error!(%error, "the drift check failed");
+                }
+            }
             () = stop.cancelled() => return,
         }
         while let Some(commit) = queue.take() {
@@ -105,7 +146,7 @@ pub(super) async fn work(
 /// A failure the worker logs and moves on from; the run it belonged to is recorded as failed
 /// where there is one.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum WorkError {
+pub(crate) enum WorkError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -128,9 +169,9 @@ impl From<String> for WorkError {
     }
 }
 
-type WorkResult = Result<(), WorkError>;
+pub(super) type WorkResult = Result<(), WorkError>;
 
-fn resources(record: &PlanRecord) -> Vec<serde_json::Value> {
+pub(super) fn resources(record: &PlanRecord) -> Vec<serde_json::Value> {
     record
         .summary
         .resources
@@ -148,7 +189,7 @@ fn summary(record: &PlanRecord) -> Summary {
 }
 
 /// Stages `commit` for `env` in `lane` on a blocking thread.
-async fn stage(
+pub(super) async fn stage(
     shared: &Arc<Shared>,
     env: &str,
     lane: Lane,
@@ -168,7 +209,7 @@ async fn stage(
 
 /// Records a refusal: a run that never reaches terraform (result `refused`), the
 /// environment's status when there is one to set, the audit log, the metric, and the alert.
-fn refuse(
+pub(super) fn refuse(
     shared: &Shared,
     commit: &CommitId,
     run_kind: &str,
@@ -325,7 +366,7 @@ async fn merged(
         return Ok(());
     }
 
-    let Some(_permit) = super::permit(shared, Lane::Merged).await else {
+    let Some(_permit) = super::permit(shared, super::Priority::First).await else {
         return Ok(());
     };
     if stop.is_cancelled() {
@@ -348,7 +389,7 @@ async fn merged(
             shared.remember_applied_inputs(env, &checked.inputs);
             store.set_status(env, "in_sync")?;
             store.audit(env, commit.as_str(), "in_sync", "the plan has no changes")?;
-            Ok(())
+            super::drift::back_in_sync(shared, env, commit, false)
         }
         AfterPlan::PlanOnly => {
             store.set_status(env, "in_sync")?;
@@ -378,7 +419,18 @@ async fn merged(
             alert.resources = resources(&record);
             refuse(shared, commit, "apply", Some("refused"), alert)
         }
-        AfterPlan::Apply => apply(shared, env, commit, &record, &trusted, &fingerprint).await,
+        AfterPlan::Apply => {
+            apply(
+                shared,
+                env,
+                commit,
+                &record,
+                &trusted,
+                &fingerprint,
+                ApplyReason::Commit,
+            )
+            .await
+        }
     }
 }
 
@@ -437,13 +489,14 @@ async fn plan(
         .trusted(env)
         .ok_or_else(|| WorkError::Other("the environment left the trust branch".into()))?;
     let name = crate::config::EnvName::parse(env)?;
-    let endpoint = shared
-        .config
-        .aws_endpoint_url
-        .as_ref()
-        .map(|url| url.to_string());
-    let identity =
-        crate::aws::establish(&name, &trusted.aws, lane, commit, endpoint.as_deref()).await?;
+    let identity = crate::aws::establish(
+        &name,
+        &trusted.aws,
+        lane,
+        commit,
+        shared.endpoint().as_deref(),
+    )
+    .await?;
     let run = RunId::parse(&format!("run-{run_id}"))?;
     let workdir = shared.terraform.workdir(&name, lane);
     tracing::info!(run = run_id, "planning");
@@ -466,23 +519,29 @@ async fn plan(
     Ok(record)
 }
 
+/// Why an apply runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ApplyReason {
+    /// A merged commit's plan.
+    Commit,
+    /// `drift.remediate`: the plan of the last applied commit made by this drift check.
+    Remediation { drift_run: i64 },
+}
+
 /// Applies the saved plan of a merged commit. Not cancelled by shutdown: an apply in flight
 /// finishes (bounded by `terraform.timeout`).
-async fn apply(
+pub(super) async fn apply(
     shared: &Arc<Shared>,
     env: &str,
     commit: &CommitId,
     record: &PlanRecord,
     trusted: &crate::config::EnvironmentSpec,
     fingerprint: &str,
+    reason: ApplyReason,
 ) -> WorkResult {
     let store = &shared.store;
     let name = crate::config::EnvName::parse(env)?;
-    let endpoint = shared
-        .config
-        .aws_endpoint_url
-        .as_ref()
-        .map(|url| url.to_string());
+    let endpoint = shared.endpoint();
     let run_id = store.start_run(env, commit.as_str(), "apply")?;
     store.set_status(env, "applying")?;
     tracing::info!(run = run_id, "applying");
@@ -519,7 +578,20 @@ async fn apply(
         .observe(started.elapsed().as_secs_f64());
     match outcome {
         Ok(_) => {
-            store.finish_run(run_id, "applied", summary(record), &resources(record), "")?;
+            let what = match reason {
+                ApplyReason::Commit => String::new(),
+                ApplyReason::Remediation { drift_run } => format!(
+                    "remediation: re-applied the last applied commit {} to undo the drift found by run {drift_run}",
+                    commit.short()
+                ),
+            };
+            store.finish_run(
+                run_id,
+                "applied",
+                summary(record),
+                &resources(record),
+                &what,
+            )?;
             store.set_last_applied(env, commit.as_str(), fingerprint)?;
             shared.remember_applied_inputs(env, &record.inputs);
             store.set_status(env, "in_sync")?;
@@ -527,18 +599,17 @@ async fn apply(
             shared.metrics.run(env, "apply", "applied");
             tracing::info!(run = run_id, "applied");
             let s = &record.summary;
-            let mut alert = Alert::new(
-                AlertKind::Applied,
-                env,
-                commit.as_str(),
-                format!(
-                    "applied {}: {} added, {} changed, {} destroyed",
-                    commit.short(),
-                    s.add,
-                    s.change,
-                    s.destroy
-                ),
+            let counts = format!(
+                "{} added, {} changed, {} destroyed",
+                s.add, s.change, s.destroy
             );
+            let message = match reason {
+                ApplyReason::Commit => format!("applied {}: {counts}", commit.short()),
+                ApplyReason::Remediation { .. } => format!("{what}: {counts}"),
+            };
+            let remediation = matches!(reason, ApplyReason::Remediation { .. });
+            super::drift::back_in_sync(shared, env, commit, remediation)?;
+            let mut alert = Alert::new(AlertKind::Applied, env, commit.as_str(), message);
             alert.resources = resources(record);
             shared.alert(alert);
         }
@@ -615,7 +686,7 @@ async fn preview(
             refusal.reason(shared.config.trust_branch.as_str()),
         );
     }
-    let Some(_permit) = super::permit(shared, Lane::Preview).await else {
+    let Some(_permit) = super::permit(shared, super::Priority::AfterMerges).await else {
         return Ok(());
     };
     if stop.is_cancelled() {

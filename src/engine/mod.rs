@@ -9,6 +9,7 @@
 
 use crate::config::EnvironmentSpec;
 
+pub mod drift;
 pub mod reconcile;
 
 /// The two workdirs of an environment. They share nothing: no checkout, no lock file, no

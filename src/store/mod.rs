@@ -54,6 +54,34 @@ pub struct RunRow {
     pub message: String,
 }
 
+/// What the drift checks of an environment found last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DriftRow {
+    /// `unchecked`, `in_sync`, `drifted`, `error` (`off` is the API's, from the config).
+    pub status: String,
+    /// When the last check finished (RFC 3339).
+    pub checked_at: Option<String>,
+    /// The last moment the environment was known to match its last applied commit (a clean
+    /// check or an apply): where the search for who changed it starts.
+    pub in_sync_at: Option<String>,
+    /// The drifted resources: address, actions, id, changed attributes, `changed_by`.
+    pub resources: Vec<serde_json::Value>,
+    /// Why the last check failed, when it did.
+    pub message: String,
+}
+
+impl Default for DriftRow {
+    fn default() -> DriftRow {
+        DriftRow {
+            status: "unchecked".into(),
+            checked_at: None,
+            in_sync_at: None,
+            resources: Vec::new(),
+            message: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
     pub add: usize,
@@ -83,6 +111,8 @@ pub trait StateStore: Send + Sync {
         commit: &str,
         fingerprint: &str,
     ) -> Result<(), StoreError>;
+    fn drift(&self, name: &str) -> Result<DriftRow, StoreError>;
+    fn set_drift(&self, name: &str, drift: &DriftRow) -> Result<(), StoreError>;
     fn start_run(&self, env: &str, commit: &str, kind: &str) -> Result<i64, StoreError>;
     fn finish_run(
         &self,
@@ -124,7 +154,8 @@ pub struct SqliteStore {
     connection: Mutex<Connection>,
 }
 
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE environments (
     name TEXT PRIMARY KEY,
     branch TEXT NOT NULL,
@@ -165,7 +196,15 @@ CREATE TABLE outbox (
     delivered_at TEXT,
     last_error TEXT
 );
-"];
+",
+    "
+ALTER TABLE environments ADD COLUMN drift_status TEXT NOT NULL DEFAULT 'unchecked';
+ALTER TABLE environments ADD COLUMN drift_checked_at TEXT;
+ALTER TABLE environments ADD COLUMN drift_in_sync_at TEXT;
+ALTER TABLE environments ADD COLUMN drift_resources TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE environments ADD COLUMN drift_message TEXT NOT NULL DEFAULT '';
+",
+];
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -309,6 +348,47 @@ impl StateStore for SqliteStore {
             c.execute(
                 "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3 WHERE name = ?1",
                 params![name, commit, fingerprint],
+            )
+            .map(drop)
+        })
+    }
+
+    fn drift(&self, name: &str) -> Result<DriftRow, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT drift_status, drift_checked_at, drift_in_sync_at, drift_resources, drift_message
+                 FROM environments WHERE name = ?1",
+                [name],
+                |row| {
+                    let resources: String = row.get(3)?;
+                    Ok(DriftRow {
+                        status: row.get(0)?,
+                        checked_at: row.get(1)?,
+                        in_sync_at: row.get(2)?,
+                        resources: serde_json::from_str(&resources).unwrap_or_default(),
+                        message: row.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map(Option::unwrap_or_default)
+        })
+    }
+
+    fn set_drift(&self, name: &str, drift: &DriftRow) -> Result<(), StoreError> {
+        let resources = serde_json::to_string(&drift.resources).unwrap_or_else(|_| "[]".into());
+        self.with(|c| {
+            c.execute(
+                "UPDATE environments SET drift_status = ?2, drift_checked_at = ?3,
+                 drift_in_sync_at = ?4, drift_resources = ?5, drift_message = ?6 WHERE name = ?1",
+                params![
+                    name,
+                    drift.status,
+                    drift.checked_at,
+                    drift.in_sync_at,
+                    resources,
+                    drift.message
+                ],
             )
             .map(drop)
         })
@@ -522,6 +602,30 @@ mod tests {
             store.interrupt_open_runs().unwrap().is_empty(),
             "reported once"
         );
+    }
+
+    #[test]
+    fn drift_findings_are_kept_per_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        let found = DriftRow {
+            status: "drifted".into(),
+            checked_at: Some("2026-11-23T10:00:00Z".into()),
+            in_sync_at: Some("2026-11-23T09:00:00Z".into()),
+            resources: vec![serde_json::json!({"address": "aws_vpc.main", "actions": ["update"]})],
+            message: String::new(),
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.upsert_environment("prod", "main", "abc").unwrap();
+            store.upsert_environment("dev", "dev", "abc").unwrap();
+            assert_eq!(store.drift("prod").unwrap(), DriftRow::default());
+            store.set_drift("prod", &found).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.drift("prod").unwrap(), found);
+        assert_eq!(store.drift("dev").unwrap().status, "unchecked");
+        assert_eq!(store.drift("nowhere").unwrap(), DriftRow::default());
     }
 
     #[test]

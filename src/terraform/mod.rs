@@ -541,6 +541,19 @@ impl Terraform {
         run_env: &RunEnvironment,
         cancel: &CancellationToken,
     ) -> Result<PlanSummary, TerraformError> {
+        let json = self.show_json(workdir, record, run_env, cancel).await?;
+        Ok(summarize(&json)?)
+    }
+
+    /// `terraform show -json` of the saved plan of `record`, written to `plan.json` next to
+    /// it and returned.
+    pub async fn show_json(
+        &self,
+        workdir: &Workdir,
+        record: &PlanRecord,
+        run_env: &RunEnvironment,
+        cancel: &CancellationToken,
+    ) -> Result<String, TerraformError> {
         let root_module = record.root_module.to_path(&workdir.checkout());
         let json_file = record.plan_dir.join("plan.json");
         let show = self
@@ -557,8 +570,18 @@ impl Terraform {
         if !output.success() {
             return Err(failed("show", &record.env, &record.commit, &output));
         }
-        let json = fs::read_to_string(&json_file).map_err(io_context("reading plan.json"))?;
-        Ok(summarize(&json)?)
+        fs::read_to_string(&json_file).map_err(io_context("reading plan.json"))
+    }
+
+    /// Deletes the artifacts of a drift check's plan once it is recorded (and applied, when
+    /// it remediated): a drift plan is of a commit already applied, and is never kept.
+    pub fn discard_plan(&self, record: &PlanRecord) -> Result<(), TerraformError> {
+        match fs::remove_dir_all(&record.plan_dir) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                Err(io_context("deleting a drift plan")(error))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Deletes the artifacts of a preview plan once its run is recorded: previews are never

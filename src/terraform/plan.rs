@@ -120,6 +120,57 @@ pub fn summarize(show_json: &str) -> Result<PlanSummary, PlanJsonError> {
     Ok(summary)
 }
 
+/// What `terraform show -json` says of one resource with a change or drift: its id (to look
+/// up who changed it) and the names of the attributes that differ — never their values, which
+/// may be sensitive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceDetail {
+    pub id: Option<String>,
+    pub changed_attributes: Vec<String>,
+}
+
+/// The [`ResourceDetail`] of every resource in `resource_drift` and `resource_changes`, by
+/// address. What changed outside terraform (`resource_drift`) is preferred to what the apply
+/// would change.
+pub fn resource_details(
+    show_json: &str,
+) -> Result<std::collections::BTreeMap<String, ResourceDetail>, PlanJsonError> {
+    let show: serde_json::Value = serde_json::from_str(show_json)?;
+    let mut details = std::collections::BTreeMap::<String, ResourceDetail>::new();
+    for list in ["resource_drift", "resource_changes"] {
+        let entries = show[list].as_array().map(Vec::as_slice).unwrap_or_default();
+        for entry in entries {
+            let Some(address) = entry["address"].as_str() else {
+                continue;
+            };
+            let (before, after) = (&entry["change"]["before"], &entry["change"]["after"]);
+            let id = [before, after]
+                .iter()
+                .find_map(|side| side["id"].as_str())
+                .map(str::to_string);
+            let changed_attributes = match (before.as_object(), after.as_object()) {
+                (Some(before), Some(after)) => {
+                    let keys: std::collections::BTreeSet<&String> =
+                        before.keys().chain(after.keys()).collect();
+                    keys.into_iter()
+                        .filter(|key| before.get(*key) != after.get(*key))
+                        .cloned()
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            let detail = details.entry(address.to_string()).or_default();
+            if detail.id.is_none() {
+                detail.id = id;
+            }
+            if detail.changed_attributes.is_empty() {
+                detail.changed_attributes = changed_attributes;
+            }
+        }
+    }
+    Ok(details)
+}
+
 /// One line of `terraform plan -json`.
 #[derive(Deserialize)]
 struct StreamEvent {
@@ -283,6 +334,41 @@ mod tests {
             }]
         );
         assert!(summary.has_changes() && summary.destroys() && !summary.outputs_change);
+    }
+
+    #[test]
+    fn drifted_resources_give_their_id_and_the_names_of_what_changed() {
+        let json = serde_json::json!({
+            "resource_drift": [
+                {"address": "aws_vpc.main", "change": {"actions": ["update"],
+                    "before": {"id": "vpc-1", "cidr_block": "10.0.0.0/16", "tags": {"Name": "app"}},
+                    "after": {"id": "vpc-1", "cidr_block": "10.0.0.0/16", "tags": {"Name": "by-hand"}}}},
+                {"address": "aws_vpc.extra", "change": {"actions": ["delete"],
+                    "before": {"id": "vpc-2", "tags": {}}, "after": null}}
+            ],
+            "resource_changes": [
+                {"address": "aws_vpc.main", "change": {"actions": ["update"],
+                    "before": {"id": "vpc-1", "tags": {"Name": "by-hand"}, "password": "s3cret"},
+                    "after": {"id": "vpc-1", "tags": {"Name": "app"}, "password": "other"}}},
+                {"address": "aws_vpc.extra", "change": {"actions": ["create"],
+                    "before": null, "after": {"tags": {}}}}
+            ]
+        });
+        let details = resource_details(&json.to_string()).unwrap();
+        assert_eq!(
+            details["aws_vpc.main"],
+            ResourceDetail {
+                id: Some("vpc-1".into()),
+                changed_attributes: vec!["tags".into()],
+            },
+            "what changed outside terraform wins over what the apply changes"
+        );
+        assert_eq!(details["aws_vpc.extra"].id.as_deref(), Some("vpc-2"));
+        assert!(details["aws_vpc.extra"].changed_attributes.is_empty());
+        assert!(
+            !format!("{details:?}").contains("s3cret"),
+            "names only, never values"
+        );
     }
 
     #[test]

@@ -55,6 +55,16 @@ impl AlertSink {
             .collect()
     }
 
+    pub fn all(&self, env: &str, kind: &str) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|alert| alert["env"] == env && alert["kind"] == kind)
+            .cloned()
+            .collect()
+    }
+
     pub fn find(&self, env: &str, kind: &str) -> Option<Value> {
         self.received
             .lock()
@@ -67,6 +77,13 @@ impl AlertSink {
 
 /// Reads one HTTP/1.1 request, answers 200, returns its body.
 fn read_request(mut stream: TcpStream) -> Option<Vec<u8>> {
+    let body = read_body(&mut stream)?;
+    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    Some(body)
+}
+
+/// Reads one HTTP/1.1 request from `stream`; returns its body.
+pub fn read_body(stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut data = Vec::new();
     let mut chunk = [0u8; 8192];
     let (head_end, length) = loop {
@@ -92,7 +109,6 @@ fn read_request(mut stream: TcpStream) -> Option<Vec<u8>> {
         }
         data.extend_from_slice(&chunk[..read]);
     }
-    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     Some(data[head_end..].to_vec())
 }
 
@@ -169,6 +185,10 @@ pub struct Fixture {
     pub log: PathBuf,
     pub secret_file: PathBuf,
     pub poll_interval: &'static str,
+    /// `aws.cloudtrail_endpoint_url` of the daemon config, when set.
+    pub cloudtrail_url: Option<String>,
+    /// Whether the daemon gets AWS credentials (a drift check without them must fail).
+    pub credentials: bool,
 }
 
 impl Fixture {
@@ -180,6 +200,16 @@ impl Fixture {
 
     /// [`Fixture::new`] with another `poll_interval`.
     pub fn with_poll(prod_extra: &str, poll_interval: &'static str) -> Fixture {
+        Fixture::custom(prod_extra, poll_interval, APP, None)
+    }
+
+    /// prod's root module is `prod_module`; the daemon asks `cloudtrail_url` for CloudTrail.
+    pub fn custom(
+        prod_extra: &str,
+        poll_interval: &'static str,
+        prod_module: &str,
+        cloudtrail_url: Option<String>,
+    ) -> Fixture {
         require_terraform_and_moto();
         let moto = Moto::start();
         let sink = AlertSink::start();
@@ -202,7 +232,7 @@ impl Fixture {
             "environments/dev/karrots.yaml",
             &environment_yaml("dev", "dev", "modules/dev-app", ""),
         );
-        clone.write("modules/prod-app/main.tf", APP);
+        clone.write("modules/prod-app/main.tf", prod_module);
         clone.write("modules/dev-app/main.tf", APP);
         clone.init_git();
         clone.git(&["remote", "add", "origin", remote.path().to_str().unwrap()]);
@@ -232,6 +262,8 @@ impl Fixture {
             log,
             secret_file,
             poll_interval,
+            cloudtrail_url,
+            credentials: true,
         };
         fixture.start();
         fixture
@@ -246,8 +278,13 @@ impl Fixture {
     }
 
     pub fn start(&mut self) {
+        let cloudtrail = self
+            .cloudtrail_url
+            .as_ref()
+            .map(|url| format!("  cloudtrail_endpoint_url: {url}\n"))
+            .unwrap_or_default();
         let config = format!(
-            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\nalerts:\n  - webhook: {}\n",
+            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\n{cloudtrail}alerts:\n  - webhook: {}\n",
             self.remote.path().display(),
             self.poll_interval,
             self.state_dir().display(),
@@ -262,17 +299,31 @@ impl Fixture {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(karrots_binary())
+        let mut command = Command::new(karrots_binary());
+        command
             .args(["serve", "--config", self.config_path().to_str().unwrap()])
             .env_remove("AWS_ENDPOINT_URL")
-            .env("AWS_ACCESS_KEY_ID", "AKIATESTKARROTS")
-            .env("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
             .env("AWS_DEFAULT_REGION", "us-east-1")
             .env("KARROTS_LOG", "info,karrots=debug")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start karrots serve");
+            .stderr(log);
+        if self.credentials {
+            command
+                .env("AWS_ACCESS_KEY_ID", "AKIATESTKARROTS")
+                .env("AWS_SECRET_ACCESS_KEY", CANARY_SECRET);
+        } else {
+            // Nothing in the chain: no variables, no files, no instance metadata.
+            let nowhere = self.state.path().join("no-such-aws-file");
+            command
+                .env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("AWS_SESSION_TOKEN")
+                .env_remove("AWS_PROFILE")
+                .env("AWS_CONFIG_FILE", &nowhere)
+                .env("AWS_SHARED_CREDENTIALS_FILE", &nowhere)
+                .env("AWS_EC2_METADATA_DISABLED", "true");
+        }
+        let child = command.spawn().expect("start karrots serve");
         self.daemon = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(&self.address).is_err() {

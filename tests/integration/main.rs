@@ -3,6 +3,7 @@
 
 mod check;
 mod daemon;
+mod drift;
 mod plan;
 mod platform;
 mod support;

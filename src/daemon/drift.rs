@@ -1,0 +1,613 @@
+//! Drift checks: the merged worker of an environment re-plans its last applied commit on the
+//! `drift.interval` schedule, with the apply identity and refresh on, and
+//! [`crate::engine::drift`] decides what the finding means. Who changed a drifted resource
+//! comes from CloudTrail; `drift.remediate` applies the check's own plan, through the same
+//! guards as any apply.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::{Alert, AlertKind};
+use crate::aws::cloudtrail::{self, ChangedBy, DELIVERY_MARGIN, Lookup};
+use crate::engine::drift::{DriftAlert, DriftMemory, DriftStatus, Drifted, Finding, decide_drift};
+use crate::engine::reconcile::{AfterPlan, PlanOutcome, decide_after_plan};
+use crate::engine::{Lane, decide_lane};
+use crate::git::CommitId;
+use crate::store::{DriftRow, Summary, now_rfc3339};
+use crate::terraform::{PlanRecord, RunId, StageError};
+
+use super::Shared;
+use super::worker::{ApplyReason, Queue, WorkError, WorkResult, apply, refuse, stage};
+
+/// How long the search for who changed the drifted resources may take before the alert goes
+/// out without it.
+const ATTRIBUTION_BOUND: Duration = Duration::from_secs(90);
+
+/// A drifted resource as the API and the alerts show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftedResource {
+    pub address: String,
+    /// What applying the last applied commit would do to it.
+    pub actions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Names of the attributes that differ (never their values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_attributes: Vec<String>,
+    #[serde(default)]
+    pub changed_by: Vec<ChangedBy>,
+}
+
+/// When the merged worker of an environment checks for drift next.
+pub(super) struct DriftClock {
+    /// When the last check ran (or, before the first, a moment chosen so that the first
+    /// lands a share of the interval after the start).
+    last: Option<Instant>,
+    /// Failed checks in a row.
+    failures: u32,
+}
+
+impl DriftClock {
+    pub(super) fn new() -> DriftClock {
+        DriftClock {
+            last: None,
+            failures: 0,
+        }
+    }
+
+    /// When the next check is due, or `None` when drift checks are off.
+    pub(super) fn due(&mut self, shared: &Shared, env: &str) -> Option<Instant> {
+        let interval = shared.trusted(env)?.drift.interval?;
+        let now = Instant::now();
+        let last = *self.last.get_or_insert_with(|| {
+            let checked_at = shared
+                .store
+                .drift(env)
+                .ok()
+                .and_then(|row| row.checked_at)
+                .and_then(|at| humantime::parse_rfc3339(&at).ok());
+            match checked_at {
+                // The wall clock says how long ago; the monotonic clock keeps it from here.
+                Some(at) => {
+                    let ago = SystemTime::now().duration_since(at).unwrap_or_default();
+                    now.checked_sub(ago).unwrap_or(now)
+                }
+                None => {
+                    let delay = crate::engine::drift::first_check_delay(env, interval);
+                    (now + delay).checked_sub(interval).unwrap_or(now)
+                }
+            }
+        });
+        let wait = match self.failures {
+            0 => interval,
+            failures => crate::engine::drift::retry_after(interval, failures),
+        };
+        Some(last + wait)
+    }
+
+    fn checked(&mut self, failed: bool) {
+        self.last = Some(Instant::now());
+        self.failures = if failed { self.failures + 1 } else { 0 };
+    }
+}
+
+/// Runs one drift check of `env`, unless its state says there is nothing to check against
+/// (never applied, or an apply that failed part-way: the state is neither commit's).
+pub(super) async fn check(
+    shared: &Arc<Shared>,
+    env: &str,
+    queue: &Queue,
+    clock: &mut DriftClock,
+    stop: &CancellationToken,
+) -> WorkResult {
+    let store = &shared.store;
+    let (Some(trusted), Some(row)) = (shared.trusted(env), store.environment(env)?) else {
+        clock.checked(false);
+        return Ok(());
+    };
+    let Some(last_applied) = row.last_applied.clone() else {
+        clock.checked(false);
+        return Ok(());
+    };
+    if matches!(row.status.as_str(), "failed" | "planning" | "applying") {
+        tracing::debug!(status = %row.status, "no drift check: the state is not the last applied commit's");
+        clock.checked(false);
+        return Ok(());
+    }
+    let commit = CommitId::from_hex(&last_applied);
+    let Some(_permit) = super::permit(shared, super::Priority::AfterMerges).await else {
+        return Ok(());
+    };
+    if stop.is_cancelled() || queue.has_pending() {
+        // A merged commit goes first; the check runs after it.
+        return Ok(());
+    }
+    // A merged commit that arrives during the check cancels it: it goes first.
+    let cancel = stop.child_token();
+    queue.preempt_with(cancel.clone());
+    let started = Instant::now();
+    let run_id = store.start_run(env, commit.as_str(), "drift")?;
+    tracing::info!(run = run_id, "checking for drift");
+    let planned = drift_plan(shared, env, &commit, &trusted, run_id, &cancel).await;
+    queue.preempt_with(CancellationToken::new());
+    shared
+        .metrics
+        .drift_check_seconds
+        .observe(started.elapsed().as_secs_f64());
+
+    let previous = store.drift(env)?;
+    let memory = DriftMemory {
+        status: Some(DriftStatus::parse(&previous.status)),
+        drifted: stored_resources(&previous)
+            .iter()
+            .map(|r| Drifted {
+                address: r.address.clone(),
+                actions: r.actions.clone(),
+            })
+            .collect(),
+    };
+    let (finding, planned) = match planned {
+        Ok(planned) => {
+            let drifted: Vec<Drifted> = planned
+                .record
+                .summary
+                .resources
+                .iter()
+                .map(|change| Drifted {
+                    address: change.address.clone(),
+                    actions: change.actions.clone(),
+                })
+                .collect();
+            let result = if drifted.is_empty() {
+                "no_changes"
+            } else {
+                "changes"
+            };
+            let message = if drifted.is_empty() {
+                format!("no drift from {}", commit.short())
+            } else {
+                format!("{} resources differ from {}", drifted.len(), commit.short())
+            };
+            store.finish_run(
+                run_id,
+                result,
+                summary_of(&planned.record),
+                &super::worker::resources(&planned.record),
+                &message,
+            )?;
+            shared.metrics.run(env, "drift", result);
+            let finding = if drifted.is_empty() {
+                Finding::Clean
+            } else {
+                Finding::Drift(drifted)
+            };
+            (finding, Some(planned))
+        }
+        Err(error) if cancel.is_cancelled() => {
+            let (result, message) = if stop.is_cancelled() {
+                ("interrupted", "the daemon stopped during the drift check")
+            } else {
+                (
+                    "superseded",
+                    "a merged commit arrived: it goes first, and drift is checked after it",
+                )
+            };
+            tracing::info!(run = run_id, %error, "drift check cancelled");
+            store.finish_run(run_id, result, Summary::default(), &[], message)?;
+            shared.metrics.run(env, "drift", result);
+            return Ok(());
+        }
+        Err(error) => {
+            let message = error.to_string();
+            tracing::warn!(run = run_id, error = %message, "the drift check failed");
+            store.finish_run(run_id, "failed", Summary::default(), &[], &message)?;
+            shared.metrics.run(env, "drift", "failed");
+            let decision = decide_drift(&memory, &Finding::Failed, false);
+            clock.checked(true);
+            store.set_drift(
+                env,
+                &DriftRow {
+                    status: decision.status.as_str().into(),
+                    checked_at: Some(now_rfc3339()),
+                    message: message.clone(),
+                    ..previous
+                },
+            )?;
+            shared
+                .metrics
+                .drift(env, decision.status, memory.drifted.len());
+            if decision.alert == Some(DriftAlert::Error) {
+                shared.alert(Alert::new(
+                    AlertKind::DriftError,
+                    env,
+                    commit.as_str(),
+                    format!(
+                        "the drift check of {} failed; drift is unknown until a check succeeds (retried with backoff): {message}",
+                        commit.short()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+    };
+    clock.checked(false);
+    let planned = planned.expect("a finding of a plan has its plan");
+    let decision = decide_drift(&memory, &finding, trusted.drift.remediate);
+    tracing::info!(
+        run = run_id,
+        status = decision.status.as_str(),
+        drifted = decision.drifted.len(),
+        "drift checked"
+    );
+
+    // Who changed what: only when the drift is news (an alert goes out), from `show -json`
+    // (ids, attribute names) and CloudTrail. Otherwise what was found before still holds.
+    let mut note = String::new();
+    let resources: Vec<DriftedResource> = if decision.alert == Some(DriftAlert::Detected) {
+        let (resources, trail_note) =
+            explain(shared, env, &planned, &decision.drifted, &previous, &cancel).await;
+        note = trail_note;
+        resources
+    } else {
+        let known = stored_resources(&previous);
+        decision
+            .drifted
+            .iter()
+            .map(|drifted| {
+                known
+                    .iter()
+                    .find(|r| r.address == drifted.address && r.actions == drifted.actions)
+                    .cloned()
+                    .unwrap_or_else(|| DriftedResource {
+                        address: drifted.address.clone(),
+                        actions: drifted.actions.clone(),
+                        id: None,
+                        changed_attributes: Vec::new(),
+                        changed_by: Vec::new(),
+                    })
+            })
+            .collect()
+    };
+    let now = now_rfc3339();
+    store.set_drift(
+        env,
+        &DriftRow {
+            status: decision.status.as_str().into(),
+            checked_at: Some(now.clone()),
+            in_sync_at: if decision.status == DriftStatus::InSync {
+                Some(now)
+            } else {
+                previous.in_sync_at.clone()
+            },
+            resources: resources.iter().map(to_value).collect(),
+            message: note.clone(),
+        },
+    )?;
+    shared.metrics.drift(env, decision.status, resources.len());
+    let env_status = store.environment(env)?.map(|row| row.status);
+    match (decision.status, env_status.as_deref()) {
+        (DriftStatus::Drifted, Some("in_sync")) => store.set_status(env, "drifted")?,
+        (DriftStatus::InSync, Some("drifted")) => store.set_status(env, "in_sync")?,
+        _ => {}
+    }
+    match decision.alert {
+        Some(DriftAlert::Detected) => {
+            let addresses: Vec<String> = resources
+                .iter()
+                .map(|r| format!("{} ({})", r.address, r.actions.join(", ")))
+                .collect();
+            let mut message = format!(
+                "{} resources differ from the last applied commit {}: {}",
+                resources.len(),
+                commit.short(),
+                addresses.join(", ")
+            );
+            if !note.is_empty() {
+                message.push_str(". ");
+                message.push_str(&note);
+            }
+            if decision.remediate {
+                message.push_str(". drift.remediate is on: re-applying it");
+            }
+            let mut alert = Alert::new(AlertKind::DriftDetected, env, commit.as_str(), message);
+            alert.resources = resources.iter().map(to_value).collect();
+            shared.alert(alert);
+        }
+        Some(DriftAlert::Cleared) => shared.alert(Alert::new(
+            AlertKind::DriftCleared,
+            env,
+            commit.as_str(),
+            format!(
+                "the infrastructure matches the last applied commit {} again",
+                commit.short()
+            ),
+        )),
+        _ => {}
+    }
+
+    if decision.remediate {
+        remediate(shared, env, &commit, &trusted, &planned.record, run_id).await?;
+    }
+    shared.terraform.discard_plan(&planned.record)?;
+    Ok(())
+}
+
+/// A drift check's plan and the identity it ran with.
+struct DriftPlan {
+    record: PlanRecord,
+    identity: crate::aws::RunIdentity,
+}
+
+/// Stages the last applied commit in the merged lane and plans it with the apply identity.
+async fn drift_plan(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &CommitId,
+    trusted: &crate::config::EnvironmentSpec,
+    run_id: i64,
+    cancel: &CancellationToken,
+) -> Result<DriftPlan, WorkError> {
+    let checked = match stage(shared, env, Lane::Merged, commit).await? {
+        Ok(checked) => checked,
+        Err(StageError::Refused(problems)) => {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(WorkError::Other(format!(
+                "the last applied commit no longer passes karrots check:\n{}",
+                lines.join("\n")
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if let Err(refusal) = decide_lane(Some(trusted), &checked.spec, true) {
+        return Err(WorkError::Other(
+            refusal.reason(shared.config.trust_branch.as_str()),
+        ));
+    }
+    let name = crate::config::EnvName::parse(env)?;
+    let identity = crate::aws::establish(
+        &name,
+        &trusted.aws,
+        Lane::Merged,
+        commit,
+        shared.endpoint().as_deref(),
+    )
+    .await?;
+    let run = RunId::parse(&format!("run-{run_id}"))?;
+    let workdir = shared.terraform.workdir(&name, Lane::Merged);
+    let record = shared
+        .terraform
+        .plan(&workdir, &checked, commit, &run, &identity.run_env, cancel)
+        .await?;
+    Ok(DriftPlan { record, identity })
+}
+
+/// The drifted resources with their ids, changed attributes and who changed them, and a note
+/// for the alert when that could not be found out.
+async fn explain(
+    shared: &Arc<Shared>,
+    env: &str,
+    planned: &DriftPlan,
+    drifted: &[Drifted],
+    previous: &DriftRow,
+    cancel: &CancellationToken,
+) -> (Vec<DriftedResource>, String) {
+    let mut resources: Vec<DriftedResource> = drifted
+        .iter()
+        .map(|d| DriftedResource {
+            address: d.address.clone(),
+            actions: d.actions.clone(),
+            id: None,
+            changed_attributes: Vec::new(),
+            changed_by: Vec::new(),
+        })
+        .collect();
+    let Ok(name) = crate::config::EnvName::parse(env) else {
+        return (resources, String::new());
+    };
+    let workdir = shared.terraform.workdir(&name, Lane::Merged);
+    let shown = shared
+        .terraform
+        .show_json(&workdir, &planned.record, &planned.identity.run_env, cancel)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            crate::terraform::plan::resource_details(&json).map_err(|e| e.to_string())
+        });
+    let details = match shown {
+        Ok(details) => details,
+        Err(error) => {
+            tracing::warn!(%error, "reading the drifted resources' ids");
+            return (
+                resources,
+                format!("who changed them is unknown: terraform show failed: {error}"),
+            );
+        }
+    };
+    for resource in &mut resources {
+        if let Some(detail) = details.get(&resource.address) {
+            resource.id = detail.id.clone();
+            resource.changed_attributes = detail.changed_attributes.clone();
+        }
+    }
+    let Some(trusted) = shared.trusted(env) else {
+        return (resources, String::new());
+    };
+    let Some(credentials) = planned.identity.credentials.clone() else {
+        return (
+            resources,
+            "who changed them is unknown: the drift check had no AWS credentials".into(),
+        );
+    };
+    let endpoint = shared
+        .config
+        .cloudtrail_endpoint_url
+        .as_ref()
+        .or(shared.config.aws_endpoint_url.as_ref())
+        .map(|url| url.to_string());
+    let client = cloudtrail::client(
+        credentials,
+        trusted.aws.region.as_str(),
+        endpoint.as_deref(),
+    );
+    let end = SystemTime::now();
+    let start = previous
+        .in_sync_at
+        .as_deref()
+        .and_then(|at| humantime::parse_rfc3339(at).ok())
+        .unwrap_or(end - Duration::from_secs(24 * 3600))
+        - DELIVERY_MARGIN;
+    let lookup = Lookup {
+        client: &client,
+        limiter: &shared.cloudtrail_limiter,
+        account: trusted.aws.account_id.as_str(),
+        own_sessions: format!("karrots-{env}-"),
+        start,
+        end,
+    };
+    let search = async {
+        let mut problems = Vec::new();
+        for resource in &mut resources {
+            let Some(id) = resource.id.clone() else {
+                continue;
+            };
+            match cloudtrail::changes_to(&lookup, &id).await {
+                Ok(changes) => resource.changed_by = changes,
+                Err(error) => {
+                    tracing::warn!(%error, resource = %resource.address, "CloudTrail lookup");
+                    problems.push(format!("{}: {error}", resource.address));
+                }
+            }
+        }
+        problems
+    };
+    let note = match tokio::time::timeout(ATTRIBUTION_BOUND, search).await {
+        Ok(problems) if problems.is_empty() => String::new(),
+        Ok(problems) => format!("who changed them is unknown for {}", problems.join("; ")),
+        Err(_) => format!(
+            "who changed them is unknown: CloudTrail did not answer within {}s",
+            ATTRIBUTION_BOUND.as_secs()
+        ),
+    };
+    (resources, note)
+}
+
+/// `drift.remediate`: applies the drift check's own plan of the last applied commit, through
+/// the same guards as any apply (destroys refused unless allowed; `apply.auto: false` plans
+/// only).
+async fn remediate(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &CommitId,
+    trusted: &crate::config::EnvironmentSpec,
+    record: &PlanRecord,
+    drift_run: i64,
+) -> WorkResult {
+    let outcome = PlanOutcome {
+        has_changes: record.summary.has_changes(),
+        destroys: record.summary.destroys(),
+    };
+    match decide_after_plan(&trusted.apply, outcome) {
+        AfterPlan::Apply => {
+            apply(
+                shared,
+                env,
+                commit,
+                record,
+                trusted,
+                &record.fingerprint,
+                ApplyReason::Remediation { drift_run },
+            )
+            .await
+        }
+        AfterPlan::RefuseDestroy => {
+            let doomed: Vec<String> = record
+                .summary
+                .resources
+                .iter()
+                .filter(|change| change.actions.iter().any(|action| action == "delete"))
+                .map(|change| format!("{} ({})", change.address, change.actions.join(", ")))
+                .collect();
+            let message = format!(
+                "remediation refused: re-applying {} deletes or replaces {} and apply.allow_destroy is false",
+                commit.short(),
+                doomed.join(", ")
+            );
+            let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
+            alert.resources = super::worker::resources(record);
+            refuse(shared, commit, "apply", None, alert)
+        }
+        AfterPlan::PlanOnly | AfterPlan::InSync => shared
+            .store
+            .audit(
+                env,
+                commit.as_str(),
+                "remediation_skipped",
+                "apply.auto is false: drift is alerted, not remediated",
+            )
+            .map_err(WorkError::from),
+    }
+}
+
+/// After an apply (or a plan with nothing to do) the environment is exactly its commit: drift
+/// is gone. A drift that was alerted is cleared — unless the apply was the remediation, whose
+/// own `applied` alert says so.
+pub(super) fn back_in_sync(
+    shared: &Shared,
+    env: &str,
+    commit: &CommitId,
+    remediation: bool,
+) -> WorkResult {
+    let store = &shared.store;
+    let previous = store.drift(env)?;
+    let was_drifted = !previous.resources.is_empty() || previous.status == "drifted";
+    let now = now_rfc3339();
+    store.set_drift(
+        env,
+        &DriftRow {
+            status: if previous.status == "unchecked" {
+                previous.status.clone()
+            } else {
+                DriftStatus::InSync.as_str().into()
+            },
+            checked_at: previous.checked_at.clone(),
+            in_sync_at: Some(now),
+            resources: Vec::new(),
+            message: String::new(),
+        },
+    )?;
+    shared.metrics.drift(env, DriftStatus::InSync, 0);
+    if was_drifted && !remediation {
+        shared.alert(Alert::new(
+            AlertKind::DriftCleared,
+            env,
+            commit.as_str(),
+            format!(
+                "the apply of {} brought the infrastructure back to its commit",
+                commit.short()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn stored_resources(row: &DriftRow) -> Vec<DriftedResource> {
+    row.resources
+        .iter()
+        .filter_map(|value| serde_json::from_value(value.clone()).ok())
+        .collect()
+}
+
+fn to_value(resource: &DriftedResource) -> serde_json::Value {
+    serde_json::to_value(resource).unwrap_or_default()
+}
+
+fn summary_of(record: &PlanRecord) -> Summary {
+    Summary {
+        add: record.summary.add,
+        change: record.summary.change,
+        destroy: record.summary.destroy,
+    }
+}
