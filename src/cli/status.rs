@@ -56,8 +56,8 @@ pub fn exec(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<16} {:<12} {:<9} {:<9} {:<9} LAST RUN",
-        "ENVIRONMENT", "BRANCH", "HEAD", "APPLIED", "STATUS"
+        "{:<16} {:<12} {:<9} {:<9} {:<9} {:<10} LAST RUN",
+        "ENVIRONMENT", "BRANCH", "HEAD", "APPLIED", "STATUS", "DRIFT"
     )?;
     let short = |value: &serde_json::Value| {
         value
@@ -78,9 +78,13 @@ pub fn exec(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 short(&last_run["commit"])
             )
         };
+        let drift = match env["drift"]["resources"].as_array().map(Vec::len) {
+            Some(drifted) if drifted > 0 => format!("{drifted} drifted"),
+            _ => env["drift"]["status"].as_str().unwrap_or("-").to_string(),
+        };
         writeln!(
             out,
-            "{:<16} {:<12} {:<9} {:<9} {:<9} {run}",
+            "{:<16} {:<12} {:<9} {:<9} {:<9} {drift:<10} {run}",
             env["name"].as_str().unwrap_or("?"),
             env["branch"].as_str().unwrap_or("?"),
             short(&env["head"]),

@@ -240,6 +240,7 @@ pub(super) async fn check(
         run = run_id,
         status = decision.status.as_str(),
         drifted = decision.drifted.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
         "drift checked"
     );
 

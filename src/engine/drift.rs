@@ -155,9 +155,9 @@ mod tests {
     fn findings_in_one_table() {
         let tag = drifted("aws_vpc.main", &["update"]);
         let gone = drifted("aws_vpc.extra", &["create"]);
-        let memory = |status, drifted: &[Drifted]| DriftMemory {
+        let memory = |status, drifted: Vec<Drifted>| DriftMemory {
             status: Some(status),
-            drifted: drifted.to_vec(),
+            drifted,
         };
         let never = DriftMemory::default();
         type Row<'a> = (
@@ -177,70 +177,70 @@ mod tests {
             ),
             (
                 "drift appears",
-                memory(DriftStatus::InSync, &[]),
+                memory(DriftStatus::InSync, vec![]),
                 Finding::Drift(vec![tag.clone()]),
                 DriftStatus::Drifted,
                 Some(DriftAlert::Detected),
             ),
             (
                 "the same drift again",
-                memory(DriftStatus::Drifted, &[tag.clone()]),
+                memory(DriftStatus::Drifted, vec![tag.clone()]),
                 Finding::Drift(vec![tag.clone()]),
                 DriftStatus::Drifted,
                 None,
             ),
             (
                 "the same drift, found in another order",
-                memory(DriftStatus::Drifted, &[tag.clone(), gone.clone()]),
+                memory(DriftStatus::Drifted, vec![tag.clone(), gone.clone()]),
                 Finding::Drift(vec![gone.clone(), tag.clone()]),
                 DriftStatus::Drifted,
                 None,
             ),
             (
                 "another resource drifts too",
-                memory(DriftStatus::Drifted, &[tag.clone()]),
+                memory(DriftStatus::Drifted, vec![tag.clone()]),
                 Finding::Drift(vec![tag.clone(), gone.clone()]),
                 DriftStatus::Drifted,
                 Some(DriftAlert::Detected),
             ),
             (
                 "the same address, another action",
-                memory(DriftStatus::Drifted, &[tag.clone()]),
+                memory(DriftStatus::Drifted, vec![tag.clone()]),
                 Finding::Drift(vec![drifted("aws_vpc.main", &["delete", "create"])]),
                 DriftStatus::Drifted,
                 Some(DriftAlert::Detected),
             ),
             (
                 "drift reverted",
-                memory(DriftStatus::Drifted, &[tag.clone()]),
+                memory(DriftStatus::Drifted, vec![tag.clone()]),
                 Finding::Clean,
                 DriftStatus::InSync,
                 Some(DriftAlert::Cleared),
             ),
             (
                 "a check fails",
-                memory(DriftStatus::InSync, &[]),
+                memory(DriftStatus::InSync, vec![]),
                 Finding::Failed,
                 DriftStatus::Error,
                 Some(DriftAlert::Error),
             ),
             (
                 "it fails again: alerted once",
-                memory(DriftStatus::Error, &[]),
+                memory(DriftStatus::Error, vec![]),
                 Finding::Failed,
                 DriftStatus::Error,
                 None,
             ),
             (
                 "drift still there after an error is not news",
-                memory(DriftStatus::Error, &[tag.clone()]),
+                memory(DriftStatus::Error, vec![tag.clone()]),
                 Finding::Drift(vec![tag.clone()]),
                 DriftStatus::Drifted,
                 None,
             ),
             (
                 "drift gone after an error is cleared",
-                memory(DriftStatus::Error, &[tag.clone()]),
+                memory(DriftStatus::Error, vec![tag.clone()]),
                 Finding::Clean,
                 DriftStatus::InSync,
                 Some(DriftAlert::Cleared),

@@ -342,6 +342,17 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
         first.as_str(),
         "drift never moves the applied commit"
     );
+    let status = std::process::Command::new(crate::support::karrots_binary())
+        .args(["status", "--server", &format!("http://{}", fixture.address)])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("prod") && l.contains("drifted") && l.contains("1 drifted")),
+        "{table}"
+    );
     let metrics = crate::daemon::http(&fixture.address, "GET", "/metrics", &[], b"").1;
     assert!(
         metrics.contains("karrots_drift_status{env=\"prod\",status=\"drifted\"} 1"),
