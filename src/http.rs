@@ -315,8 +315,8 @@ async fn environments(State(state): State<AppState>) -> Response {
         let drift = store.drift(&row.name).unwrap_or_default();
         let checks_on = state
             .shared
-            .trusted(&row.name)
-            .is_some_and(|spec| spec.drift.interval.is_some());
+            .drift_policy(&row.name)
+            .is_some_and(|policy| policy.interval.is_some());
         let addresses: Vec<&serde_json::Value> = drift
             .resources
             .iter()

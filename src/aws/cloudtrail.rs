@@ -149,7 +149,7 @@ pub async fn changes_to(
                         attempts: attempts.load(std::sync::atomic::Ordering::Relaxed),
                     }
                 } else {
-                    CloudTrailError::Failed(DisplayErrorContext(&error).to_string())
+                    CloudTrailError::Failed(describe(&error))
                 }
             })?;
         for event in page.events() {
@@ -191,6 +191,22 @@ fn status(error: &LookupError) -> Option<u16> {
 fn is_throttling(error: &LookupError) -> bool {
     let code = error.code().unwrap_or_default();
     code.contains("Throttl") || code == "TooManyRequestsException" || status(error) == Some(429)
+}
+
+/// A failed request in one line: the HTTP status and the error code when CloudTrail answered
+/// (its body can be an HTML page), else the cause, bounded.
+fn describe(error: &LookupError) -> String {
+    match (status(error), error.code()) {
+        (Some(status), Some(code)) => format!(
+            "HTTP {status} {code}: {}",
+            error.message().unwrap_or_default()
+        ),
+        (Some(status), None) => format!("HTTP {status} (not a CloudTrail answer)"),
+        _ => {
+            let text = DisplayErrorContext(error).to_string();
+            crate::terraform::tail(&text, 300)
+        }
+    }
 }
 
 /// Throttling, a timeout, a connection that failed or a 5xx: worth another attempt.

@@ -60,7 +60,7 @@ impl DriftClock {
 
     /// When the next check is due, or `None` when drift checks are off.
     pub(super) fn due(&mut self, shared: &Shared, env: &str) -> Option<Instant> {
-        let interval = shared.trusted(env)?.drift.interval?;
+        let interval = shared.drift_policy(env)?.interval?;
         let now = Instant::now();
         let last = *self.last.get_or_insert_with(|| {
             let checked_at = shared
@@ -235,7 +235,10 @@ pub(super) async fn check(
     };
     clock.checked(false);
     let planned = planned.expect("a finding of a plan has its plan");
-    let decision = decide_drift(&memory, &finding, trusted.drift.remediate);
+    let remediation_on = shared
+        .drift_policy(env)
+        .is_some_and(|policy| policy.remediate);
+    let decision = decide_drift(&memory, &finding, remediation_on);
     tracing::info!(
         run = run_id,
         status = decision.status.as_str(),

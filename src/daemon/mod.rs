@@ -71,6 +71,8 @@ pub struct Shared {
     pub last_fetch: Mutex<Option<Instant>>,
     /// CloudTrail `LookupEvents` requests, two a second per account.
     pub cloudtrail_limiter: crate::aws::cloudtrail::AccountLimiter,
+    /// The `drift:` settings of each environment's last applied commit, by that commit.
+    applied_drift: Mutex<HashMap<String, (String, crate::config::DriftPolicy)>>,
 }
 
 impl Shared {
@@ -80,6 +82,37 @@ impl Shared {
             .aws_endpoint_url
             .as_ref()
             .map(|url| url.to_string())
+    }
+
+    /// The `drift:` settings that apply to `env`: those of its last applied commit (drift is
+    /// measured against that commit, and a commit of its branch may change them), else the
+    /// trust branch's. Read from the mirror once per applied commit.
+    pub fn drift_policy(&self, env: &str) -> Option<crate::config::DriftPolicy> {
+        let trusted = self.trusted(env)?;
+        let Some(applied) = self
+            .store
+            .environment(env)
+            .ok()
+            .flatten()
+            .and_then(|row| row.last_applied)
+        else {
+            return Some(trusted.drift);
+        };
+        let mut known = self.applied_drift.lock().ok()?;
+        if let Some((commit, policy)) = known.get(env)
+            && *commit == applied
+        {
+            return Some(*policy);
+        }
+        let path = format!("environments/{env}/karrots.yaml");
+        let policy = git::open(self.mirror.path())
+            .and_then(|repo| git::read_file(&repo, &CommitId::from_hex(&applied), &path))
+            .ok()
+            .flatten()
+            .and_then(|text| parse_environment(&text, path.as_ref(), env).ok())
+            .map_or(trusted.drift, |spec| spec.drift);
+        known.insert(env.to_string(), (applied, policy));
+        Some(policy)
     }
 
     pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
@@ -154,6 +187,7 @@ pub async fn run(
         metrics: crate::http::Metrics::default(),
         last_fetch: Mutex::new(None),
         cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
+        applied_drift: Mutex::new(HashMap::new()),
     });
 
     // Runs cut off by a kill: an apply is alerted, never re-applied from its old plan; the

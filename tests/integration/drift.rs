@@ -498,6 +498,26 @@ fn a_drift_check_that_fails_is_a_drift_error_never_drift() {
     );
     let first = fixture.clone.git(&["rev-parse", "HEAD"]);
     fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    // dev's own branch turns its drift checks on (the trust branch says nothing of them):
+    // the settings of the applied commit are the ones that count.
+    fixture.clone.git(&["checkout", "-q", "-b", "dev"]);
+    fixture
+        .clone
+        .append("environments/dev/karrots.yaml", "drift:\n  interval: 1s\n");
+    let dev = fixture.clone.commit_all("dev: check drift");
+    fixture.push("dev");
+    fixture.wait_for("a drift check of dev", |f| {
+        f.applied("dev", &dev)
+            && f.runs("dev")
+                .iter()
+                .any(|run| run["kind"] == "drift" && run["result"] == "no_changes")
+    });
+    assert_eq!(fixture.environment("dev")["drift"]["status"], "in_sync");
+    fixture.wait_for("a drift check of prod", |f| {
+        f.environment("prod")["drift"]["status"] == "in_sync"
+    });
+
     fixture.stop("-TERM");
     let main = vpc_id(&fixture, "karrots-drift");
     retag(&fixture, &main, "changed-by-hand");
