@@ -118,16 +118,17 @@ pub(super) async fn check(
         return Ok(());
     }
     let commit = CommitId::from_hex(&last_applied);
-    let Some(_permit) = super::permit(shared, super::Priority::AfterMerges).await else {
+    let Some(permit) = super::permit(shared, super::Priority::AfterMerges).await else {
         return Ok(());
     };
-    if stop.is_cancelled() || queue.has_pending() {
-        // A merged commit goes first; the check runs after it.
-        return Ok(());
-    }
+    let mut permit = Some(permit);
     // A merged commit that arrives during the check cancels it: it goes first.
     let cancel = stop.child_token();
     queue.preempt_with(cancel.clone());
+    if stop.is_cancelled() || queue.has_pending() {
+        // One is already waiting: the check runs after it.
+        return Ok(());
+    }
     let started = Instant::now();
     let run_id = store.start_run(env, commit.as_str(), "drift")?;
     tracing::info!(run = run_id, "checking for drift");
@@ -251,8 +252,16 @@ pub(super) async fn check(
     // (ids, attribute names) and CloudTrail. Otherwise what was found before still holds.
     let mut note = String::new();
     let resources: Vec<DriftedResource> = if decision.alert == Some(DriftAlert::Detected) {
-        let (resources, trail_note) =
-            explain(shared, env, &planned, &decision.drifted, &previous, &cancel).await;
+        let (resources, trail_note) = explain(
+            shared,
+            env,
+            &planned,
+            &decision.drifted,
+            &previous,
+            &cancel,
+            &mut permit,
+        )
+        .await;
         note = trail_note;
         resources
     } else {
@@ -332,9 +341,17 @@ pub(super) async fn check(
         _ => {}
     }
 
-    if decision.remediate {
-        remediate(shared, env, &commit, &trusted, &planned.record, run_id).await?;
+    if decision.remediate && queue.has_pending() {
+        tracing::info!("a merged commit is waiting: it heals the drift instead of a remediation");
+    } else if decision.remediate {
+        if permit.is_none() {
+            permit = super::permit(shared, super::Priority::AfterMerges).await;
+        }
+        if permit.is_some() && !stop.is_cancelled() {
+            remediate(shared, env, &commit, &trusted, &planned.record, run_id).await?;
+        }
     }
+    drop(permit);
     shared.terraform.discard_plan(&planned.record)?;
     Ok(())
 }
@@ -389,7 +406,8 @@ async fn drift_plan(
 }
 
 /// The drifted resources with their ids, changed attributes and who changed them, and a note
-/// for the alert when that could not be found out.
+/// for the alert when that could not be found out. The terraform permit is given back once
+/// `show -json` is done: CloudTrail is no terraform run.
 async fn explain(
     shared: &Arc<Shared>,
     env: &str,
@@ -397,6 +415,7 @@ async fn explain(
     drifted: &[Drifted],
     previous: &DriftRow,
     cancel: &CancellationToken,
+    permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> (Vec<DriftedResource>, String) {
     let mut resources: Vec<DriftedResource> = drifted
         .iter()
@@ -420,6 +439,7 @@ async fn explain(
         .and_then(|json| {
             crate::terraform::plan::resource_details(&json).map_err(|e| e.to_string())
         });
+    *permit = None;
     let details = match shown {
         Ok(details) => details,
         Err(error) => {

@@ -425,6 +425,38 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
         !vpc_id(&fixture, "karrots-drift-extra").is_empty(),
         "created again"
     );
+
+    // A merged commit that arrives during a drift check goes first: the check is cancelled
+    // (`superseded`) and the commit applied. Pushed while a check runs — which it nearly
+    // always does with a 2 s interval; tried again if that check ended just before the push.
+    let mut superseded = false;
+    for round in 3..6 {
+        fixture.wait_for("a drift check in progress", |f| {
+            f.runs("prod")
+                .first()
+                .is_some_and(|run| run["kind"] == "drift" && run["finished_at"].is_null())
+        });
+        fixture.clone.replace(
+            "modules/prod-app/main.tf",
+            &format!("default = \"v{}\"", round - 1),
+            &format!("default = \"v{round}\""),
+        );
+        let head = fixture.clone.commit_all(&format!("label v{round}"));
+        fixture.push("main");
+        fixture.wait_for("the commit applied", |f| f.applied("prod", &head));
+        if fixture.runs("prod").iter().any(|run| {
+            run["kind"] == "drift"
+                && run["result"] == "superseded"
+                && run["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("goes first")
+        }) {
+            superseded = true;
+            break;
+        }
+    }
+    assert!(superseded, "{:#?}", fixture.runs("prod"));
 }
 
 #[test]
