@@ -175,7 +175,7 @@ pub(super) async fn check(
             store.finish_run(
                 run_id,
                 result,
-                summary_of(&planned.record),
+                super::worker::summary(&planned.record),
                 &super::worker::resources(&planned.record),
                 &message,
             )?;
@@ -547,13 +547,7 @@ async fn remediate(
             .await
         }
         AfterPlan::RefuseDestroy => {
-            let doomed: Vec<String> = record
-                .summary
-                .resources
-                .iter()
-                .filter(|change| change.actions.iter().any(|action| action == "delete"))
-                .map(|change| format!("{} ({})", change.address, change.actions.join(", ")))
-                .collect();
+            let doomed = super::worker::doomed(record);
             let message = format!(
                 "remediation refused: re-applying {} deletes or replaces {} and apply.allow_destroy is false",
                 commit.short(),
@@ -626,12 +620,4 @@ fn stored_resources(row: &DriftRow) -> Vec<DriftedResource> {
 
 fn to_value(resource: &DriftedResource) -> serde_json::Value {
     serde_json::to_value(resource).unwrap_or_default()
-}
-
-fn summary_of(record: &PlanRecord) -> Summary {
-    Summary {
-        add: record.summary.add,
-        change: record.summary.change,
-        destroy: record.summary.destroy,
-    }
 }

@@ -180,12 +180,23 @@ pub(super) fn resources(record: &PlanRecord) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn summary(record: &PlanRecord) -> Summary {
+pub(super) fn summary(record: &PlanRecord) -> Summary {
     Summary {
         add: record.summary.add,
         change: record.summary.change,
         destroy: record.summary.destroy,
     }
+}
+
+/// The resources a plan deletes or replaces, as `address (actions)`.
+pub(super) fn doomed(record: &PlanRecord) -> Vec<String> {
+    record
+        .summary
+        .resources
+        .iter()
+        .filter(|change| change.actions.iter().any(|action| action == "delete"))
+        .map(|change| format!("{} ({})", change.address, change.actions.join(", ")))
+        .collect()
 }
 
 /// Stages `commit` for `env` in `lane` on a blocking thread.
@@ -403,13 +414,7 @@ async fn merged(
                 .map_err(WorkError::from)
         }
         AfterPlan::RefuseDestroy => {
-            let doomed: Vec<String> = record
-                .summary
-                .resources
-                .iter()
-                .filter(|change| change.actions.iter().any(|action| action == "delete"))
-                .map(|change| format!("{} ({})", change.address, change.actions.join(", ")))
-                .collect();
+            let doomed = doomed(&record);
             let message = format!(
                 "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
                 doomed.len(),
