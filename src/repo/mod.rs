@@ -6,6 +6,7 @@
 //! [`check_environment`] judges what one environment is built from, so a problem in another
 //! environment's folder does not stop it.
 
+pub mod escalation;
 mod fingerprint;
 mod layout;
 mod module;
@@ -195,15 +196,56 @@ fn lint_policies(root: &Path) -> Vec<Problem> {
         .filter(|p| p.extension().is_some_and(|ext| ext == "json") && p.is_file())
         .collect();
     paths.sort();
+    // The worker's own policies, read together: may they let it widen its own permissions?
+    let mut worker = Vec::new();
+    let mut texts = std::collections::BTreeMap::new();
     for path in paths {
         let relative = relative_to(root, &path);
         match fs::read_to_string(&path) {
-            Ok(text) => problems.extend(policy::lint_policy(&relative, &text)),
+            Ok(text) => {
+                let found = policy::lint_policy(&relative, &text);
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                if found.is_empty()
+                    && name.starts_with("karrots-worker-")
+                    && name != escalation::BOUNDARY_FILE
+                    && let Ok(document) = serde_json::from_str(&text)
+                {
+                    let file = relative.display().to_string();
+                    worker.extend(escalation::statements(&file, &document));
+                    texts.insert(file, text);
+                }
+                problems.extend(found);
+            }
             Err(error) => problems.push(Problem::whole(
                 relative,
                 format!("cannot read the file: {error}"),
             )),
         }
+    }
+    for (call, statement) in escalation::escalations(&worker) {
+        let text = texts.get(&statement.file).map_or("", String::as_str);
+        let line = text
+            .find(&format!("\"{}\"", statement.sid))
+            .filter(|_| !statement.sid.is_empty())
+            .map_or(1, |offset| crate::problem::line_of_offset(text, offset));
+        problems.push(Problem::new(
+            &statement.file,
+            line,
+            format!(
+                "the worker could make itself more than it is: statement {:?} allows {} on {}{} ({}); see the escalation rules in docs/platform.md",
+                statement.sid,
+                call.action,
+                call.resource,
+                call.context
+                    .iter()
+                    .map(|(key, value)| format!(" with {key}={value}"))
+                    .collect::<String>(),
+                call.why
+            ),
+        ));
     }
     problems
 }

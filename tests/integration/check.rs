@@ -667,3 +667,32 @@ fn fingerprints_do_not_depend_on_where_the_repository_is() {
         fingerprints(&ConfigRepo::valid())
     );
 }
+
+#[test]
+fn a_worker_policy_that_lets_the_worker_widen_itself_is_refused() {
+    let repo = ConfigRepo::valid();
+    repo.write(
+        "policies/karrots-worker-iam.json",
+        "{\n  \"Version\": \"2012-10-17\",\n  \"Statement\": [\n    {\n      \"Sid\": \"ManageTheWorkerGroup\",\n      \"Effect\": \"Allow\",\n      \"Action\": [\"iam:AttachGroupPolicy\", \"iam:GetGroup\"],\n      \"Resource\": \"arn:aws:iam::${account_id}:group/karrots-worker\"\n    }\n  ]\n}\n",
+    );
+    let run = repo.check();
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(
+        run.stderr_lines(),
+        vec![
+            "policies/karrots-worker-iam.json:5: the worker could make itself more than it is: statement \"ManageTheWorkerGroup\" allows iam:AttachGroupPolicy on arn:aws:iam::${account_id}:group/karrots-worker with iam:PolicyARN=arn:aws:iam::aws:policy/AdministratorAccess (AdministratorAccess attached to its own group); see the escalation rules in docs/platform.md"
+        ]
+    );
+
+    // The boundary is not a policy of the worker: its statements are never the worker's.
+    repo.write(
+        "policies/karrots-worker-iam.json",
+        "{\n  \"Version\": \"2012-10-17\",\n  \"Statement\": [\n    {\"Effect\": \"Allow\", \"Action\": \"iam:GetGroup\", \"Resource\": \"*\"}\n  ]\n}\n",
+    );
+    repo.write(
+        "policies/karrots-worker-boundary.json",
+        "{\n  \"Version\": \"2012-10-17\",\n  \"Statement\": [\n    {\"Effect\": \"Allow\", \"Action\": \"iam:*\", \"Resource\": \"*\"}\n  ]\n}\n",
+    );
+    let run = repo.check();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}
