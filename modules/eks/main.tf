@@ -5,9 +5,10 @@ locals {
 
 # Roles: the control plane's and the nodes', with AWS's managed policies for each.
 resource "aws_iam_role" "cluster" {
-  name               = "${var.name}-cluster"
-  assume_role_policy = templatefile("${local.policies_dir}/karrots-eks-cluster-trust.json", {})
-  tags               = local.tags
+  name                 = "${var.name}-cluster"
+  assume_role_policy   = templatefile("${local.policies_dir}/karrots-eks-cluster-trust.json", {})
+  permissions_boundary = var.permissions_boundary
+  tags                 = local.tags
 }
 
 resource "aws_iam_role_policy_attachment" "cluster" {
@@ -16,9 +17,10 @@ resource "aws_iam_role_policy_attachment" "cluster" {
 }
 
 resource "aws_iam_role" "node" {
-  name               = "${var.name}-node"
-  assume_role_policy = templatefile("${local.policies_dir}/karrots-eks-node-trust.json", {})
-  tags               = local.tags
+  name                 = "${var.name}-node"
+  assume_role_policy   = templatefile("${local.policies_dir}/karrots-eks-node-trust.json", {})
+  permissions_boundary = var.permissions_boundary
+  tags                 = local.tags
 }
 
 resource "aws_iam_role_policy_attachment" "node" {

@@ -67,3 +67,9 @@ variable "tags" {
   description = "Tags merged into every resource."
   default     = {}
 }
+
+variable "permissions_boundary" {
+  type        = string
+  description = "ARN of the permissions boundary the cluster and node roles carry (the worker may create roles only with karrots-worker-boundary); null for none."
+  default     = null
+}

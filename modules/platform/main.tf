@@ -27,7 +27,9 @@ module "eks" {
   subnet_ids          = module.network.private_subnet_ids
   node_instance_types = var.eks.node_instance_types
   node_count          = var.eks.node_count
-  tags                = local.tags
+  # The worker may create roles only within its boundary (environments/karrots-iam makes it).
+  permissions_boundary = "arn:aws:iam::${local.account_id}:policy/karrots-worker-boundary"
+  tags                 = local.tags
 }
 
 module "ecr" {
@@ -72,17 +74,6 @@ module "data_peering" {
   database_port          = var.data_peering.database_port
   peering_accepted       = var.data_peering.accepted
   tags                   = local.tags
-}
-
-module "worker_iam" {
-  source = "../worker-iam"
-  count  = var.worker_iam == null ? 0 : 1
-
-  account_id      = local.account_id
-  main_account_id = var.dns == null ? local.account_id : var.dns.account_id
-  data_account_id = var.data_peering == null ? local.account_id : var.data_peering.account_id
-  user_names      = var.worker_iam.user_names
-  tags            = local.tags
 }
 
 module "audit" {

@@ -63,14 +63,6 @@ variable "state" {
   default     = false
 }
 
-variable "worker_iam" {
-  type = object({
-    user_names = optional(list(string), [])
-  })
-  description = "The karrots-worker group, policies and users (once per account); null for none."
-  default     = null
-}
-
 variable "dns" {
   type = object({
     account_id     = string

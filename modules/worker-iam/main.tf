@@ -29,6 +29,16 @@ resource "aws_iam_policy" "worker" {
   tags        = local.tags
 }
 
+# The permissions boundary every role the worker creates must carry (its karrots-worker-iam
+# policy allows no role without it). Not attached to the worker: it caps what those roles can
+# ever do, whatever policy the worker gives them.
+resource "aws_iam_policy" "boundary" {
+  name        = "karrots-worker-boundary"
+  description = "Karrots worker: the permissions boundary of every role it creates"
+  policy      = templatefile("${local.policies_dir}/karrots-worker-boundary.json", local.accounts)
+  tags        = local.tags
+}
+
 resource "aws_iam_group" "worker" {
   name = "karrots-worker"
 }

@@ -3,6 +3,11 @@ output "group_name" {
   value       = aws_iam_group.worker.name
 }
 
+output "boundary_arn" {
+  description = "The permissions boundary roles created by the worker must carry."
+  value       = aws_iam_policy.boundary.arn
+}
+
 output "policy_arns" {
   description = "ARN of each worker policy, by name."
   value       = { for name, policy in aws_iam_policy.worker : name => policy.arn }

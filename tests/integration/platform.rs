@@ -67,9 +67,6 @@ fn the_reference_dev_environment_plans_against_moto() {
         "module.eks[0].aws_eks_cluster.main",
         "module.eks[0].aws_eks_node_group.default",
         "module.ecr[0].aws_ecr_repository.main",
-        "module.worker_iam[0].aws_iam_group.worker",
-        "module.worker_iam[0].aws_iam_policy.worker[\"karrots-worker-sts\"]",
-        "module.worker_iam[0].aws_iam_user.worker[\"ci\"]",
         "module.audit[0].aws_cloudtrail.main",
         "module.state[0].aws_dynamodb_table.lock",
     ] {
@@ -94,6 +91,48 @@ fn the_reference_dev_environment_plans_against_moto() {
     eprintln!(
         "reference dev environment: {} resources planned",
         addresses.len()
+    );
+}
+
+#[test]
+fn the_workers_own_identity_is_an_environment_of_its_own() {
+    require_terraform_and_moto();
+    let moto = dev_moto();
+    let repo = reference_repo(str::to_string);
+    let state = tempfile::tempdir().unwrap();
+    let run = plan_env(
+        &repo,
+        "karrots-iam-dev",
+        &moto,
+        state.path(),
+        &["--rev", "dev"],
+    );
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    let commit = repo.git(&["rev-parse", "dev"]);
+    let record = plan_record(state.path(), "karrots-iam-dev", &commit);
+    let addresses: Vec<&str> = record
+        .summary
+        .resources
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    for expected in [
+        "aws_iam_policy.boundary",
+        "aws_iam_group.worker",
+        "aws_iam_policy.worker[\"karrots-worker-iam\"]",
+        "aws_iam_user.worker[\"ci\"]",
+    ] {
+        assert!(
+            addresses.contains(&expected),
+            "{expected} is not planned: {addresses:?}"
+        );
+    }
+    // The platform, applied by the worker, no longer touches the worker's identity.
+    let platform = plan_env(&repo, "dev", &moto, state.path(), &["--rev", "dev"]);
+    assert!(
+        !platform.stdout.contains("aws_iam_group") && !platform.stdout.contains("worker_iam"),
+        "{}",
+        platform.stdout
     );
 }
 
@@ -143,12 +182,35 @@ async fn the_platform_applies_against_moto_including_dns_delegation_and_peering(
     let commit = repo.git(&["rev-parse", "dev"]);
     let state = tempfile::tempdir().unwrap();
 
+    // First the worker's identity (with the boundary), as its own environment would.
+    let run = plan_env(
+        &repo,
+        "karrots-iam-dev",
+        &moto,
+        state.path(),
+        &["--rev", "dev"],
+    );
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    let record = plan_record(state.path(), "karrots-iam-dev", &commit);
+    apply_saved_plan(state.path(), &record, &moto)
+        .await
+        .expect("the worker's identity applies to moto");
+
     let run = plan_env(&repo, "dev", &moto, state.path(), &["--rev", "dev"]);
     assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
     let record = plan_record(state.path(), "dev", &commit);
     apply_saved_plan(state.path(), &record, &moto)
         .await
         .expect("the platform applies to moto");
+    for role in ["karrots-dev-cluster", "karrots-dev-node"] {
+        let found = moto.aws(&["iam", "get-role", "--role-name", role]);
+        assert!(
+            found.contains(&format!(
+                "arn:aws:iam::{DEV_ACCOUNT}:policy/karrots-worker-boundary"
+            )),
+            "{role} does not carry the boundary: {found}"
+        );
+    }
     eprintln!(
         "applied {} resources of the dev platform to moto",
         record.summary.add
