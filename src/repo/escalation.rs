@@ -357,6 +357,43 @@ mod tests {
     }
 
     #[test]
+    fn what_the_platform_does_with_roles_stays_allowed() {
+        let all = worker();
+        let node = "role/karrots-prod-node";
+        let needed = [
+            call("iam:CreateRole", node, "").with("iam:PermissionsBoundary", BOUNDARY),
+            call("iam:AttachRolePolicy", node, "")
+                .with("iam:PermissionsBoundary", BOUNDARY)
+                .with(
+                    "iam:PolicyARN",
+                    "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
+                ),
+            call("iam:AttachRolePolicy", node, "")
+                .with("iam:PermissionsBoundary", BOUNDARY)
+                .with(
+                    "iam:PolicyARN",
+                    "arn:aws:iam::${account_id}:policy/karrots-prod-logs",
+                ),
+            call("iam:DetachRolePolicy", node, "").with("iam:PermissionsBoundary", BOUNDARY),
+            call("iam:GetRole", node, ""),
+            call("iam:TagRole", node, ""),
+            call("iam:DeleteRole", node, ""),
+            call("iam:PassRole", node, "").with("iam:PassedToService", "eks.amazonaws.com"),
+            call("iam:CreatePolicy", "policy/karrots-prod-logs", ""),
+            call("iam:CreatePolicyVersion", "policy/karrots-prod-logs", ""),
+        ];
+        for each in needed {
+            assert!(
+                allowed(&all, &each).is_some(),
+                "{} on {} {:?} is denied",
+                each.action,
+                each.resource,
+                each.context
+            );
+        }
+    }
+
+    #[test]
     fn each_escalation_is_caught_when_a_statement_grants_it() {
         // One fixture per primitive: the reference policies plus a statement that opens it.
         let fixtures: &[(&str, &str)] = &[
