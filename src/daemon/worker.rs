@@ -188,6 +188,12 @@ pub(super) fn summary(record: &PlanRecord) -> Summary {
     }
 }
 
+/// The problems of a check that refused a commit, one `path:line: message` per line.
+pub(super) fn problem_lines(problems: &[crate::problem::Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
 /// The resources a plan deletes or replaces, as `address (actions)`.
 pub(super) fn doomed(record: &PlanRecord) -> Vec<String> {
     record
@@ -336,7 +342,6 @@ async fn merged(
     let checked = match stage(shared, env, Lane::Merged, commit).await? {
         Ok(checked) => checked,
         Err(StageError::Refused(problems)) => {
-            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
             return config_error(
                 shared,
                 env,
@@ -344,7 +349,7 @@ async fn merged(
                 "plan",
                 format!(
                     "the commit does not pass karrots check:\n{}",
-                    lines.join("\n")
+                    problem_lines(&problems)
                 ),
             );
         }
@@ -663,7 +668,6 @@ async fn preview(
             if !defines {
                 return Ok(());
             }
-            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
             return config_error(
                 shared,
                 env,
@@ -671,7 +675,7 @@ async fn preview(
                 "preview",
                 format!(
                     "the commit does not pass karrots check:\n{}",
-                    lines.join("\n")
+                    problem_lines(&problems)
                 ),
             );
         }
@@ -720,19 +724,16 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
             shared.metrics.run(env, "preview", "refused");
             Ok(())
         }
-        Err(StageError::Refused(problems)) => {
-            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
-            config_error(
-                shared,
-                env,
-                commit,
-                "preview",
-                format!(
-                    "the commit does not pass karrots check (the environment is not on the trust branch {trust} yet):\n{}",
-                    lines.join("\n")
-                ),
-            )
-        }
+        Err(StageError::Refused(problems)) => config_error(
+            shared,
+            env,
+            commit,
+            "preview",
+            format!(
+                "the commit does not pass karrots check (the environment is not on the trust branch {trust} yet):\n{}",
+                problem_lines(&problems)
+            ),
+        ),
         Err(error) => Err(error.into()),
     }
 }
