@@ -315,7 +315,7 @@ async fn environments(State(state): State<AppState>) -> Response {
         let drift = store.drift(&row.name).unwrap_or_default();
         let checks_on = state
             .shared
-            .drift_policy(&row.name)
+            .drift_policy_at(&row.name, row.last_applied.as_deref())
             .is_some_and(|policy| policy.interval.is_some());
         let addresses: Vec<&serde_json::Value> = drift
             .resources

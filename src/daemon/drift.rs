@@ -41,6 +41,27 @@ pub struct DriftedResource {
     pub changed_by: Vec<ChangedBy>,
 }
 
+impl DriftedResource {
+    /// A drifted resource not yet explained (no id, attributes or `changed_by`).
+    fn unexplained(drifted: &Drifted) -> DriftedResource {
+        DriftedResource {
+            address: drifted.address.clone(),
+            actions: drifted.actions.clone(),
+            id: None,
+            changed_attributes: Vec::new(),
+            changed_by: Vec::new(),
+        }
+    }
+
+    /// What the engine compares: the address and the actions.
+    fn drifted(&self) -> Drifted {
+        Drifted {
+            address: self.address.clone(),
+            actions: self.actions.clone(),
+        }
+    }
+}
+
 /// When the merged worker of an environment checks for drift next.
 pub(super) struct DriftClock {
     /// When the last check ran (or, before the first, a moment chosen so that the first
@@ -144,10 +165,7 @@ pub(super) async fn check(
         status: Some(DriftStatus::parse(&previous.status)),
         drifted: stored_resources(&previous)
             .iter()
-            .map(|r| Drifted {
-                address: r.address.clone(),
-                actions: r.actions.clone(),
-            })
+            .map(DriftedResource::drifted)
             .collect(),
     };
     let (finding, planned) = match planned {
@@ -162,15 +180,13 @@ pub(super) async fn check(
                     actions: change.actions.clone(),
                 })
                 .collect();
-            let result = if drifted.is_empty() {
-                "no_changes"
+            let (result, message) = if drifted.is_empty() {
+                ("no_changes", format!("no drift from {}", commit.short()))
             } else {
-                "changes"
-            };
-            let message = if drifted.is_empty() {
-                format!("no drift from {}", commit.short())
-            } else {
-                format!("{} resources differ from {}", drifted.len(), commit.short())
+                (
+                    "changes",
+                    format!("{} resources differ from {}", drifted.len(), commit.short()),
+                )
             };
             store.finish_run(
                 run_id,
@@ -237,7 +253,7 @@ pub(super) async fn check(
     clock.checked(false);
     let planned = planned.expect("a finding of a plan has its plan");
     let remediation_on = shared
-        .drift_policy(env)
+        .drift_policy_at(env, Some(&last_applied))
         .is_some_and(|policy| policy.remediate);
     let decision = decide_drift(&memory, &finding, remediation_on);
     tracing::info!(
@@ -272,15 +288,9 @@ pub(super) async fn check(
             .map(|drifted| {
                 known
                     .iter()
-                    .find(|r| r.address == drifted.address && r.actions == drifted.actions)
+                    .find(|r| r.drifted() == *drifted)
                     .cloned()
-                    .unwrap_or_else(|| DriftedResource {
-                        address: drifted.address.clone(),
-                        actions: drifted.actions.clone(),
-                        id: None,
-                        changed_attributes: Vec::new(),
-                        changed_by: Vec::new(),
-                    })
+                    .unwrap_or_else(|| DriftedResource::unexplained(drifted))
             })
             .collect()
     };
@@ -374,10 +384,9 @@ async fn drift_plan(
     let checked = match stage(shared, env, Lane::Merged, commit).await? {
         Ok(checked) => checked,
         Err(StageError::Refused(problems)) => {
-            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
             return Err(WorkError::Other(format!(
                 "the last applied commit no longer passes karrots check:\n{}",
-                lines.join("\n")
+                super::worker::problem_lines(&problems)
             )));
         }
         Err(error) => return Err(error.into()),
@@ -417,16 +426,8 @@ async fn explain(
     cancel: &CancellationToken,
     permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> (Vec<DriftedResource>, String) {
-    let mut resources: Vec<DriftedResource> = drifted
-        .iter()
-        .map(|d| DriftedResource {
-            address: d.address.clone(),
-            actions: d.actions.clone(),
-            id: None,
-            changed_attributes: Vec::new(),
-            changed_by: Vec::new(),
-        })
-        .collect();
+    let mut resources: Vec<DriftedResource> =
+        drifted.iter().map(DriftedResource::unexplained).collect();
     let Ok(name) = crate::config::EnvName::parse(env) else {
         return (resources, String::new());
     };

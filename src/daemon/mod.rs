@@ -88,14 +88,18 @@ impl Shared {
     /// measured against that commit, and a commit of its branch may change them), else the
     /// trust branch's. Read from the mirror once per applied commit.
     pub fn drift_policy(&self, env: &str) -> Option<crate::config::DriftPolicy> {
+        let row = self.store.environment(env).ok().flatten();
+        self.drift_policy_at(env, row.and_then(|row| row.last_applied).as_deref())
+    }
+
+    /// [`Shared::drift_policy`] for a caller that has already read the last applied commit.
+    pub fn drift_policy_at(
+        &self,
+        env: &str,
+        last_applied: Option<&str>,
+    ) -> Option<crate::config::DriftPolicy> {
         let trusted = self.trusted(env)?;
-        let Some(applied) = self
-            .store
-            .environment(env)
-            .ok()
-            .flatten()
-            .and_then(|row| row.last_applied)
-        else {
+        let Some(applied) = last_applied.map(str::to_string) else {
             return Some(trusted.drift);
         };
         let mut known = self.applied_drift.lock().ok()?;
