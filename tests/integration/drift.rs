@@ -216,6 +216,15 @@ fn finished_checks(fixture: &Fixture) -> usize {
         .count()
 }
 
+/// Drift checks of prod that failed.
+fn failed_checks(fixture: &Fixture) -> usize {
+    fixture
+        .runs("prod")
+        .iter()
+        .filter(|run| run["kind"] == "drift" && run["result"] == "failed")
+        .count()
+}
+
 fn alerts(fixture: &Fixture, kind: &str) -> Vec<Value> {
     fixture.sink.all("prod", kind)
 }
@@ -557,19 +566,9 @@ fn a_drift_check_that_fails_is_a_drift_error_never_drift() {
     fixture.start();
 
     fixture.wait_for("drift_error", |f| count(f, "drift_error") == 1);
-    let checks_then = fixture
-        .runs("prod")
-        .iter()
-        .filter(|run| run["kind"] == "drift" && run["result"] == "failed")
-        .count();
+    let checks_then = failed_checks(&fixture);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while fixture
-        .runs("prod")
-        .iter()
-        .filter(|run| run["kind"] == "drift" && run["result"] == "failed")
-        .count()
-        < checks_then + 2
-    {
+    while failed_checks(&fixture) < checks_then + 2 {
         assert!(Instant::now() < deadline, "retried: {}", fixture.logs());
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -45,36 +45,58 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Plans `env` at the `dev` branch: the plan must have changes. Returns the run and its record.
+fn plan_changes(
+    repo: &ConfigRepo,
+    env: &str,
+    moto: &Moto,
+    state: &Path,
+) -> (crate::support::Run, karrots::terraform::PlanRecord) {
+    let run = plan_env(repo, env, moto, state, &["--rev", "dev"]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    let record = plan_record(state, env, &repo.git(&["rev-parse", "dev"]));
+    (run, record)
+}
+
+/// The addresses a plan changes.
+fn addresses(record: &karrots::terraform::PlanRecord) -> Vec<&str> {
+    record
+        .summary
+        .resources
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect()
+}
+
+fn assert_planned(addresses: &[&str], expected: &[&str]) {
+    for each in expected {
+        assert!(
+            addresses.contains(each),
+            "{each} is not planned: {addresses:?}"
+        );
+    }
+}
+
 #[test]
 fn the_reference_dev_environment_plans_against_moto() {
     require_terraform_and_moto();
     let moto = dev_moto();
     let repo = reference_repo(str::to_string);
     let state = tempfile::tempdir().unwrap();
-    let run = plan_env(&repo, "dev", &moto, state.path(), &["--rev", "dev"]);
-    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
-    let commit = repo.git(&["rev-parse", "dev"]);
-    let record = plan_record(state.path(), "dev", &commit);
-    let addresses: Vec<&str> = record
-        .summary
-        .resources
-        .iter()
-        .map(|r| r.address.as_str())
-        .collect();
-    for expected in [
-        "module.network.aws_vpc.main",
-        "module.network.aws_nat_gateway.main[0]",
-        "module.eks[0].aws_eks_cluster.main",
-        "module.eks[0].aws_eks_node_group.default",
-        "module.ecr[0].aws_ecr_repository.main",
-        "module.audit[0].aws_cloudtrail.main",
-        "module.state[0].aws_dynamodb_table.lock",
-    ] {
-        assert!(
-            addresses.contains(&expected),
-            "{expected} is not planned: {addresses:?}"
-        );
-    }
+    let (run, record) = plan_changes(&repo, "dev", &moto, state.path());
+    let addresses = addresses(&record);
+    assert_planned(
+        &addresses,
+        &[
+            "module.network.aws_vpc.main",
+            "module.network.aws_nat_gateway.main[0]",
+            "module.eks[0].aws_eks_cluster.main",
+            "module.eks[0].aws_eks_node_group.default",
+            "module.ecr[0].aws_ecr_repository.main",
+            "module.audit[0].aws_cloudtrail.main",
+            "module.state[0].aws_dynamodb_table.lock",
+        ],
+    );
     assert_eq!(
         record.summary.add,
         addresses.len(),
@@ -100,33 +122,17 @@ fn the_workers_own_identity_is_an_environment_of_its_own() {
     let moto = dev_moto();
     let repo = reference_repo(str::to_string);
     let state = tempfile::tempdir().unwrap();
-    let run = plan_env(
-        &repo,
-        "karrots-iam-dev",
-        &moto,
-        state.path(),
-        &["--rev", "dev"],
+    let (_, record) = plan_changes(&repo, "karrots-iam-dev", &moto, state.path());
+    let addresses = addresses(&record);
+    assert_planned(
+        &addresses,
+        &[
+            "aws_iam_policy.boundary",
+            "aws_iam_group.worker",
+            "aws_iam_policy.worker[\"karrots-worker-iam\"]",
+            "aws_iam_user.worker[\"ci\"]",
+        ],
     );
-    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
-    let commit = repo.git(&["rev-parse", "dev"]);
-    let record = plan_record(state.path(), "karrots-iam-dev", &commit);
-    let addresses: Vec<&str> = record
-        .summary
-        .resources
-        .iter()
-        .map(|r| r.address.as_str())
-        .collect();
-    for expected in [
-        "aws_iam_policy.boundary",
-        "aws_iam_group.worker",
-        "aws_iam_policy.worker[\"karrots-worker-iam\"]",
-        "aws_iam_user.worker[\"ci\"]",
-    ] {
-        assert!(
-            addresses.contains(&expected),
-            "{expected} is not planned: {addresses:?}"
-        );
-    }
     // The platform, applied by the worker, no longer touches the worker's identity.
     let platform = plan_env(&repo, "dev", &moto, state.path(), &["--rev", "dev"]);
     assert!(
@@ -179,26 +185,15 @@ async fn the_platform_applies_against_moto_including_dns_delegation_and_peering(
         "    audit: false\n    dns: {{ account_id: \"{DEV_ACCOUNT}\", parent_domain: example.com, parent_zone_id: {zone_id} }}\n    data_peering: {{ account_id: \"{DEV_ACCOUNT}\", vpc_id: {data_vpc}, vpc_cidr_block: 172.16.0.0/16, security_group_id: {data_group} }}\n"
     );
     let repo = reference_repo(|text| text.replace("    audit: true\n", &extra));
-    let commit = repo.git(&["rev-parse", "dev"]);
     let state = tempfile::tempdir().unwrap();
 
     // First the worker's identity (with the boundary), as its own environment would.
-    let run = plan_env(
-        &repo,
-        "karrots-iam-dev",
-        &moto,
-        state.path(),
-        &["--rev", "dev"],
-    );
-    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
-    let record = plan_record(state.path(), "karrots-iam-dev", &commit);
+    let (_, record) = plan_changes(&repo, "karrots-iam-dev", &moto, state.path());
     apply_saved_plan(state.path(), &record, &moto)
         .await
         .expect("the worker's identity applies to moto");
 
-    let run = plan_env(&repo, "dev", &moto, state.path(), &["--rev", "dev"]);
-    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
-    let record = plan_record(state.path(), "dev", &commit);
+    let (_, record) = plan_changes(&repo, "dev", &moto, state.path());
     apply_saved_plan(state.path(), &record, &moto)
         .await
         .expect("the platform applies to moto");
@@ -261,15 +256,8 @@ async fn the_platform_applies_against_moto_including_dns_delegation_and_peering(
     // Applied means in sync: the next plan of the same commit has nothing to do, but for one
     // artifact of moto: it reports every node group with a `remote_access { ec2_ssh_key =
     // "eksKeypair" }` block nobody asked for, which forces terraform to replace it.
-    let again = plan_env(&repo, "dev", &moto, state.path(), &["--rev", "dev"]);
-    assert_eq!(again.code, 2, "{}{}", again.stdout, again.stderr);
-    let replanned = plan_record(state.path(), "dev", &commit);
-    let changed: Vec<&str> = replanned
-        .summary
-        .resources
-        .iter()
-        .map(|r| r.address.as_str())
-        .collect();
+    let (again, replanned) = plan_changes(&repo, "dev", &moto, state.path());
+    let changed = addresses(&replanned);
     assert_eq!(
         changed,
         ["module.eks[0].aws_eks_node_group.default"],
