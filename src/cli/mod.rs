@@ -5,14 +5,24 @@ pub mod plan;
 pub mod serve;
 pub mod status;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Karrots: no infrastructure change outside a merged commit, and no secrets held.
 #[derive(Debug, Parser)]
 #[command(name = "karrots", version, about)]
 pub struct Cli {
+    /// How log lines on stderr look: `human` (default), or `json`, one object per line for
+    /// journald and log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -25,6 +25,9 @@ pub struct DaemonConfig {
     pub webhook_secret_file: Option<PathBuf>,
     /// The bearer token the API requires; needed when `listen` is not a loopback address.
     pub api_token_file: Option<PathBuf>,
+    /// `/metrics` answers without the API token (for a scraper on the network); the rest of
+    /// the API still needs it.
+    pub metrics_public: bool,
     /// Terraform processes at once, across environments.
     pub concurrency: NonZeroUsize,
     /// Plan (never apply) commits of other branches that touch an environment.
@@ -194,6 +197,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         listen,
         webhook_secret_file: raw.webhook_secret_file.as_deref().map(resolve),
         api_token_file: raw.api_token_file.as_deref().map(resolve),
+        metrics_public: raw.metrics_public.unwrap_or(false),
         concurrency,
         preview: raw.preview.unwrap_or(true),
         trust_branch,
@@ -318,7 +322,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `concurrency`, `preview`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
             ),
             (
                 "providers: [hashicorp/*]",

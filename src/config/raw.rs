@@ -102,6 +102,7 @@ pub(crate) struct RawDaemon {
     pub listen: Option<String>,
     pub webhook_secret_file: Option<String>,
     pub api_token_file: Option<String>,
+    pub metrics_public: Option<bool>,
     pub concurrency: Option<u64>,
     pub preview: Option<bool>,
     pub trust_branch: Option<String>,

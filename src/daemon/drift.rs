@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::alert::{Alert, AlertKind};
 use crate::aws::cloudtrail::{self, ChangedBy, DELIVERY_MARGIN, Lookup};
@@ -152,7 +153,9 @@ pub(super) async fn check(
     }
     let started = Instant::now();
     let run_id = store.start_run(env, commit.as_str(), "drift")?;
-    tracing::info!(run = run_id, "checking for drift");
+    let span = super::worker::run_span(env, Lane::Merged, &commit, run_id);
+    async {
+    tracing::info!("checking for drift");
     let planned = drift_plan(shared, env, &commit, &trusted, run_id, &cancel).await;
     queue.preempt_with(CancellationToken::new());
     shared
@@ -212,14 +215,14 @@ pub(super) async fn check(
                     "a merged commit arrived: it goes first, and drift is checked after it",
                 )
             };
-            tracing::info!(run = run_id, %error, "drift check cancelled");
+            tracing::info!(%error, "drift check cancelled");
             store.finish_run(run_id, result, Summary::default(), &[], message)?;
             shared.metrics.run(env, "drift", result);
             return Ok(());
         }
         Err(error) => {
             let message = error.to_string();
-            tracing::warn!(run = run_id, error = %message, "the drift check failed");
+            tracing::warn!(error = %message, "the drift check failed");
             store.finish_run(run_id, "failed", Summary::default(), &[], &message)?;
             shared.metrics.run(env, "drift", "failed");
             let decision = decide_drift(&memory, &Finding::Failed, false);
@@ -257,7 +260,6 @@ pub(super) async fn check(
         .is_some_and(|policy| policy.remediate);
     let decision = decide_drift(&memory, &finding, remediation_on);
     tracing::info!(
-        run = run_id,
         status = decision.status.as_str(),
         drifted = decision.drifted.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -364,6 +366,9 @@ pub(super) async fn check(
     drop(permit);
     shared.terraform.discard_plan(&planned.record)?;
     Ok(())
+    }
+    .instrument(span)
+    .await
 }
 
 /// A drift check's plan and the identity it ran with.

@@ -11,6 +11,7 @@
 //! grace, kill), an apply in flight finishes, and the store is left consistent.
 
 mod drift;
+mod systemd;
 mod worker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +31,7 @@ use crate::git::{self, CommitId};
 use crate::store::{SqliteStore, StateStore};
 use crate::terraform::Terraform;
 
+pub use drift::DriftedResource;
 pub use worker::Queue;
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +232,9 @@ pub async fn run(
         stop.clone(),
     ));
 
+    let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), stop.clone()));
+    systemd::ready(&shared);
+
     let _watcher = watch_file_remote(&shared);
     let mut poller = Poller::default();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -247,12 +252,14 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down: no new work; plans are cancelled, an apply in flight finishes");
+    systemd::stopping();
     stop.cancel();
     for worker in poller.workers.into_values() {
         let _ = worker.task.await;
     }
     let _ = http.await;
     let _ = alerts.await;
+    let _ = watchdog.await;
     tracing::info!("stopped");
     Ok(())
 }

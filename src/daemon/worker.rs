@@ -122,7 +122,7 @@ pub(super) async fn work(
             }
             let commit = CommitId::from_hex(&commit);
             let span =
-                tracing::info_span!("run", env = %env, lane = %lane, commit = %commit.short());
+                tracing::info_span!("commit", env = %env, lane = %lane, commit = %commit.short());
             let outcome = match lane {
                 Lane::Merged => {
                     merged(&shared, &env, &commit, &stop)
@@ -141,6 +141,12 @@ pub(super) async fn work(
             }
         }
     }
+}
+
+/// The span of one recorded run. It has no parent, so each line logged in it carries exactly
+/// one environment, lane, commit and run id (a merged commit's plan and apply are two runs).
+pub(super) fn run_span(env: &str, lane: Lane, commit: &CommitId, run_id: i64) -> tracing::Span {
+    tracing::info_span!(parent: None, "run", env, %lane, commit = %commit.short(), run = run_id)
 }
 
 /// A failure the worker logs and moves on from; the run it belonged to is recorded as failed
@@ -461,7 +467,12 @@ async fn recorded_plan(
     };
     let store = &shared.store;
     let run_id = store.start_run(env, commit.as_str(), kind)?;
-    let (result, record) = match plan(shared, env, lane, commit, checked, run_id, stop).await {
+    let span = run_span(env, lane, commit, run_id);
+    let planned = plan(shared, env, lane, commit, checked, run_id, stop)
+        .instrument(span.clone())
+        .await;
+    let _enter = span.enter();
+    let (result, record) = match planned {
         Ok(record) => {
             let result = if record.summary.has_changes() {
                 "changes"
@@ -477,6 +488,7 @@ async fn recorded_plan(
             } else {
                 "failed"
             };
+            tracing::warn!(%error, result, "the plan did not succeed");
             store.finish_run(run_id, result, Summary::default(), &[], &error.to_string())?;
             (result, None)
         }
@@ -509,7 +521,7 @@ async fn plan(
     .await?;
     let run = RunId::parse(&format!("run-{run_id}"))?;
     let workdir = shared.terraform.workdir(&name, lane);
-    tracing::info!(run = run_id, "planning");
+    tracing::info!("planning");
     let started = std::time::Instant::now();
     let record = shared
         .terraform
@@ -520,7 +532,6 @@ async fn plan(
         .plan_seconds
         .observe(started.elapsed().as_secs_f64());
     tracing::info!(
-        run = run_id,
         add = record.summary.add,
         change = record.summary.change,
         destroy = record.summary.destroy,
@@ -553,8 +564,9 @@ pub(super) async fn apply(
     let name = crate::config::EnvName::parse(env)?;
     let endpoint = shared.endpoint();
     let run_id = store.start_run(env, commit.as_str(), "apply")?;
+    async {
     store.set_status(env, "applying")?;
-    tracing::info!(run = run_id, "applying");
+    tracing::info!("applying");
     let started = std::time::Instant::now();
     let outcome = async {
         let identity = crate::aws::establish(
@@ -607,7 +619,7 @@ pub(super) async fn apply(
             store.set_status(env, "in_sync")?;
             store.audit(env, commit.as_str(), "applied", &format!("run {run_id}"))?;
             shared.metrics.run(env, "apply", "applied");
-            tracing::info!(run = run_id, "applied");
+            tracing::info!("applied");
             let s = &record.summary;
             let counts = format!(
                 "{} added, {} changed, {} destroyed",
@@ -633,7 +645,7 @@ pub(super) async fn apply(
             )?;
             store.set_status(env, "failed")?;
             shared.metrics.run(env, "apply", "failed");
-            tracing::error!(run = run_id, error = %message, "apply failed");
+            tracing::error!(error = %message, "apply failed");
             shared.alert(Alert::new(
                 AlertKind::ApplyFailed,
                 env,
@@ -643,6 +655,9 @@ pub(super) async fn apply(
         }
     }
     Ok(())
+    }
+    .instrument(run_span(env, Lane::Merged, commit, run_id))
+    .await
 }
 
 /// A preview: the preview lane's identity, never applied; its artifacts are deleted once the

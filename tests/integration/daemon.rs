@@ -16,10 +16,10 @@ use crate::support::{
 
 /// The AWS secret key every daemon test runs with: it must never reach the state directory
 /// or the logs.
-const CANARY_SECRET: &str = "canary-secret-8c1f0e27";
+pub(crate) const CANARY_SECRET: &str = "canary-secret-8c1f0e27";
 
 /// A module that plans without provider downloads: one resource, named by a variable.
-const APP: &str = "variable \"label\" {\n  type    = string\n  default = \"v1\"\n}\n\nresource \"terraform_data\" \"app\" {\n  input = var.label\n}\n";
+pub(crate) const APP: &str = "variable \"label\" {\n  type    = string\n  default = \"v1\"\n}\n\nresource \"terraform_data\" \"app\" {\n  input = var.label\n}\n";
 
 /// A collector of alert POSTs on a free loopback port.
 pub struct AlertSink {
@@ -120,6 +120,18 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let (status, _, body) = http_exchange(address, method, path, headers, body);
+    (status, body)
+}
+
+/// One HTTP request to the daemon; returns the status, the response's head and its body.
+pub fn http_exchange(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(address).expect("connect to the daemon");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -144,9 +156,9 @@ pub fn http(
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+        .map(|(h, b)| (h.to_string(), b.to_string()))
         .unwrap_or_default();
     // Chunked bodies (axum's JSON): keep the JSON between the chunk sizes.
     let body = if text.to_lowercase().contains("transfer-encoding: chunked") {
@@ -154,7 +166,7 @@ pub fn http(
     } else {
         body
     };
-    (status, body)
+    (status, head, body)
 }
 
 fn dechunk(body: &str) -> String {
@@ -189,6 +201,16 @@ pub struct Fixture {
     pub cloudtrail_url: Option<String>,
     /// Whether the daemon gets AWS credentials (a drift check without them must fail).
     pub credentials: bool,
+    /// `listen:` of the daemon config (`address` is where the tests connect).
+    pub listen: String,
+    /// Appended to the daemon config.
+    pub extra_config: String,
+    /// After `serve --config FILE`.
+    pub serve_args: Vec<String>,
+    /// More environment variables for the daemon.
+    pub env: Vec<(String, String)>,
+    /// The API token the tests' requests carry (the daemon's `api_token_file` holds it).
+    pub api_token: Option<String>,
 }
 
 impl Fixture {
@@ -205,6 +227,19 @@ impl Fixture {
 
     /// prod's root module is `prod_module`; the daemon asks `cloudtrail_url` for CloudTrail.
     pub fn custom(
+        prod_extra: &str,
+        poll_interval: &'static str,
+        prod_module: &str,
+        cloudtrail_url: Option<String>,
+    ) -> Fixture {
+        let mut fixture =
+            Fixture::unstarted(prod_extra, poll_interval, prod_module, cloudtrail_url);
+        fixture.start();
+        fixture
+    }
+
+    /// [`Fixture::custom`] with the daemon not started yet, so a test can change how it starts.
+    pub fn unstarted(
         prod_extra: &str,
         poll_interval: &'static str,
         prod_module: &str,
@@ -251,22 +286,25 @@ impl Fixture {
             .port();
         let address = format!("127.0.0.1:{port}");
         let log = state.path().join("daemon.log");
-        let mut fixture = Fixture {
+        Fixture {
             clone,
             remote,
             state,
             moto,
             sink,
             daemon: None,
+            listen: address.clone(),
             address,
             log,
             secret_file,
             poll_interval,
             cloudtrail_url,
             credentials: true,
-        };
-        fixture.start();
-        fixture
+            extra_config: String::new(),
+            serve_args: Vec::new(),
+            env: Vec::new(),
+            api_token: None,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -278,20 +316,36 @@ impl Fixture {
     }
 
     pub fn start(&mut self) {
+        let child = self.spawn();
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(&self.address).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not listen:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Writes the daemon config and starts `karrots serve` on it, logging to `log`.
+    pub fn spawn(&mut self) -> Child {
         let cloudtrail = self
             .cloudtrail_url
             .as_ref()
             .map(|url| format!("  cloudtrail_endpoint_url: {url}\n"))
             .unwrap_or_default();
         let config = format!(
-            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\n{cloudtrail}alerts:\n  - webhook: {}\n",
+            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\n{cloudtrail}alerts:\n  - webhook: {}\n{}",
             self.remote.path().display(),
             self.poll_interval,
             self.state_dir().display(),
-            self.address,
+            self.listen,
             self.secret_file.display(),
             self.moto.url,
             self.sink.url,
+            self.extra_config,
         );
         std::fs::write(self.config_path(), config).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -302,6 +356,8 @@ impl Fixture {
         let mut command = Command::new(karrots_binary());
         command
             .args(["serve", "--config", self.config_path().to_str().unwrap()])
+            .args(&self.serve_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("AWS_ENDPOINT_URL")
             .env("AWS_DEFAULT_REGION", "us-east-1")
             .env("KARROTS_LOG", "info,karrots=debug")
@@ -323,17 +379,7 @@ impl Fixture {
                 .env("AWS_SHARED_CREDENTIALS_FILE", &nowhere)
                 .env("AWS_EC2_METADATA_DISABLED", "true");
         }
-        let child = command.spawn().expect("start karrots serve");
-        self.daemon = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&self.address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not listen:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        command.spawn().expect("start karrots serve")
     }
 
     pub fn logs(&self) -> String {
@@ -341,7 +387,15 @@ impl Fixture {
     }
 
     pub fn get(&self, path: &str) -> Value {
-        let (status, body) = http(&self.address, "GET", path, &[], b"");
+        let bearer = self
+            .api_token
+            .as_ref()
+            .map(|token| format!("Bearer {token}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|value| ("authorization", value.as_str()))
+            .collect();
+        let (status, body) = http(&self.address, "GET", path, &headers, b"");
         assert_eq!(status, 200, "GET {path}: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }
@@ -404,7 +458,7 @@ impl Drop for Fixture {
     }
 }
 
-fn no_file_contains(root: &Path, needle: &str) -> Result<(), String> {
+pub(crate) fn no_file_contains(root: &Path, needle: &str) -> Result<(), String> {
     for entry in walkdir::WalkDir::new(root)
         .into_iter()
         .filter_map(Result::ok)

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::daemon::{Fixture, read_body};
 
 /// Two VPCs: one to re-tag by hand, one to delete by hand.
-const VPCS: &str = r#"terraform {
+pub(crate) const VPCS: &str = r#"terraform {
   required_providers {
     aws = {
       source = "hashicorp/aws"
@@ -44,14 +44,14 @@ resource "aws_vpc" "extra" {
 
 /// CloudTrail `LookupEvents` on a free loopback port: answers from the events given to it
 /// for a resource name, two to a page; throttles the first `throttled` requests.
-struct FakeCloudTrail {
-    url: String,
+pub(crate) struct FakeCloudTrail {
+    pub(crate) url: String,
     events: Arc<Mutex<Vec<(String, Value)>>>,
     requests: Arc<Mutex<Vec<Value>>>,
 }
 
 impl FakeCloudTrail {
-    fn start(throttled: usize) -> FakeCloudTrail {
+    pub(crate) fn start(throttled: usize) -> FakeCloudTrail {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the CloudTrail fake");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
@@ -94,7 +94,7 @@ impl FakeCloudTrail {
         }
     }
 
-    fn add(&self, resource: &str, event: Value) {
+    pub(crate) fn add(&self, resource: &str, event: Value) {
         self.events
             .lock()
             .unwrap()
@@ -130,7 +130,13 @@ fn page(events: &[(String, Value)], request: &Value) -> Value {
 }
 
 /// A CloudTrail event as `LookupEvents` returns it.
-fn event(id: &str, name: &str, read_only: bool, identity: Value, resource: &str) -> Value {
+pub(crate) fn event(
+    id: &str,
+    name: &str,
+    read_only: bool,
+    identity: Value,
+    resource: &str,
+) -> Value {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let record = json!({"eventName": name, "readOnly": read_only, "userIdentity": identity});
     json!({
@@ -146,7 +152,7 @@ fn event(id: &str, name: &str, read_only: bool, identity: Value, resource: &str)
     })
 }
 
-fn assumed(role: &str, session: &str, key: &str) -> Value {
+pub(crate) fn assumed(role: &str, session: &str, key: &str) -> Value {
     json!({
         "type": "AssumedRole",
         "arn": format!("arn:aws:sts::123456789012:assumed-role/{role}/{session}"),
@@ -155,7 +161,7 @@ fn assumed(role: &str, session: &str, key: &str) -> Value {
     })
 }
 
-fn vpc_id(fixture: &Fixture, name: &str) -> String {
+pub(crate) fn vpc_id(fixture: &Fixture, name: &str) -> String {
     let vpcs: Value = serde_json::from_str(&fixture.moto.aws(&[
         "ec2",
         "describe-vpcs",
@@ -187,7 +193,7 @@ fn name_tag(fixture: &Fixture, vpc: &str) -> String {
         .to_string()
 }
 
-fn retag(fixture: &Fixture, vpc: &str, name: &str) {
+pub(crate) fn retag(fixture: &Fixture, vpc: &str, name: &str) {
     fixture.moto.aws(&[
         "ec2",
         "create-tags",

@@ -1,20 +1,25 @@
-//! The daemon's HTTP interface: health, metrics, the JSON API and the webhooks.
+//! The daemon's HTTP interface: health, metrics, the JSON API, the status page and the
+//! webhooks.
 //!
 //! A webhook only wakes the main loop for a fetch — the daemon trusts what it fetches, never
 //! the payload — and only after its signature or token verifies in constant time. GitHub and
 //! Gitea sign with HMAC-SHA256 (SHA-1 signatures are not accepted); GitLab sends the shared
-//! token. Bodies over 25 MiB get 413. Off loopback, every route but `/healthz` and the hooks
-//! needs `Authorization: Bearer <api token>`.
+//! token. Bodies over 25 MiB get 413. Off loopback, every route but `/healthz`, the hooks and
+//! the sign-in form needs `Authorization: Bearer <api token>`, or the status page's cookie,
+//! which `POST /login` sets once the token is given (`HttpOnly`, `SameSite=Strict`); `/metrics`
+//! too unless `metrics_public` is set.
+
+mod page;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Form, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
 use hmac::{KeyInit, Mac};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -23,12 +28,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::DaemonConfig;
 use crate::daemon::Shared;
+use crate::store::{EnvironmentRow, RunRow, StoreError};
 
 /// The largest webhook body accepted.
 pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
@@ -227,24 +233,36 @@ struct AppState {
     api_token: Option<Arc<Vec<u8>>>,
 }
 
+/// The status page's cookie: it holds a digest of the API token, not the token, so what a
+/// browser keeps cannot be replayed as `Authorization: Bearer`.
+const SESSION_COOKIE: &str = "karrots_session";
+
 pub fn router(shared: Arc<Shared>, secret: Option<Vec<u8>>, api_token: Option<Vec<u8>>) -> Router {
+    let metrics_public = shared.config.metrics_public;
     let state = AppState {
         shared,
         secret: secret.map(Arc::new),
         api_token: api_token.map(Arc::new),
     };
-    let guarded = Router::new()
-        .route("/metrics", get(metrics))
+    let mut guarded = Router::new()
+        .route("/", get(status_page))
+        .route("/runs/{id}", get(run_page))
         .route("/api/v1/environments", get(environments))
         .route("/api/v1/runs", get(runs))
-        .route("/api/v1/runs/{id}", get(run))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+        .route("/api/v1/runs/{id}", get(run));
+    let mut open = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/login", post(login))
         .route("/hooks/github", post(github))
         .route("/hooks/gitlab", post(gitlab))
-        .route("/hooks/gitea", post(gitea))
-        .merge(guarded)
+        .route("/hooks/gitea", post(gitea));
+    if metrics_public {
+        open = open.route("/metrics", get(metrics));
+    } else {
+        guarded = guarded.route("/metrics", get(metrics));
+    }
+    let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    open.merge(guarded)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -256,19 +274,97 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
         .into()
 }
 
+/// The status page cookie's value for `token`.
+fn session_value(token: &[u8]) -> String {
+    let mut digest = Sha256::new();
+    digest.update(b"karrots status page session\0");
+    digest.update(token);
+    hex::encode(digest.finalize())
+}
+
+/// Whether the request carries the API token, or the status page cookie made from it.
+fn authorized(headers: &HeaderMap, token: &[u8]) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if let Some(given) = bearer {
+        return same_secret(given.as_bytes(), token);
+    }
+    let expected = session_value(token);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .filter(|cookie| cookie.name() == SESSION_COOKIE)
+        .any(|cookie| same_secret(cookie.value().as_bytes(), expected.as_bytes()))
+}
+
+/// A browser asking for a page (it sends `Accept: text/html`); API clients do not.
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
+}
+
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.api_token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !same_secret(given.as_bytes(), token) {
-            return StatusCode::UNAUTHORIZED.into_response();
+    if let Some(token) = &state.api_token
+        && !authorized(request.headers(), token)
+    {
+        // A browser gets the sign-in form, which shows nothing of the infrastructure; anything
+        // else an empty 401.
+        if wants_html(request.headers()) {
+            let form = page::login(false, std::time::SystemTime::now());
+            return (StatusCode::UNAUTHORIZED, form).into_response();
         }
+        return StatusCode::UNAUTHORIZED.into_response();
     }
     next.run(request).await
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// `POST /login`: the sign-in form. The right token gets the session cookie (`HttpOnly`, so
+/// no script reads it; `SameSite=Strict`, so no other site's page sends it) and a redirect to
+/// the status page.
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let Some(token) = &state.api_token else {
+        // On loopback there is nothing to sign in to.
+        return Redirect::to("/").into_response();
+    };
+    if !same_secret(form.token.trim().as_bytes(), token) {
+        tracing::warn!("status page sign-in with a wrong token");
+        let form = page::login(true, std::time::SystemTime::now());
+        return (StatusCode::UNAUTHORIZED, form).into_response();
+    }
+    // Behind a TLS-terminating proxy the cookie is also `Secure`.
+    let behind_tls = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
+    let cookie = cookie::Cookie::build((SESSION_COOKIE, session_value(token)))
+        .path("/")
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .secure(behind_tls)
+        .build();
+    let mut response = Redirect::to("/").into_response();
+    match HeaderValue::from_str(&cookie.to_string()) {
+        Ok(value) => {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+            response
+        }
+        Err(error) => internal(error),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -300,45 +396,100 @@ fn internal(error: impl std::fmt::Display) -> Response {
     StatusCode::INTERNAL_SERVER_ERROR.into_response()
 }
 
-async fn environments(State(state): State<AppState>) -> Response {
-    let store = &state.shared.store;
-    let rows = match store.environments() {
-        Ok(rows) => rows,
-        Err(error) => return internal(error),
-    };
+/// One environment as `/api/v1/environments` and the status page show it.
+#[derive(Debug, Serialize)]
+pub(crate) struct EnvironmentView {
+    #[serde(flatten)]
+    row: EnvironmentRow,
+    last_run: Option<RunRow>,
+    drift: DriftView,
+}
+
+/// What the drift checks found, or `off` when the environment's last applied commit does not
+/// turn them on.
+#[derive(Debug, Serialize)]
+pub(crate) struct DriftView {
+    status: String,
+    checked_at: Option<String>,
+    /// The drifted addresses.
+    resources: Vec<String>,
+    /// Each drifted resource: address, actions, id, changed attribute names, `changed_by`.
+    details: Vec<serde_json::Value>,
+    message: String,
+}
+
+fn environment_views(shared: &Shared) -> Result<Vec<EnvironmentView>, StoreError> {
+    let store = &shared.store;
     let mut out = Vec::new();
-    for row in rows {
-        let last_run = store
-            .runs(Some(&row.name))
-            .ok()
-            .and_then(|runs| runs.into_iter().next());
-        let drift = store.drift(&row.name).unwrap_or_default();
-        let checks_on = state
-            .shared
+    for row in store.environments()? {
+        let last_run = store.runs(Some(&row.name))?.into_iter().next();
+        let drift = store.drift(&row.name)?;
+        let checks_on = shared
             .drift_policy_at(&row.name, row.last_applied.as_deref())
             .is_some_and(|policy| policy.interval.is_some());
-        let addresses: Vec<&serde_json::Value> = drift
+        let resources = drift
             .resources
             .iter()
-            .filter_map(|resource| resource.get("address"))
+            .filter_map(|resource| resource.get("address")?.as_str().map(str::to_string))
             .collect();
-        out.push(serde_json::json!({
-            "name": row.name,
-            "branch": row.branch,
-            "head": row.head,
-            "last_applied": row.last_applied,
-            "status": row.status,
-            "last_run": last_run,
-            "drift": {
-                "status": if checks_on { drift.status.as_str() } else { "off" },
-                "checked_at": drift.checked_at,
-                "resources": addresses,
-                "details": drift.resources,
-                "message": drift.message,
+        out.push(EnvironmentView {
+            row,
+            last_run,
+            drift: DriftView {
+                status: if checks_on {
+                    drift.status
+                } else {
+                    "off".into()
+                },
+                checked_at: drift.checked_at,
+                resources,
+                details: drift.resources,
+                message: drift.message,
             },
-        }));
+        });
     }
-    Json(out).into_response()
+    Ok(out)
+}
+
+async fn environments(State(state): State<AppState>) -> Response {
+    match environment_views(&state.shared) {
+        Ok(views) => Json(views).into_response(),
+        Err(error) => internal(error),
+    }
+}
+
+/// Runs the status page lists under the environments.
+const PAGE_RUNS: usize = 30;
+
+async fn status_page(State(state): State<AppState>) -> Response {
+    let views = match environment_views(&state.shared) {
+        Ok(views) => views,
+        Err(error) => return internal(error),
+    };
+    match state.shared.store.runs(None) {
+        Ok(mut runs) => {
+            runs.truncate(PAGE_RUNS);
+            page::overview(&views, &runs, std::time::SystemTime::now()).into_response()
+        }
+        Err(error) => internal(error),
+    }
+}
+
+async fn run_page(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    let store = &state.shared.store;
+    let run = match store.run(id) {
+        Ok(Some(run)) => run,
+        Ok(None) => return (StatusCode::NOT_FOUND, format!("no run {id}\n")).into_response(),
+        Err(error) => return internal(error),
+    };
+    match store.runs(Some(&run.env)) {
+        Ok(mut others) => {
+            others.retain(|other| other.id != run.id);
+            others.truncate(PAGE_RUNS);
+            page::run_page(&run, &others, std::time::SystemTime::now()).into_response()
+        }
+        Err(error) => internal(error),
+    }
 }
 
 #[derive(Deserialize)]
