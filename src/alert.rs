@@ -37,17 +37,32 @@ pub struct Alert {
     pub at: String,
     pub message: String,
     pub resources: Vec<serde_json::Value>,
+    /// One line for people: `karrots prod: drift_detected at 1a2b3c4: …`. Slack's incoming
+    /// webhooks (and Mattermost's, Rocket.Chat's, Discord's `/slack`) post this field and
+    /// ignore the others, so any of them is a sink as it is.
+    pub text: String,
 }
 
 impl Alert {
     pub fn new(kind: AlertKind, env: &str, commit: &str, message: impl Into<String>) -> Alert {
+        let message = message.into();
+        let kind_name = serde_json::to_value(kind)
+            .ok()
+            .and_then(|value| value.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let first_line = message.lines().next().unwrap_or_default();
+        let text = format!(
+            "karrots {env}: {kind_name} at {}: {first_line}",
+            &commit[..7.min(commit.len())]
+        );
         Alert {
             kind,
             env: env.to_string(),
             commit: commit.to_string(),
             at: now_rfc3339(),
-            message: message.into(),
+            message,
             resources: Vec::new(),
+            text,
         }
     }
 }
@@ -106,5 +121,27 @@ pub async fn deliver(
             () = tokio::time::sleep(tick) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_line_names_the_environment_kind_commit_and_first_line() {
+        let alert = Alert::new(
+            AlertKind::DriftDetected,
+            "prod",
+            "0123456789abcdef",
+            "2 resources differ from 0123456\naws_vpc.main",
+        );
+        assert_eq!(
+            alert.text,
+            "karrots prod: drift_detected at 0123456: 2 resources differ from 0123456"
+        );
+        let json = serde_json::to_value(&alert).unwrap();
+        assert_eq!(json["text"], alert.text.as_str());
+        assert_eq!(json["kind"], "drift_detected");
     }
 }
