@@ -14,10 +14,21 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
-#[error("state database {path}: {source}")]
-pub struct StoreError {
-    path: String,
-    source: rusqlite::Error,
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    /// A downgrade: an older binary must not write a schema it does not know.
+    #[error(
+        "state database {path} has schema version {found}, and this karrots knows versions up to {known}: a newer karrots wrote it. Run that version again, or restore the state_dir backup taken before the upgrade"
+    )]
+    Newer {
+        path: String,
+        found: usize,
+        known: usize,
+    },
 }
 
 /// One environment as the API shows it.
@@ -214,7 +225,7 @@ impl SqliteStore {
     /// Opens (creating) the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let name = path.display().to_string();
-        let error = |source| StoreError {
+        let error = |source| StoreError::Sqlite {
             path: name.clone(),
             source,
         };
@@ -231,6 +242,13 @@ impl SqliteStore {
         let version: usize = connection
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(error)?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Newer {
+                path: name,
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
         let transaction = connection.transaction().map_err(error)?;
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
             transaction.execute_batch(migration).map_err(error)?;
@@ -253,7 +271,7 @@ impl SqliteStore {
             .connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        work(&connection).map_err(|source| StoreError {
+        work(&connection).map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
         })
@@ -565,6 +583,23 @@ impl StateStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_from_a_newer_karrots_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let newer = Connection::open(&path).unwrap();
+        newer
+            .pragma_update(None, "user_version", MIGRATIONS.len() + 1)
+            .unwrap();
+        drop(newer);
+        let Err(error) = SqliteStore::open(&path) else {
+            panic!("a newer schema was opened");
+        };
+        assert!(matches!(error, StoreError::Newer { found, .. } if found == MIGRATIONS.len() + 1));
+        assert!(error.to_string().contains("restore the state_dir backup"));
+    }
 
     #[test]
     fn runs_survive_a_reopen_and_open_ones_become_interrupted() {
