@@ -146,7 +146,7 @@ pub(super) async fn work(
 /// The span of one recorded run. It has no parent, so each line logged in it carries exactly
 /// one environment, lane, commit and run id (a merged commit's plan and apply are two runs).
 pub(super) fn run_span(env: &str, lane: Lane, commit: &CommitId, run_id: i64) -> tracing::Span {
-    tracing::info_span!(parent: None, "run", env, %lane, commit = %commit.short(), run = run_id)
+    tracing::info_span!(parent: None, "run", env = %env, %lane, commit = %commit.short(), run = run_id)
 }
 
 /// A failure the worker logs and moves on from; the run it belonged to is recorded as failed

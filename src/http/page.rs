@@ -199,6 +199,18 @@ fn run_line(run: &RunRow, now: SystemTime) -> Markup {
         a href=(run_href(run)) { "#" (run.id) } " " (run.kind) " "
         (badge(run.result.as_deref().unwrap_or("running")))
         " " span class="sub" { (ago(&run.started_at, now)) }
+        @if matches!(run.result.as_deref(), Some("refused" | "failed" | "interrupted")) {
+            div class="who reason" { (excerpt(&run.message, 160)) }
+        }
+    }
+}
+
+/// The first line of `text`, cut at `max` characters.
+fn excerpt(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
     }
 }
 
@@ -378,6 +390,10 @@ mod tests {
         );
         assert!(html.contains(r#"href="/runs/7""#));
         assert!(html.contains("checked 1 min ago"));
+        assert!(
+            !html.contains(r#"class="who reason""#),
+            "an applied run has no reason"
+        );
         assert!(html.contains(r#"http-equiv="refresh""#));
         assert!(!html.contains("<script"), "no JavaScript");
         assert!(
@@ -401,6 +417,14 @@ mod tests {
         assert!(html.contains("… 60 earlier lines\nline 61\n") && html.contains("line 100"));
         assert!(!html.contains("line 60\n"));
         assert!(html.contains(r#"href="/runs/6""#) && html.contains(r##"href="/#env-prod""##));
+    }
+
+    #[test]
+    fn the_reason_of_a_refused_last_run_is_its_first_line_cut_short() {
+        let refused = run(3, "refused", &format!("{}\nsecond line", "x".repeat(200)));
+        let html = run_line(&refused, at(1)).into_string();
+        assert!(html.contains(&format!("{}…", "x".repeat(160))), "{html}");
+        assert!(!html.contains("second line"));
     }
 
     #[test]
