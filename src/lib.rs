@@ -3,7 +3,7 @@
 //! Code map (see ARCHITECTURE.md for the whole picture):
 //! - [`config`]: `karrots.yaml` and the daemon configuration, raw serde structs → validated types.
 //! - [`repo`]: the config repository as data — environments, module closure, the refusals of
-//!   SPEC §3.8, policy lint, input fingerprints.
+//!   the repository rules, policy lint, input fingerprints.
 //! - [`problem`]: the located `path:line: message` every validation error is.
 //! - [`engine`]: pure decisions — which lane and identity a commit runs with, or why it is
 //!   refused.

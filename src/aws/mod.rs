@@ -1,4 +1,4 @@
-//! AWS identity for a terraform run (SPEC §3.9).
+//! AWS identity for a terraform run.
 //!
 //! Credentials come from the standard chain (environment, the environment's `profile`, SSO,
 //! instance role), optionally chained through STS AssumeRole with the session name

@@ -1,4 +1,4 @@
-//! `karrots check [--repo DIR]`: validates a config repository working tree (SPEC §2).
+//! `karrots check [--repo DIR]`: validates a config repository working tree.
 //!
 //! Exit 0 with one `ok` line per environment on stdout; exit 1 with one `path:line: message`
 //! per problem on stderr.

@@ -1,5 +1,5 @@
 //! `karrots plan --repo DIR --env NAME [--rev REV]`: one plan of one environment at a
-//! revision, in an isolated workdir; never applies (SPEC §2).
+//! revision, in an isolated workdir; never applies.
 //!
 //! The environment's identity (account, roles, backend, branch) is read from the trust
 //! branch; a revision that changes it is refused. A revision on the environment's branch

@@ -18,7 +18,7 @@ pub struct DaemonConfig {
     /// The config repository to mirror: `file://`, `https://`, `ssh://` or `git://`.
     pub repo: url::Url,
     pub poll_interval: Duration,
-    /// Everything the daemon knows lives here (SPEC §7).
+    /// Everything the daemon knows lives here.
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     /// The webhook secret is read from this file at start; it is never in the configuration.
@@ -32,7 +32,7 @@ pub struct DaemonConfig {
     pub concurrency: NonZeroUsize,
     /// Plan (never apply) commits of other branches that touch an environment.
     pub preview: bool,
-    /// Where environment identities are read from (SPEC §3.7).
+    /// Where environment identities are read from.
     pub trust_branch: BranchName,
     pub terraform: TerraformSettings,
     /// Whether terraform processes run in the Landlock sandbox.

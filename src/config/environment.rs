@@ -25,12 +25,12 @@ pub struct EnvironmentSpec {
     pub apply: ApplyPolicy,
     pub drift: DriftPolicy,
     pub alerts: Vec<AlertSink>,
-    /// Opt-ins for what the repository check refuses by default (SPEC §3.8).
+    /// Opt-ins for what the repository check refuses by default.
     pub allow: BTreeSet<Allowance>,
 }
 
 impl EnvironmentSpec {
-    /// The identity fields (SPEC §3.7) in which `other` differs from `self`. Only the trust
+    /// The identity fields in which `other` differs from `self`. Only the trust
     /// branch may change them: a commit elsewhere that does is refused.
     pub fn identity_differences(&self, other: &EnvironmentSpec) -> Vec<&'static str> {
         let fields: [(&'static str, bool); 8] = [

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// An environment name: `[a-z0-9][a-z0-9-]{0,62}` (SPEC §1), also used as a folder, an STS
+/// An environment name: `[a-z0-9][a-z0-9-]{0,62}`, also used as a folder, an STS
 /// session name part and a state directory name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EnvName(String);
@@ -272,7 +272,7 @@ pub(crate) fn to_slash(path: &Path) -> String {
         .join("/")
 }
 
-/// What an environment's `allow:` list can opt into, from the refusals of SPEC §3.8.
+/// What an environment's `allow:` list can opt into, from the refusals of the repository rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Allowance {
     /// `provisioner "local-exec"`: runs commands on the Karrots host.

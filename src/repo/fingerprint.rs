@@ -1,4 +1,4 @@
-//! The input fingerprint of an environment (SPEC §3.5): SHA-256 over the files it is built
+//! The input fingerprint of an environment: SHA-256 over the files it is built
 //! from, so that "did this commit change this environment?" is a comparison of two strings.
 //!
 //! The input closure is a set of directories inside the repository (the environment folder,

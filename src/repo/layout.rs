@@ -1,4 +1,4 @@
-//! Files a config repository may not carry (SPEC §3.8): its own terraform CLI settings and
+//! Files a config repository may not carry: its own terraform CLI settings and
 //! provider directories, override files, unchecked JSON configuration, and symlinks that
 //! leave the repository. Any of these would let an unmerged commit change what a preview plan
 //! runs.

@@ -1,5 +1,5 @@
 //! The config repository as data: its environments, the modules each reaches, the checks of
-//! SPEC §3.8 and each environment's input fingerprint.
+//! the repository rules and each environment's input fingerprint.
 //!
 //! Works on a directory tree (a working copy, or a commit exported to a workdir); it never
 //! runs terraform or git. [`check_repository`] judges a whole tree (`karrots check`);

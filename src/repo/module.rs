@@ -1,5 +1,5 @@
 //! What a Terraform module's `.tf` files say that matters before it may run: the modules it
-//! calls and the constructs that run code or reach out from the Karrots host (SPEC §3.8).
+//! calls and the constructs that run code or reach out from the Karrots host.
 //!
 //! The files are read with a real HCL parser (`hcl-edit`, which keeps byte spans for lines).
 //! Scanning is per module directory and knows nothing of environments: whether a construct is
