@@ -19,3 +19,25 @@ variable "tags" {
   description = "Tags merged into every resource."
   default     = {}
 }
+
+variable "kms_key_arn" {
+  type        = string
+  description = "The KMS key that encrypts the trail, its bucket and its log group."
+}
+
+variable "access_log_bucket" {
+  type        = string
+  description = "The bucket the trail bucket's S3 server access logs go to."
+}
+
+variable "retention_days" {
+  type        = number
+  description = "Days trail logs are kept, in the bucket and in CloudWatch Logs."
+  default     = 365
+}
+
+variable "permissions_boundary" {
+  type        = string
+  description = "ARN of the permissions boundary the CloudTrail log-delivery role carries; null for none."
+  default     = null
+}

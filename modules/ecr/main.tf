@@ -2,13 +2,18 @@ locals {
   tags = merge(var.tags, { "karrots:module" = "ecr" })
 }
 
-# Private, with every optional feature off, as the seed sets it up.
+# Private; a pushed tag names one image for good, and every image is scanned on push.
 resource "aws_ecr_repository" "main" {
   name                 = var.name
-  image_tag_mutability = "MUTABLE"
+  image_tag_mutability = var.image_tag_mutability
 
   image_scanning_configuration {
-    scan_on_push = false
+    scan_on_push = true
+  }
+
+  # AWS's key for ECR (aws/ecr); a customer key adds nothing an image needs.
+  encryption_configuration {
+    encryption_type = "KMS"
   }
 
   tags = local.tags

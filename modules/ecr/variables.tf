@@ -13,3 +13,14 @@ variable "tags" {
   description = "Tags merged into every resource."
   default     = {}
 }
+
+variable "image_tag_mutability" {
+  type        = string
+  description = "IMMUTABLE (default): a tag, once pushed, always names the same image, so a deployment cannot change under a tag. MUTABLE for teams that move tags such as latest."
+  default     = "IMMUTABLE"
+
+  validation {
+    condition     = contains(["IMMUTABLE", "MUTABLE"], var.image_tag_mutability)
+    error_message = "image_tag_mutability must be IMMUTABLE or MUTABLE."
+  }
+}

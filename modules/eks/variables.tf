@@ -14,8 +14,8 @@ variable "kubernetes_version" {
   default     = "1.31"
 
   validation {
-    condition     = can(regex("^1\\.[0-9]+$", var.kubernetes_version))
-    error_message = "kubernetes_version must look like 1.31."
+    condition     = can(regex("^1\\.[0-9]+$", var.kubernetes_version)) && try(tonumber(split(".", var.kubernetes_version)[1]) >= 29, false)
+    error_message = "kubernetes_version must look like 1.31, and be 1.29 or later (older versions are out of EKS standard support)."
   }
 }
 
@@ -72,4 +72,32 @@ variable "permissions_boundary" {
   type        = string
   description = "ARN of the permissions boundary the cluster and node roles carry (the worker may create roles only with karrots-worker-boundary); null for none."
   default     = null
+}
+
+variable "kms_key_arn" {
+  type        = string
+  description = "The KMS key that encrypts Kubernetes secrets and the control plane's log group."
+}
+
+variable "public_access_cidrs" {
+  type        = list(string)
+  description = "Networks that may reach the API endpoint from the internet. Empty (default): the endpoint is private, reachable from the VPC (and peered networks) only."
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.public_access_cidrs : can(cidrhost(cidr, 0)) && cidr != "0.0.0.0/0"])
+    error_message = "public_access_cidrs must be IPv4 CIDR blocks, never 0.0.0.0/0: name the networks that may reach the API."
+  }
+}
+
+variable "control_plane_log_types" {
+  type        = list(string)
+  description = "Control-plane logs sent to CloudWatch Logs; all five by default."
+  default     = ["api", "audit", "authenticator", "controllerManager", "scheduler"]
+}
+
+variable "log_retention_days" {
+  type        = number
+  description = "Days the control plane's logs are kept."
+  default     = 365
 }

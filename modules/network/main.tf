@@ -1,7 +1,10 @@
 locals {
-  tags       = merge(var.tags, { "karrots:module" = "network" })
-  zone_count = length(var.availability_zones)
+  tags         = merge(var.tags, { "karrots:module" = "network" })
+  zone_count   = length(var.availability_zones)
+  policies_dir = coalesce(var.policies_dir, "${path.module}/../../policies")
 }
+
+data "aws_caller_identity" "current" {}
 
 resource "aws_vpc" "main" {
   cidr_block           = var.cidr_block
@@ -98,4 +101,47 @@ resource "aws_route_table_association" "private" {
 
   subnet_id      = aws_subnet.private[count.index].id
   route_table_id = aws_route_table.private.id
+}
+
+# The default security group allows nothing: a resource that forgets to name its own group
+# gets no traffic rather than all of the VPC's.
+resource "aws_default_security_group" "main" {
+  vpc_id = aws_vpc.main.id
+  tags   = merge(local.tags, { Name = "${var.name}-default-denies-all" })
+}
+
+# Flow logs: every accepted and rejected connection of the VPC, to CloudWatch Logs.
+resource "aws_cloudwatch_log_group" "flow_logs" {
+  name              = "/karrots/${var.name}/vpc-flow-logs"
+  retention_in_days = var.log_retention_days
+  kms_key_id        = var.kms_key_arn
+  tags              = local.tags
+}
+
+resource "aws_iam_role" "flow_logs" {
+  name = "${var.name}-flow-logs"
+  assume_role_policy = templatefile("${local.policies_dir}/karrots-log-delivery-trust.json", {
+    service    = "vpc-flow-logs.amazonaws.com"
+    account_id = data.aws_caller_identity.current.account_id
+  })
+  permissions_boundary = var.permissions_boundary
+  tags                 = local.tags
+}
+
+resource "aws_iam_role_policy" "flow_logs" {
+  name = "deliver-into-its-log-group"
+  role = aws_iam_role.flow_logs.id
+  policy = templatefile("${local.policies_dir}/karrots-log-delivery.json", {
+    log_group_arn = aws_cloudwatch_log_group.flow_logs.arn
+  })
+}
+
+resource "aws_flow_log" "main" {
+  vpc_id                   = aws_vpc.main.id
+  traffic_type             = "ALL"
+  log_destination_type     = "cloud-watch-logs"
+  log_destination          = aws_cloudwatch_log_group.flow_logs.arn
+  iam_role_arn             = aws_iam_role.flow_logs.arn
+  max_aggregation_interval = 60
+  tags                     = merge(local.tags, { Name = var.name })
 }

@@ -40,3 +40,26 @@ variable "nat_gateway" {
   description = "Create one NAT gateway so private subnets (EKS nodes) reach the internet. One, not one per zone: a cost the seed's small platform does not need."
   default     = true
 }
+
+variable "kms_key_arn" {
+  type        = string
+  description = "The KMS key that encrypts the flow logs' log group."
+}
+
+variable "log_retention_days" {
+  type        = number
+  description = "Days the flow logs are kept."
+  default     = 365
+}
+
+variable "permissions_boundary" {
+  type        = string
+  description = "ARN of the permissions boundary the flow-log delivery role carries (the worker may create roles only with karrots-worker-boundary); null for none."
+  default     = null
+}
+
+variable "policies_dir" {
+  type        = string
+  description = "Folder of the IAM policy documents; default: the config repository's policies/."
+  default     = null
+}

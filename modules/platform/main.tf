@@ -3,32 +3,59 @@ locals {
     "karrots:cluster" = var.cluster_name
     "managed-by"      = "karrots"
   })
-  account_id = data.aws_caller_identity.current.account_id
+  account_id   = data.aws_caller_identity.current.account_id
+  policies_dir = "${path.module}/../../policies"
+  # The worker may create roles only within its boundary (environments/karrots-iam makes it).
+  boundary = "arn:aws:iam::${local.account_id}:policy/karrots-worker-boundary"
 }
 
 data "aws_caller_identity" "current" {}
 
+data "aws_region" "current" {}
+
+# One customer-managed key for what the platform keeps: Kubernetes secrets, the state bucket
+# and lock table, the trail and its bucket, and the log groups. Rotated every year; deleting it
+# waits 30 days.
+resource "aws_kms_key" "platform" {
+  description             = "Karrots ${var.cluster_name}: secrets, state, trail and logs"
+  enable_key_rotation     = true
+  deletion_window_in_days = 30
+  policy = templatefile("${local.policies_dir}/karrots-platform-key.json", {
+    account_id = local.account_id
+    region     = data.aws_region.current.name
+  })
+  tags = local.tags
+}
+
+resource "aws_kms_alias" "platform" {
+  name          = "alias/${var.cluster_name}"
+  target_key_id = aws_kms_key.platform.key_id
+}
+
 module "network" {
   source = "../network"
 
-  name               = var.cluster_name
-  cidr_block         = var.vpc_cidr
-  availability_zones = var.availability_zones
-  nat_gateway        = var.nat_gateway
-  tags               = local.tags
+  name                 = var.cluster_name
+  cidr_block           = var.vpc_cidr
+  availability_zones   = var.availability_zones
+  nat_gateway          = var.nat_gateway
+  kms_key_arn          = aws_kms_key.platform.arn
+  permissions_boundary = local.boundary
+  tags                 = local.tags
 }
 
 module "eks" {
   source = "../eks"
   count  = var.eks == null ? 0 : 1
 
-  name                = var.cluster_name
-  kubernetes_version  = var.eks.kubernetes_version
-  subnet_ids          = module.network.private_subnet_ids
-  node_instance_types = var.eks.node_instance_types
-  node_count          = var.eks.node_count
-  # The worker may create roles only within its boundary (environments/karrots-iam makes it).
-  permissions_boundary = "arn:aws:iam::${local.account_id}:policy/karrots-worker-boundary"
+  name                 = var.cluster_name
+  kubernetes_version   = var.eks.kubernetes_version
+  subnet_ids           = module.network.private_subnet_ids
+  node_instance_types  = var.eks.node_instance_types
+  node_count           = var.eks.node_count
+  public_access_cidrs  = var.eks.public_access_cidrs
+  kms_key_arn          = aws_kms_key.platform.arn
+  permissions_boundary = local.boundary
   tags                 = local.tags
 }
 
@@ -76,18 +103,32 @@ module "data_peering" {
   tags                   = local.tags
 }
 
+# Where the state and trail buckets log who reads and writes them.
+module "access_logs" {
+  source = "../access-logs"
+  count  = var.audit || var.state ? 1 : 0
+
+  name = var.cluster_name
+  tags = local.tags
+}
+
 module "audit" {
   source = "../audit"
   count  = var.audit ? 1 : 0
 
-  name = var.cluster_name
-  tags = local.tags
+  name                 = var.cluster_name
+  kms_key_arn          = aws_kms_key.platform.arn
+  access_log_bucket    = module.access_logs[0].bucket
+  permissions_boundary = local.boundary
+  tags                 = local.tags
 }
 
 module "state" {
   source = "../state"
   count  = var.state ? 1 : 0
 
-  name = var.cluster_name
-  tags = local.tags
+  name              = var.cluster_name
+  kms_key_arn       = aws_kms_key.platform.arn
+  access_log_bucket = module.access_logs[0].bucket
+  tags              = local.tags
 }

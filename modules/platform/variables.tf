@@ -38,6 +38,7 @@ variable "nat_gateway" {
 variable "eks" {
   type = object({
     kubernetes_version  = optional(string, "1.31")
+    public_access_cidrs = optional(list(string), [])
     node_instance_types = optional(list(string), ["t3.large"])
     node_count          = optional(object({ min = number, desired = number, max = number }), { min = 1, desired = 2, max = 4 })
   })

@@ -13,3 +13,19 @@ variable "tags" {
   description = "Tags merged into every resource."
   default     = {}
 }
+
+variable "kms_key_arn" {
+  type        = string
+  description = "The KMS key that encrypts the state bucket and the lock table."
+}
+
+variable "access_log_bucket" {
+  type        = string
+  description = "The bucket the state bucket's S3 server access logs go to."
+}
+
+variable "noncurrent_days" {
+  type        = number
+  description = "Days an earlier version of a state file is kept."
+  default     = 90
+}
