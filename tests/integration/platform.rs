@@ -95,6 +95,16 @@ fn the_reference_dev_environment_plans_against_moto() {
             "module.ecr[0].aws_ecr_repository.main",
             "module.audit[0].aws_cloudtrail.main",
             "module.state[0].aws_dynamodb_table.lock",
+            // What the scanners asked for: one key, flow logs, a closed default group,
+            // control-plane and trail logs, access logs of the buckets.
+            "aws_kms_key.platform",
+            "module.network.aws_flow_log.main",
+            "module.network.aws_default_security_group.main",
+            "module.eks[0].aws_cloudwatch_log_group.control_plane",
+            "module.audit[0].aws_cloudwatch_log_group.trail",
+            "module.access_logs[0].aws_s3_bucket.logs",
+            "module.state[0].aws_s3_bucket_logging.state",
+            "module.audit[0].aws_s3_bucket_logging.trail",
         ],
     );
     assert_eq!(
@@ -212,11 +222,55 @@ async fn the_platform_applies_against_moto_including_dns_delegation_and_peering(
     );
 
     // What was built, seen through the AWS API.
-    let cluster = moto.aws(&["eks", "describe-cluster", "--name", "karrots-dev"]);
-    assert!(cluster.contains("\"status\": \"ACTIVE\""), "{cluster}");
+    let cluster: serde_json::Value =
+        serde_json::from_str(&moto.aws(&["eks", "describe-cluster", "--name", "karrots-dev"]))
+            .unwrap();
+    let cluster = &cluster["cluster"];
+    assert_eq!(cluster["status"], "ACTIVE", "{cluster}");
+    assert_eq!(
+        cluster["resourcesVpcConfig"]["endpointPublicAccess"], false,
+        "the API endpoint is private by default: {cluster}"
+    );
+    assert_eq!(
+        cluster["encryptionConfig"][0]["resources"],
+        serde_json::json!(["secrets"]),
+        "{cluster}"
+    );
+    let repositories = moto.aws(&["ecr", "describe-repositories"]);
+    assert!(repositories.contains("\"repositoryName\": \"karrots-dev\""));
+    assert!(repositories.contains("\"imageTagMutability\": \"IMMUTABLE\""));
+    assert!(repositories.contains("\"scanOnPush\": true"));
+    let flow_logs = moto.aws(&["ec2", "describe-flow-logs"]);
     assert!(
-        moto.aws(&["ecr", "describe-repositories"])
-            .contains("\"repositoryName\": \"karrots-dev\"")
+        flow_logs.contains("/karrots/karrots-dev/vpc-flow-logs"),
+        "{flow_logs}"
+    );
+    let backups = moto.aws(&[
+        "dynamodb",
+        "describe-continuous-backups",
+        "--table-name",
+        "karrots-dev-tflock",
+    ]);
+    assert!(
+        backups.contains("\"PointInTimeRecoveryStatus\": \"ENABLED\""),
+        "{backups}"
+    );
+    let encryption = moto.aws(&[
+        "s3api",
+        "get-bucket-encryption",
+        "--bucket",
+        &format!("karrots-dev-tfstate-{DEV_ACCOUNT}"),
+    ]);
+    assert!(encryption.contains("aws:kms"), "{encryption}");
+    let logging = moto.aws(&[
+        "s3api",
+        "get-bucket-logging",
+        "--bucket",
+        &format!("karrots-dev-tfstate-{DEV_ACCOUNT}"),
+    ]);
+    assert!(
+        logging.contains(&format!("karrots-dev-access-logs-{DEV_ACCOUNT}")),
+        "{logging}"
     );
     let records = moto.aws(&[
         "route53",
