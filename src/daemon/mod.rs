@@ -424,14 +424,22 @@ impl Poller {
             } else {
                 "preview"
             };
-            tracing::info!(env, %lane, commit = %superseded, "superseded by a newer commit");
-            let _ = shared.store.record_run(
+            let recorded = shared.store.record_run(
                 env,
                 &superseded,
                 kind,
                 "superseded",
                 &format!("{} arrived before this commit ran", &commit.as_str()[..7]),
             );
+            match recorded {
+                Ok(run_id) => {
+                    let superseded = CommitId::from_hex(&superseded);
+                    let span = worker::run_span(env, lane, &superseded, run_id);
+                    let _enter = span.enter();
+                    tracing::info!(by = %commit.short(), "superseded by a newer commit");
+                }
+                Err(error) => tracing::error!(%error, env, "recording a superseded commit"),
+            }
         }
     }
 }

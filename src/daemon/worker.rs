@@ -245,7 +245,15 @@ pub(super) fn refuse(
         .ok()
         .and_then(|kind| kind.as_str().map(str::to_string))
         .unwrap_or_default();
-    store.record_run(env, commit.as_str(), run_kind, "refused", &alert.message)?;
+    let run_id = store.record_run(env, commit.as_str(), run_kind, "refused", &alert.message)?;
+    let lane = if run_kind == "preview" {
+        Lane::Preview
+    } else {
+        Lane::Merged
+    };
+    let span = run_span(env, lane, commit, run_id);
+    let _enter = span.enter();
+    tracing::info!(decision = %decision, "refused");
     if let Some(status) = status {
         store.set_status(env, status)?;
     }
@@ -733,9 +741,13 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
                 .map(|refusal| refusal.reason(trust))
                 .unwrap_or_default();
             let message = format!("passes karrots check; not planned: {reason}");
-            shared
-                .store
-                .record_run(env, commit.as_str(), "preview", "refused", &message)?;
+            let run_id =
+                shared
+                    .store
+                    .record_run(env, commit.as_str(), "preview", "refused", &message)?;
+            let span = run_span(env, Lane::Preview, commit, run_id);
+            let _enter = span.enter();
+            tracing::info!("checked, not planned: the environment is not on the trust branch");
             shared.metrics.run(env, "preview", "refused");
             Ok(())
         }
