@@ -28,6 +28,17 @@ pub enum AlertKind {
     DriftError,
 }
 
+impl AlertKind {
+    /// The name the JSON carries (`drift_detected`), from the same serde attributes, so the
+    /// two never differ.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|kind| kind.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
 /// One alert, as it is POSTed.
 #[derive(Debug, Clone, Serialize)]
 pub struct Alert {
@@ -46,10 +57,7 @@ pub struct Alert {
 impl Alert {
     pub fn new(kind: AlertKind, env: &str, commit: &str, message: impl Into<String>) -> Alert {
         let message = message.into();
-        let kind_name = serde_json::to_value(kind)
-            .ok()
-            .and_then(|value| value.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let kind_name = kind.name();
         let first_line = message.lines().next().unwrap_or_default();
         let text = format!(
             "karrots {env}: {kind_name} at {}: {first_line}",

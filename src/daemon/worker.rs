@@ -241,10 +241,7 @@ pub(super) fn refuse(
 ) -> WorkResult {
     let store = &shared.store;
     let env = alert.env.as_str();
-    let decision = serde_json::to_value(alert.kind)
-        .ok()
-        .and_then(|kind| kind.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let decision = alert.kind.name();
     let run_id = store.record_run(env, commit.as_str(), run_kind, "refused", &alert.message)?;
     let lane = if run_kind == "preview" {
         Lane::Preview
