@@ -422,7 +422,7 @@ fn environment_views(shared: &Shared) -> Result<Vec<EnvironmentView>, StoreError
     let store = &shared.store;
     let mut out = Vec::new();
     for row in store.environments()? {
-        let last_run = store.runs(Some(&row.name))?.into_iter().next();
+        let last_run = store.runs(Some(&row.name), 1)?.into_iter().next();
         let drift = store.drift(&row.name)?;
         let checks_on = shared
             .drift_policy_at(&row.name, row.last_applied.as_deref())
@@ -458,19 +458,19 @@ async fn environments(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Runs the status page lists under the environments.
+/// Runs the status page lists under the environments, and on a run's page.
 const PAGE_RUNS: usize = 30;
+
+/// Runs `/api/v1/runs` answers with, newest first.
+const API_RUNS: usize = 200;
 
 async fn status_page(State(state): State<AppState>) -> Response {
     let views = match environment_views(&state.shared) {
         Ok(views) => views,
         Err(error) => return internal(error),
     };
-    match state.shared.store.runs(None) {
-        Ok(mut runs) => {
-            runs.truncate(PAGE_RUNS);
-            page::overview(&views, &runs, std::time::SystemTime::now()).into_response()
-        }
+    match state.shared.store.runs(None, PAGE_RUNS) {
+        Ok(runs) => page::overview(&views, &runs, std::time::SystemTime::now()).into_response(),
         Err(error) => internal(error),
     }
 }
@@ -482,7 +482,8 @@ async fn run_page(State(state): State<AppState>, Path(id): Path<i64>) -> Respons
         Ok(None) => return (StatusCode::NOT_FOUND, format!("no run {id}\n")).into_response(),
         Err(error) => return internal(error),
     };
-    match store.runs(Some(&run.env)) {
+    // One more than shown: the run itself is among them.
+    match store.runs(Some(&run.env), PAGE_RUNS + 1) {
         Ok(mut others) => {
             others.retain(|other| other.id != run.id);
             others.truncate(PAGE_RUNS);
@@ -498,7 +499,7 @@ struct RunsQuery {
 }
 
 async fn runs(State(state): State<AppState>, Query(query): Query<RunsQuery>) -> Response {
-    match state.shared.store.runs(query.env.as_deref()) {
+    match state.shared.store.runs(query.env.as_deref(), API_RUNS) {
         Ok(runs) => Json(runs).into_response(),
         Err(error) => internal(error),
     }

@@ -142,7 +142,8 @@ pub trait StateStore: Send + Sync {
         result: &str,
         message: &str,
     ) -> Result<i64, StoreError>;
-    fn runs(&self, env: Option<&str>) -> Result<Vec<RunRow>, StoreError>;
+    /// The newest `limit` runs, of one environment or of all.
+    fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError>;
     fn run(&self, id: i64) -> Result<Option<RunRow>, StoreError>;
     fn audit(
         &self,
@@ -469,19 +470,20 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn runs(&self, env: Option<&str>) -> Result<Vec<RunRow>, StoreError> {
+    fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(|c| match env {
             Some(env) => c
                 .prepare(&format!(
-                    "SELECT {RUN_COLUMNS} FROM runs WHERE env = ?1 ORDER BY id DESC LIMIT 200"
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE env = ?1 ORDER BY id DESC LIMIT ?2"
                 ))?
-                .query_map([env], run_row)?
+                .query_map(params![env, limit], run_row)?
                 .collect(),
             None => c
                 .prepare(&format!(
-                    "SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 200"
+                    "SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT ?1"
                 ))?
-                .query_map([], run_row)?
+                .query_map([limit], run_row)?
                 .collect(),
         })
     }
@@ -629,7 +631,7 @@ mod tests {
         let interrupted = store.interrupt_open_runs().unwrap();
         assert_eq!(interrupted.len(), 1);
         assert_eq!(interrupted[0].kind, "apply");
-        let runs = store.runs(Some("prod")).unwrap();
+        let runs = store.runs(Some("prod"), 200).unwrap();
         assert_eq!(runs[0].result.as_deref(), Some("interrupted"));
         assert_eq!(runs[1].result.as_deref(), Some("changes"));
         assert_eq!(runs[1].summary.add, 1);
