@@ -82,29 +82,17 @@ resource "aws_s3_bucket_policy" "trail" {
 }
 
 # The trail's events in CloudWatch Logs too, for metric filters and alarms.
-resource "aws_cloudwatch_log_group" "trail" {
-  name              = "/karrots/${var.name}/cloudtrail"
-  retention_in_days = var.retention_days
-  kms_key_id        = var.kms_key_arn
-  tags              = local.tags
-}
+module "trail_logs" {
+  source = "../log-delivery"
 
-resource "aws_iam_role" "trail_logs" {
-  name = "${var.name}-cloudtrail-logs"
-  assume_role_policy = templatefile("${local.policies_dir}/karrots-log-delivery-trust.json", {
-    service    = "cloudtrail.amazonaws.com"
-    account_id = data.aws_caller_identity.current.account_id
-  })
+  log_group_name       = "/karrots/${var.name}/cloudtrail"
+  role_name            = "${var.name}-cloudtrail-logs"
+  service              = "cloudtrail.amazonaws.com"
+  kms_key_arn          = var.kms_key_arn
+  retention_days       = var.retention_days
   permissions_boundary = var.permissions_boundary
+  policies_dir         = var.policies_dir
   tags                 = local.tags
-}
-
-resource "aws_iam_role_policy" "trail_logs" {
-  name = "deliver-into-its-log-group"
-  role = aws_iam_role.trail_logs.id
-  policy = templatefile("${local.policies_dir}/karrots-log-delivery.json", {
-    log_group_arn = aws_cloudwatch_log_group.trail.arn
-  })
 }
 
 # Every API call in every region, so drift can be attributed to whoever made it.
@@ -116,9 +104,9 @@ resource "aws_cloudtrail" "main" {
   is_multi_region_trail         = true
   enable_log_file_validation    = true
   kms_key_id                    = var.kms_key_arn
-  cloud_watch_logs_group_arn    = "${aws_cloudwatch_log_group.trail.arn}:*"
-  cloud_watch_logs_role_arn     = aws_iam_role.trail_logs.arn
+  cloud_watch_logs_group_arn    = "${module.trail_logs.log_group_arn}:*"
+  cloud_watch_logs_role_arn     = module.trail_logs.role_arn
   tags                          = local.tags
 
-  depends_on = [aws_s3_bucket_policy.trail, aws_iam_role_policy.trail_logs]
+  depends_on = [aws_s3_bucket_policy.trail]
 }

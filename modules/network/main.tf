@@ -1,10 +1,7 @@
 locals {
-  tags         = merge(var.tags, { "karrots:module" = "network" })
-  zone_count   = length(var.availability_zones)
-  policies_dir = coalesce(var.policies_dir, "${path.module}/../../policies")
+  tags       = merge(var.tags, { "karrots:module" = "network" })
+  zone_count = length(var.availability_zones)
 }
-
-data "aws_caller_identity" "current" {}
 
 resource "aws_vpc" "main" {
   cidr_block           = var.cidr_block
@@ -111,37 +108,25 @@ resource "aws_default_security_group" "main" {
 }
 
 # Flow logs: every accepted and rejected connection of the VPC, to CloudWatch Logs.
-resource "aws_cloudwatch_log_group" "flow_logs" {
-  name              = "/karrots/${var.name}/vpc-flow-logs"
-  retention_in_days = var.log_retention_days
-  kms_key_id        = var.kms_key_arn
-  tags              = local.tags
-}
+module "flow_logs" {
+  source = "../log-delivery"
 
-resource "aws_iam_role" "flow_logs" {
-  name = "${var.name}-flow-logs"
-  assume_role_policy = templatefile("${local.policies_dir}/karrots-log-delivery-trust.json", {
-    service    = "vpc-flow-logs.amazonaws.com"
-    account_id = data.aws_caller_identity.current.account_id
-  })
+  log_group_name       = "/karrots/${var.name}/vpc-flow-logs"
+  role_name            = "${var.name}-flow-logs"
+  service              = "vpc-flow-logs.amazonaws.com"
+  kms_key_arn          = var.kms_key_arn
+  retention_days       = var.log_retention_days
   permissions_boundary = var.permissions_boundary
+  policies_dir         = var.policies_dir
   tags                 = local.tags
-}
-
-resource "aws_iam_role_policy" "flow_logs" {
-  name = "deliver-into-its-log-group"
-  role = aws_iam_role.flow_logs.id
-  policy = templatefile("${local.policies_dir}/karrots-log-delivery.json", {
-    log_group_arn = aws_cloudwatch_log_group.flow_logs.arn
-  })
 }
 
 resource "aws_flow_log" "main" {
   vpc_id                   = aws_vpc.main.id
   traffic_type             = "ALL"
   log_destination_type     = "cloud-watch-logs"
-  log_destination          = aws_cloudwatch_log_group.flow_logs.arn
-  iam_role_arn             = aws_iam_role.flow_logs.arn
+  log_destination          = module.flow_logs.log_group_arn
+  iam_role_arn             = module.flow_logs.role_arn
   max_aggregation_interval = 60
   tags                     = merge(local.tags, { Name = var.name })
 }

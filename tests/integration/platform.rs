@@ -101,7 +101,7 @@ fn the_reference_dev_environment_plans_against_moto() {
             "module.network.aws_flow_log.main",
             "module.network.aws_default_security_group.main",
             "module.eks[0].aws_cloudwatch_log_group.control_plane",
-            "module.audit[0].aws_cloudwatch_log_group.trail",
+            "module.audit[0].module.trail_logs.aws_cloudwatch_log_group.this",
             "module.access_logs[0].aws_s3_bucket.logs",
             "module.state[0].aws_s3_bucket_logging.state",
             "module.audit[0].aws_s3_bucket_logging.trail",
