@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::daemon::{Fixture, read_body};
 
 /// Two VPCs: one to re-tag by hand, one to delete by hand.
-pub(crate) const VPCS: &str = r#"terraform {
+const VPCS: &str = r#"terraform {
   required_providers {
     aws = {
       source = "hashicorp/aws"
@@ -45,7 +45,7 @@ resource "aws_vpc" "extra" {
 /// CloudTrail `LookupEvents` on a free loopback port: answers from the events given to it
 /// for a resource name, two to a page; throttles the first `throttled` requests.
 pub(crate) struct FakeCloudTrail {
-    pub(crate) url: String,
+    url: String,
     events: Arc<Mutex<Vec<(String, Value)>>>,
     requests: Arc<Mutex<Vec<Value>>>,
 }
@@ -231,6 +231,20 @@ fn failed_checks(fixture: &Fixture) -> usize {
         .count()
 }
 
+/// prod built from [`VPCS`] with `drift` settings (the lines under `drift:`), asking `trail`
+/// for CloudTrail, once applied: the fixture and that first commit.
+pub(crate) fn drifting_prod(drift: &str, trail: Option<&FakeCloudTrail>) -> (Fixture, String) {
+    let fixture = Fixture::custom(
+        &format!("drift:\n{drift}"),
+        "1s",
+        VPCS,
+        trail.map(|trail| trail.url.clone()),
+    );
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    (fixture, first)
+}
+
 fn alerts(fixture: &Fixture, kind: &str) -> Vec<Value> {
     fixture.sink.all("prod", kind)
 }
@@ -239,14 +253,7 @@ fn alerts(fixture: &Fixture, kind: &str) -> Vec<Value> {
 fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
     // The first LookupEvents answer is a throttle: retried, then answered.
     let trail = FakeCloudTrail::start(1);
-    let fixture = Fixture::custom(
-        "drift:\n  interval: 2s\n",
-        "1s",
-        VPCS,
-        Some(trail.url.clone()),
-    );
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    let (fixture, first) = drifting_prod("  interval: 2s\n", Some(&trail));
     fixture.wait_for("a clean drift check", |f| {
         f.environment("prod")["drift"]["status"] == "in_sync"
     });
@@ -477,14 +484,7 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
 #[test]
 fn remediation_puts_it_back_and_a_throttling_cloudtrail_does_not_hold_the_alert() {
     let trail = FakeCloudTrail::start(usize::MAX);
-    let fixture = Fixture::custom(
-        "drift:\n  interval: 2s\n  remediate: true\n",
-        "1s",
-        VPCS,
-        Some(trail.url.clone()),
-    );
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    let (fixture, first) = drifting_prod("  interval: 2s\n  remediate: true\n", Some(&trail));
     let main = vpc_id(&fixture, "karrots-drift");
     retag(&fixture, &main, "changed-by-hand");
 
@@ -537,14 +537,7 @@ fn remediation_puts_it_back_and_a_throttling_cloudtrail_does_not_hold_the_alert(
 
 #[test]
 fn a_drift_check_that_fails_is_a_drift_error_never_drift() {
-    let mut fixture = Fixture::custom(
-        "drift:\n  interval: 2s\n  remediate: true\n",
-        "1s",
-        VPCS,
-        None,
-    );
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    let (mut fixture, _) = drifting_prod("  interval: 2s\n  remediate: true\n", None);
 
     // dev's own branch turns its drift checks on (the trust branch says nothing of them):
     // the settings of the applied commit are the ones that count.

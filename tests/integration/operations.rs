@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::daemon::{CANARY_SECRET, Fixture, http, http_exchange, no_file_contains};
-use crate::drift::{FakeCloudTrail, VPCS, assumed, event, retag, vpc_id};
+use crate::drift::{FakeCloudTrail, assumed, drifting_prod, event, retag, vpc_id};
 use crate::support::{karrots_binary, require_tool};
 
 /// A headless Chromium: the page's DOM after load, and a screenshot.
@@ -82,16 +82,8 @@ fn environment_row<'a>(dom: &'a str, env: &str) -> &'a str {
 fn the_status_page_shows_what_was_applied_and_who_drifted_it() {
     let browser = Browser::new();
     let trail = FakeCloudTrail::start(0);
-    let fixture = Fixture::custom(
-        "drift:\n  interval: 2s\n",
-        "1s",
-        VPCS,
-        Some(trail.url.clone()),
-    );
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod and dev applied", |f| {
-        f.applied("prod", &first) && f.applied("dev", &first)
-    });
+    let (fixture, first) = drifting_prod("  interval: 2s\n", Some(&trail));
+    fixture.wait_for("dev applied", |f| f.applied("dev", &first));
     fixture.wait_for("a clean drift check of prod", |f| {
         f.environment("prod")["drift"]["status"] == "in_sync"
     });
