@@ -232,7 +232,9 @@ pub async fn run(
         stop.clone(),
     ));
 
-    let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), stop.clone()));
+    // Its own token: the pings end, and are seen to end, before STOPPING=1 is sent.
+    let watchdog_stop = stop.child_token();
+    let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), watchdog_stop.clone()));
     systemd::ready(&shared);
 
     let _watcher = watch_file_remote(&shared);
@@ -252,6 +254,8 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down: no new work; plans are cancelled, an apply in flight finishes");
+    watchdog_stop.cancel();
+    let _ = watchdog.await;
     systemd::stopping();
     stop.cancel();
     for worker in poller.workers.into_values() {
@@ -259,7 +263,6 @@ pub async fn run(
     }
     let _ = http.await;
     let _ = alerts.await;
-    let _ = watchdog.await;
     tracing::info!("stopped");
     Ok(())
 }

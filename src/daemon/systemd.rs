@@ -30,7 +30,9 @@ pub(super) fn stopping() {
 
 /// Pings the watchdog at half its interval (`WatchdogSec=`) while the daemon is healthy: the
 /// runtime schedules this task and the state store answers a read within the interval. A
-/// wedged store or runtime stops the pings, and systemd restarts the daemon.
+/// wedged store or runtime stops the pings, and systemd restarts the daemon. Returns at once
+/// when `stop` is cancelled, so the caller can send `STOPPING=1` after the last ping: systemd
+/// stops watching at that point, and a late ping would only be noise.
 pub(super) async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
@@ -43,9 +45,16 @@ pub(super) async fn watchdog(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let store = shared.store.clone();
         let read = tokio::task::spawn_blocking(move || store.environments().is_ok());
-        match tokio::time::timeout(interval.max(Duration::from_secs(1)), read).await {
-            Ok(Ok(true)) => send(&[NotifyState::Watchdog]),
-            _ => tracing::error!("the state store does not answer: no watchdog ping"),
+        let answered = tokio::select! {
+            answer = tokio::time::timeout(interval.max(Duration::from_secs(1)), read) => {
+                matches!(answer, Ok(Ok(true)))
+            }
+            () = stop.cancelled() => return,
+        };
+        if answered {
+            send(&[NotifyState::Watchdog]);
+        } else {
+            tracing::error!("the state store does not answer: no watchdog ping");
         }
     }
 }
