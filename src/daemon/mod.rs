@@ -232,10 +232,11 @@ pub async fn run(
         stop.clone(),
     ));
 
-    // Its own token: the pings end, and are seen to end, before STOPPING=1 is sent.
+    // READY=1 before the first ping; the pings have their own token so that they end, and are
+    // seen to end, before STOPPING=1 is sent.
+    systemd::ready(&shared);
     let watchdog_stop = stop.child_token();
     let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), watchdog_stop.clone()));
-    systemd::ready(&shared);
 
     let _watcher = watch_file_remote(&shared);
     let mut poller = Poller::default();
