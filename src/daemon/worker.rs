@@ -284,6 +284,32 @@ async fn merged(
     let Some(trusted) = shared.trusted(env) else {
         return Ok(());
     };
+    // Only a commit on the first-parent chain of exactly `refs/remotes/origin/<branch>` is
+    // applied, whatever name the queue was given it under.
+    let on_branch = {
+        let (mirror, commit, branch) = (
+            shared.mirror.path().to_path_buf(),
+            commit.clone(),
+            trusted.branch.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let repo = git::open(&mirror)?;
+            match git::branch_tip(&repo, &branch) {
+                Some(tip) => git::on_first_parent_chain(&repo, &tip, &commit),
+                None => Ok(false),
+            }
+        })
+        .await??
+    };
+    if !on_branch {
+        let message = format!(
+            "{} is not on the first-parent chain of branch {}: only commits merged there are planned and applied",
+            commit.short(),
+            trusted.branch
+        );
+        let alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
+        return refuse(shared, commit, "plan", None, alert);
+    }
     let row = store.environment(env)?.unwrap_or_default();
     let state = MergedState {
         last_applied: row.last_applied.clone(),

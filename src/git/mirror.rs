@@ -77,9 +77,17 @@ impl Mirror {
                 source,
             })?;
         for reference in references.flatten() {
-            if let (Ok(name), Some(target)) = (reference.name(), reference.target()) {
-                let branch = name.trim_start_matches("refs/remotes/origin/").to_string();
-                heads.insert(branch, CommitId::from_hex(&target.to_string()));
+            // Strip the prefix once: a branch named `refs/remotes/origin/main` is held as
+            // `refs/remotes/origin/refs/remotes/origin/main` and must stay that name, never
+            // become `main`.
+            if let (Some(branch), Some(target)) = (
+                reference
+                    .name()
+                    .ok()
+                    .and_then(|name| name.strip_prefix("refs/remotes/origin/")),
+                reference.target(),
+            ) {
+                heads.insert(branch.to_string(), CommitId::from_hex(&target.to_string()));
             }
         }
         Ok(heads)

@@ -4,6 +4,7 @@
 mod check;
 mod daemon;
 mod drift;
+mod hardening;
 mod operations;
 mod plan;
 mod platform;
