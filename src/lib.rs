@@ -4,6 +4,7 @@
 //! - [`config`]: `karrots.yaml` and the daemon configuration, raw serde structs → validated types.
 //! - [`repo`]: the config repository as data — environments, module closure, the refusals of
 //!   the repository rules, policy lint, input fingerprints.
+//! - [`limits`]: the size of file the checks read.
 //! - [`problem`]: the located `path:line: message` every validation error is.
 //! - [`engine`]: pure decisions — which lane and identity a commit runs with, or why it is
 //!   refused.
@@ -30,6 +31,7 @@ pub mod engine;
 pub mod git;
 #[cfg(feature = "runtime")]
 pub mod http;
+pub mod limits;
 pub mod problem;
 #[cfg(feature = "runtime")]
 pub mod process;

@@ -92,7 +92,7 @@ impl SandboxMode {
 /// Reads and validates the daemon configuration file. Relative paths in it are taken relative
 /// to the file's own directory, so the daemon does not depend on where it was started.
 pub fn load_daemon_config(file: &Path) -> Result<DaemonConfig, Problems> {
-    let text = std::fs::read_to_string(file).map_err(|error| {
+    let text = crate::limits::read_text(file).map_err(|error| {
         Problems::one(Problem::whole(
             file,
             format!("cannot read the file: {error}"),

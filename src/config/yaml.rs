@@ -111,15 +111,42 @@ fn describe(path: &str, error: &serde_yaml::Error) -> String {
     }
 }
 
+/// The largest YAML text Karrots parses (also when it comes from git, not a file).
+const MAX_BYTES: usize = crate::limits::MAX_TEXT_BYTES;
+
+/// The deepest nesting of mappings and sequences Karrots reads. Real files nest a handful of
+/// levels; a deeper one would cost stack and memory in every parser after this one.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+/// Reads the first document's events one at a time (the parser's own `load` recurses once
+/// per level, so a deep document would overflow the stack before any check could run),
+/// refusing more than [`MAX_DEPTH`] levels.
 fn index_key_lines(text: &str) -> Result<KeyLines, YamlError> {
+    if text.len() > MAX_BYTES {
+        return Err(YamlError {
+            line: 1,
+            message: crate::limits::too_large(text.len() as u64),
+        });
+    }
     let mut indexer = KeyLineIndexer::default();
     let mut parser = Parser::new_from_str(text);
-    parser
-        .load(&mut indexer, false)
-        .map_err(|error| YamlError {
+    loop {
+        let (event, mark) = parser.next_token().map_err(|error| YamlError {
             line: error.marker().line(),
             message: format!("not valid YAML: {}", error.info()),
         })?;
+        let done = matches!(event, Event::DocumentEnd | Event::StreamEnd);
+        indexer.on_event(event, mark);
+        if indexer.stack.len() > MAX_DEPTH {
+            return Err(YamlError {
+                line: mark.line(),
+                message: format!("nested more than {MAX_DEPTH} levels deep"),
+            });
+        }
+        if done {
+            break;
+        }
+    }
     Ok(KeyLines {
         lines: indexer.lines,
     })
@@ -242,6 +269,32 @@ mod tests {
         // A bare CR is a YAML line break.
         let error = parse::<bool>("\r\r4").unwrap_err();
         assert_eq!(error.line, 3, "{error:?}");
+    }
+
+    #[test]
+    fn deep_and_large_documents_are_refused_before_any_parser_recurses() {
+        let deep = format!("{}a\n", "- ".repeat(100_000));
+        let error = parse::<serde_yaml::Value>(&deep).unwrap_err();
+        assert_eq!(
+            error.message, "nested more than 64 levels deep",
+            "{error:?}"
+        );
+        // The scanner has its own limit for flow collections, which comes first.
+        let flow = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let error = parse::<serde_yaml::Value>(&flow).unwrap_err();
+        assert!(error.message.contains("recursion limit"), "{error:?}");
+        let flow = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        let error = parse::<serde_yaml::Value>(&flow).unwrap_err();
+        assert_eq!(
+            error.message, "nested more than 64 levels deep",
+            "{error:?}"
+        );
+        // 64 levels are read.
+        let nested = format!("{}a\n", "- ".repeat(MAX_DEPTH));
+        parse::<serde_yaml::Value>(&nested).unwrap();
+        let large = format!("a: \"{}\"\n", "x".repeat(MAX_BYTES));
+        let error = parse::<serde_yaml::Value>(&large).unwrap_err();
+        assert!(error.message.contains("at most 1048576 bytes"), "{error:?}");
     }
 
     #[test]

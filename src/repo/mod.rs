@@ -104,7 +104,7 @@ pub fn check_environment(
     options: &CheckOptions,
 ) -> Result<CheckedEnvironment, Vec<Problem>> {
     let yaml_path = environment_file_path(name.as_str());
-    let text = fs::read_to_string(root.join(&yaml_path)).map_err(|error| {
+    let text = crate::limits::read_text(&root.join(&yaml_path)).map_err(|error| {
         vec![Problem::whole(
             &yaml_path,
             format!("environment {name} does not exist here: {error}"),
@@ -201,7 +201,7 @@ fn lint_policies(root: &Path) -> Vec<Problem> {
     let mut texts = std::collections::BTreeMap::new();
     for path in paths {
         let relative = relative_to(root, &path);
-        match fs::read_to_string(&path) {
+        match crate::limits::read_text(&path) {
             Ok(text) => {
                 let found = policy::lint_policy(&relative, &text);
                 let name = path
@@ -406,7 +406,7 @@ fn load_environments(root: &Path, problems: &mut Vec<Problem>) -> Vec<Environmen
             continue;
         }
         let file = environment_file_path(&name);
-        match fs::read_to_string(root.join(&file)) {
+        match crate::limits::read_text(&root.join(&file)) {
             Ok(text) => match parse_environment_file(&text, &file, &name) {
                 Ok(parsed) => loaded.push(parsed),
                 Err(found) => problems.extend(found.into_vec()),

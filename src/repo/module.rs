@@ -101,7 +101,7 @@ pub(crate) fn scan_module(root: &Path, module: &RepoPath) -> ModuleScan {
     files.sort();
     for path in files {
         let relative = PathBuf::from(module.as_str()).join(path.file_name().unwrap_or_default());
-        match fs::read_to_string(&path) {
+        match crate::limits::read_text(&path) {
             Ok(text) => scan_file(&mut scan, module, &relative, &text),
             Err(error) => scan.problems.push(Problem::whole(
                 &relative,
@@ -433,5 +433,31 @@ mod tests {
                 (10, "null", None),
             ]
         );
+    }
+
+    /// The parser bounds nesting itself, before it recurses: a 100,000-level expression or
+    /// block tree is a located problem, on a thread with the 2 MiB stack tokio gives workers.
+    #[test]
+    fn deep_nesting_is_refused_by_the_parser_without_exhausting_the_stack() {
+        let deep = [
+            format!("x = {}1{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("x = {}true\n", "!".repeat(100_000)),
+            format!(
+                "x = \"{}x{}\"\n",
+                "${\"".repeat(100_000),
+                "\"}".repeat(100_000)
+            ),
+            format!("{}{}", "b {\n".repeat(100_000), "}\n".repeat(100_000)),
+        ];
+        for text in deep {
+            let found = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || scan(&text).problems)
+                .unwrap()
+                .join()
+                .unwrap();
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(found[0].message.contains("nest"), "{found:?}");
+        }
     }
 }

@@ -295,4 +295,20 @@ mod tests {
             assert_eq!(lint(text), vec![expected.to_string()], "{text}");
         }
     }
+
+    /// The parser bounds nesting itself, before it recurses.
+    #[test]
+    fn deep_nesting_is_refused_by_the_parser_without_exhausting_the_stack() {
+        let text = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let found = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || lint(&text))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(
+            found,
+            vec!["policies/p.json:1: not valid JSON: Maximum nesting depth exceeded".to_string()]
+        );
+    }
 }

@@ -42,3 +42,70 @@ fn a_branch_named_like_a_remote_ref_never_stands_in_for_main() {
         .expect("a poll logged");
     assert!(last_poll.contains("fetched=false"), "{last_poll}");
 }
+
+/// A 100,000-level `karrots.yaml` (200 KB) and a 2 MiB one are located problems, not a
+/// stack overflow or a memory spike.
+#[test]
+fn check_refuses_deep_and_large_files_with_a_located_message() {
+    let repo = crate::support::ConfigRepo::valid();
+    repo.write(
+        "environments/prod/karrots.yaml",
+        &format!("{}a\n", "- ".repeat(100_000)),
+    );
+    repo.write(
+        "modules/app-dev/big.tf",
+        &format!("# {}\n", "x".repeat(2 * 1024 * 1024)),
+    );
+    let run = repo.check();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        run.stderr_lines(),
+        vec![
+            "environments/prod/karrots.yaml:1: nested more than 64 levels deep",
+            "modules/app-dev/big.tf:1: cannot read the file: the file is 2097155 bytes; Karrots reads at most 1048576 bytes",
+        ],
+        "{}",
+        run.stderr
+    );
+}
+
+/// A branch whose `karrots.yaml` nests 100,000 levels costs its preview a `config_error`;
+/// the daemon stays up and still applies the next merged commit.
+#[test]
+fn a_deeply_nested_file_on_a_branch_does_not_take_the_daemon_down() {
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    fixture.clone.git(&["checkout", "-q", "-b", "deep"]);
+    fixture.clone.write(
+        "environments/prod/karrots.yaml",
+        &format!("{}a\n", "- ".repeat(100_000)),
+    );
+    let deep = fixture.clone.commit_all("deep");
+    fixture.push("deep");
+    fixture.wait_for("the preview refused", |f| {
+        f.sink
+            .all("prod", "config_error")
+            .iter()
+            .any(|alert| alert["commit"] == deep.as_str())
+    });
+    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("environments/prod/karrots.yaml:1: nested more than 64 levels deep"),
+        "{alert}"
+    );
+
+    fixture.clone.git(&["checkout", "-q", "main"]);
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let next = fixture.clone.commit_all("v2");
+    fixture.push("main");
+    fixture.wait_for("prod applied after the attack", |f| {
+        f.applied("prod", &next)
+    });
+}
