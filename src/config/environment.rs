@@ -470,7 +470,7 @@ allow: [local-exec]
             (
                 "allow: [local-exec]",
                 "allow: [local-exec, anything]",
-                "environments/prod/karrots.yaml:19: allow[1]: \"anything\" is not one of local-exec, remote-exec, external, http, remote-modules",
+                "environments/prod/karrots.yaml:19: allow[1]: \"anything\" is not one of local-exec, remote-exec, external, http, remote-state, remote-modules",
             ),
             (
                 "role/karrots-worker",

@@ -283,16 +283,20 @@ pub enum Allowance {
     ExternalData,
     /// `data "http"`: makes arbitrary requests from the Karrots host at plan time.
     HttpData,
+    /// `data "terraform_remote_state"`: reads another state from a backend the code names, an
+    /// address that can carry the state it plans against to any server.
+    RemoteState,
     /// Module sources outside the repository (registry, git, URLs): code not in the commit.
     RemoteModules,
 }
 
 impl Allowance {
-    pub const ALL: [Allowance; 5] = [
+    pub const ALL: [Allowance; 6] = [
         Allowance::LocalExec,
         Allowance::RemoteExec,
         Allowance::ExternalData,
         Allowance::HttpData,
+        Allowance::RemoteState,
         Allowance::RemoteModules,
     ];
 
@@ -302,6 +306,7 @@ impl Allowance {
             Allowance::RemoteExec => "remote-exec",
             Allowance::ExternalData => "external",
             Allowance::HttpData => "http",
+            Allowance::RemoteState => "remote-state",
             Allowance::RemoteModules => "remote-modules",
         }
     }

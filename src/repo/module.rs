@@ -165,6 +165,7 @@ pub(crate) fn scan_file(scan: &mut ModuleScan, module: &RepoPath, file: &Path, t
                 let allowance = match kind {
                     Some("external") => Some(Allowance::ExternalData),
                     Some("http") => Some(Allowance::HttpData),
+                    Some("terraform_remote_state") => Some(Allowance::RemoteState),
                     _ => None,
                 };
                 if let (Some(allowance), Some(kind)) = (allowance, kind) {

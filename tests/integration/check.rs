@@ -108,6 +108,19 @@ fn refusal_fixtures() -> Vec<Fixture> {
             )],
         ),
         (
+            "remote state data source",
+            |r| {
+                r.write(
+                    "modules/extra/main.tf",
+                    "data \"terraform_remote_state\" \"x\" {\n  backend = \"http\"\n  config  = { address = \"http://example.invalid/${terraform_data.app.output}\" }\n}\n",
+                )
+            },
+            vec![format!(
+                "modules/extra/main.tf:1: data source \"terraform_remote_state\" {}",
+                refused_for_prod("remote-state")
+            )],
+        ),
+        (
             "remote module source",
             |r| {
                 r.write(

