@@ -329,10 +329,15 @@ async fn merged(
             tokio::task::spawn_blocking(move || {
                 let repo = git::open(&mirror)?;
                 let descends = git::mirror::descends_from(&repo, &commit, &last)?;
+                // A file at the repository root is read by every environment's check (a
+                // committed `.terraformrc` there is refused for all of them), so a change
+                // there is never passed over.
                 let untouched = match inputs {
                     Some(inputs) if descends => git::mirror::changed_paths(&repo, &last, &commit)?
                         .iter()
-                        .all(|path| !inputs.iter().any(|input| input.contains(path))),
+                        .all(|path| {
+                            path.contains('/') && !inputs.iter().any(|input| input.contains(path))
+                        }),
                     _ => false,
                 };
                 Ok::<_, git::GitError>((descends, untouched))
@@ -365,15 +370,14 @@ async fn merged(
             fingerprint: applied.clone(),
         };
         if decide_head(&state, &facts) == HeadDecision::Unaffected {
-            store.set_last_applied(env, commit.as_str(), applied)?;
-            return store
-                .audit(
-                    env,
-                    commit.as_str(),
-                    "unaffected",
-                    "the commit changes no path the environment is built from",
-                )
-                .map_err(WorkError::from);
+            return unaffected(
+                shared,
+                env,
+                &row.status,
+                commit,
+                applied,
+                "the commit changes no path the environment is built from",
+            );
         }
     }
     let checked = match stage(shared, env, Lane::Merged, commit).await? {
@@ -408,15 +412,15 @@ async fn merged(
     };
     let fingerprint = checked.fingerprint.to_string();
     if decide_head(&state, &facts) == HeadDecision::Unaffected {
-        store.set_last_applied(env, commit.as_str(), &fingerprint)?;
         shared.remember_applied_inputs(env, &checked.inputs);
-        store.audit(
+        return unaffected(
+            shared,
             env,
-            commit.as_str(),
-            "unaffected",
+            &row.status,
+            commit,
+            &fingerprint,
             "the commit does not change the environment's inputs",
-        )?;
-        return Ok(());
+        );
     }
 
     let Some(_permit) = super::permit(shared, super::Priority::First).await else {
@@ -479,6 +483,28 @@ async fn merged(
             .await
         }
     }
+}
+
+/// Records a merged commit that leaves the environment's inputs as last applied: it becomes
+/// the last applied commit, and a refusal or configuration error of a commit in between (now
+/// reverted) no longer stands, so the environment is in sync again. A failure or drift does
+/// stand: what is deployed is not known to be what was applied.
+fn unaffected(
+    shared: &Shared,
+    env: &str,
+    status: &str,
+    commit: &CommitId,
+    fingerprint: &str,
+    reason: &str,
+) -> WorkResult {
+    let store = &shared.store;
+    store.set_last_applied(env, commit.as_str(), fingerprint)?;
+    if matches!(status, "error" | "refused") {
+        store.set_status(env, "in_sync")?;
+    }
+    store
+        .audit(env, commit.as_str(), "unaffected", reason)
+        .map_err(WorkError::from)
 }
 
 /// Plans `commit` in `lane` as a recorded run (`plan` or `preview`): `changes` or

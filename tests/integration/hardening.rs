@@ -149,3 +149,42 @@ fn a_preview_cannot_send_state_out_through_remote_state() {
         "the attacker's server was reached"
     );
 }
+
+/// A `.terraformrc` at the repository root is in no environment's input closure, yet every
+/// check reads it: the commit that adds it is refused (naming it), never taken as
+/// "unaffected", and the commit that removes it brings the environment back in sync.
+#[test]
+fn a_forbidden_file_at_the_root_is_refused_and_its_revert_clears_it() {
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    fixture
+        .clone
+        .write(".terraformrc", "provider_installation {\n  direct {}\n}\n");
+    let bad = fixture.clone.commit_all("add a CLI config");
+    fixture.push("main");
+    fixture.wait_for("config_error for prod", |f| {
+        f.sink
+            .all("prod", "config_error")
+            .iter()
+            .any(|alert| alert["commit"] == bad.as_str())
+    });
+    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains(".terraformrc:1: a committed .terraformrc is refused"),
+        "{alert}"
+    );
+    assert_eq!(fixture.environment("prod")["status"], "error");
+    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+
+    fixture.clone.git(&["rm", "-q", ".terraformrc"]);
+    let reverted = fixture.clone.commit_all("remove the CLI config");
+    fixture.push("main");
+    fixture.wait_for("prod back in sync", |f| {
+        f.applied("prod", &reverted) && f.environment("prod")["status"] == "in_sync"
+    });
+}
