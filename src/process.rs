@@ -38,6 +38,10 @@ use crate::sandbox::SandboxPolicy;
 /// Output kept per stream; terraform's errors are at the end, so the tail is kept.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 4 * 1024 * 1024;
 
+/// How long the output is read after the group is gone. Only a process that left the group
+/// (`setsid`) can still hold a pipe then; the run does not wait for it.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
 /// One command to run. Build with [`ProcessSpec::new`] and the setters.
 #[derive(Clone)]
 pub struct ProcessSpec {
@@ -275,9 +279,18 @@ pub async fn run(
     let status = child.wait().await.map_err(io_error)?;
     group.0 = None;
     let collect = |task: Option<tokio::task::JoinHandle<io::Result<String>>>| async move {
-        match task {
-            Some(task) => task.await.map_err(io::Error::other).and_then(|r| r),
-            None => Ok(String::new()),
+        let Some(mut task) = task else {
+            return Ok(String::new());
+        };
+        match tokio::time::timeout(OUTPUT_GRACE, &mut task).await {
+            Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
+            Err(_) => {
+                task.abort();
+                Ok(
+                    "[output cut off: a process that left the group kept the pipe open]\n"
+                        .to_string(),
+                )
+            }
         }
     };
     let output = ProcessOutput {
@@ -539,6 +552,37 @@ mod tests {
         assert_eq!(output.stdout, "interrupted\n");
         assert_eq!(output.code, Some(4));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_process_that_leaves_the_group_does_not_hold_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("escaped.pid");
+        // A new session is out of reach of the group kill, and it keeps stderr open.
+        let script = format!(
+            "setsid sleep 60 >/dev/null & echo $! > {}; sleep 0.5; exit 3",
+            pid_file.display()
+        );
+        let started = Instant::now();
+        let output = tokio::time::timeout(
+            Duration::from_secs(20),
+            run(&sh(&script, dir.path()), &never()),
+        )
+        .await
+        .expect("the run waited for the escaped process")
+        .unwrap();
+        assert_eq!(output.code, Some(3));
+        assert!(
+            output.stderr.contains("output cut off"),
+            "{}",
+            output.stderr
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let escaped = std::fs::read_to_string(&pid_file).unwrap();
+        let _ = kill(
+            Pid::from_raw(escaped.trim().parse().unwrap()),
+            Signal::SIGKILL,
+        );
     }
 
     #[tokio::test]
