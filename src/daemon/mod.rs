@@ -382,6 +382,8 @@ impl Poller {
                 }
             }
         }
+        self.alert_identity_changes(shared, &heads, &previous, &specs)
+            .await;
         // Environments a moved branch defines that the trust branch does not: checked only.
         for (branch, tip) in &heads {
             if previous.get(branch) == Some(tip) || branch == shared.config.trust_branch.as_str() {
@@ -396,6 +398,87 @@ impl Poller {
                 if !specs.contains_key(&name) {
                     self.enqueue(shared, stop, &name, Lane::Preview, tip);
                 }
+            }
+        }
+    }
+
+    /// A moved branch claimed by one environment is never previewed for the others, so a
+    /// commit there that rewrites another environment's identity would go unseen: it is
+    /// refused for that environment (a `config_error`; nothing runs, its status stays).
+    async fn alert_identity_changes(
+        &self,
+        shared: &Arc<Shared>,
+        heads: &Heads,
+        previous: &Heads,
+        specs: &BTreeMap<String, EnvironmentSpec>,
+    ) {
+        let trust = shared.config.trust_branch.as_str();
+        let moved: Vec<(String, CommitId, Option<CommitId>)> = heads
+            .iter()
+            .filter(|(branch, tip)| {
+                branch.as_str() != trust
+                    && previous.get(*branch) != Some(*tip)
+                    && specs
+                        .values()
+                        .any(|spec| spec.branch.as_str() == branch.as_str())
+            })
+            .map(|(branch, tip)| (branch.clone(), tip.clone(), previous.get(branch).cloned()))
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        let (mirror, specs) = (shared.mirror.path().to_path_buf(), specs.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let repo = git::open(&mirror)?;
+            let mut found = Vec::new();
+            for (branch, tip, before) in &moved {
+                for (name, trusted) in &specs {
+                    if trusted.branch.as_str() == branch {
+                        continue;
+                    }
+                    let path = format!("environments/{name}/karrots.yaml");
+                    let Some(text) = git::read_file(&repo, tip, &path)? else {
+                        continue;
+                    };
+                    // Only the push that brings the change is refused: a branch that merely
+                    // lags behind a change of the trust branch is not an attempt.
+                    if let Some(before) = before
+                        && git::read_file(&repo, before, &path)?.as_deref() == Some(text.as_str())
+                    {
+                        continue;
+                    }
+                    let Ok(candidate) = parse_environment(&text, path.as_ref(), name) else {
+                        continue;
+                    };
+                    let fields = trusted.identity_differences(&candidate);
+                    if !fields.is_empty() {
+                        found.push((name.clone(), branch.clone(), tip.clone(), fields));
+                    }
+                }
+            }
+            Ok::<_, git::GitError>(found)
+        })
+        .await;
+        let found = match found {
+            Ok(Ok(found)) => found,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reading the environments of the moved branches");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, "the identity check failed");
+                return;
+            }
+        };
+        for (name, branch, tip, fields) in found {
+            let message = format!(
+                "{} on branch {branch} changes {} of environment {name}, which only the trust branch {trust} may change",
+                tip.short(),
+                fields.join(", ")
+            );
+            let alert = Alert::new(AlertKind::ConfigError, &name, tip.as_str(), message);
+            if let Err(error) = worker::refuse(shared, &tip, "preview", None, alert) {
+                tracing::error!(%error, env = %name, "recording a refused identity change");
             }
         }
     }

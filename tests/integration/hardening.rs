@@ -188,3 +188,41 @@ fn a_forbidden_file_at_the_root_is_refused_and_its_revert_clears_it() {
         f.applied("prod", &reverted) && f.environment("prod")["status"] == "in_sync"
     });
 }
+
+/// dev's branch is claimed by dev, so prod never previews it; a commit there that points prod
+/// at another account is still refused for prod, visibly, and nothing runs for prod.
+#[test]
+fn a_dev_branch_commit_that_rewrites_prods_identity_is_alerted_for_prod() {
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("both applied", |f| {
+        f.applied("prod", &first) && f.applied("dev", &first)
+    });
+
+    fixture.clone.git(&["checkout", "-q", "-b", "dev"]);
+    fixture.clone.replace(
+        "environments/prod/karrots.yaml",
+        "\"123456789012\"",
+        "\"999999999999\"",
+    );
+    let attempt = fixture.clone.commit_all("point prod elsewhere");
+    fixture.push("dev");
+    fixture.wait_for("config_error for prod", |f| {
+        f.sink
+            .all("prod", "config_error")
+            .iter()
+            .any(|alert| alert["commit"] == attempt.as_str())
+    });
+    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("on branch dev changes aws.account_id of environment prod, which only the trust branch main may change"),
+        "{alert}"
+    );
+    assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
+    assert_eq!(fixture.environment("prod")["status"], "in_sync");
+    // dev itself is unaffected by prod's file and goes on.
+    fixture.wait_for("dev at the commit", |f| f.applied("dev", &attempt));
+}
