@@ -4,7 +4,9 @@
 //! A webhook only wakes the main loop for a fetch — the daemon trusts what it fetches, never
 //! the payload — and only after its signature or token verifies in constant time. GitHub and
 //! Gitea sign with HMAC-SHA256 (SHA-1 signatures are not accepted); GitLab sends the shared
-//! token. Bodies over 25 MiB get 413. Off loopback, every route but `/healthz`, the hooks and
+//! token. A hook without its signature header is refused before its body is read; a signed
+//! body is hashed frame by frame as it arrives, never buffered; at most 16 are read at once
+//! (503 beyond), and one over 25 MiB gets 413. Off loopback, every route but `/healthz`, the hooks and
 //! the sign-in form needs `Authorization: Bearer <api token>`, or the status page's cookie,
 //! which `POST /login` sets once the token is given (`HttpOnly`, `SameSite=Strict`); `/metrics`
 //! too unless `metrics_public` is set.
@@ -15,13 +17,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
 use hmac::{KeyInit, Mac};
+use http_body_util::BodyExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -38,6 +41,11 @@ use crate::store::{EnvironmentRow, RunRow, StoreError};
 
 /// The largest webhook body accepted.
 pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
+
+/// Hook bodies read at once. Each costs a connection and HMAC work but no buffer (the
+/// signature is computed as the body arrives); beyond this a hook gets 503 at once, and the
+/// forge retries it.
+const MAX_CONCURRENT_HOOKS: usize = 16;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RunLabels {
@@ -231,6 +239,8 @@ struct AppState {
     shared: Arc<Shared>,
     secret: Option<Arc<Vec<u8>>>,
     api_token: Option<Arc<Vec<u8>>>,
+    /// Hook bodies being read now, at most [`MAX_CONCURRENT_HOOKS`].
+    hooks: Arc<tokio::sync::Semaphore>,
 }
 
 /// The status page's cookie: it holds a digest of the API token, not the token, so what a
@@ -243,6 +253,7 @@ pub fn router(shared: Arc<Shared>, secret: Option<Vec<u8>>, api_token: Option<Ve
         shared,
         secret: secret.map(Arc::new),
         api_token: api_token.map(Arc::new),
+        hooks: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HOOKS)),
     };
     let mut guarded = Router::new()
         .route("/", get(status_page))
@@ -527,49 +538,143 @@ fn unauthorized(forge: &str, why: &str) -> Response {
 }
 
 /// HMAC-SHA256 of `body` under `secret` equals the hex `signature` (constant time).
+#[cfg(test)]
 fn hmac_verifies(secret: &[u8], body: &[u8], signature: &str) -> bool {
-    let Ok(expected) = hex::decode(signature.trim()) else {
-        return false;
-    };
-    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(secret) else {
+    let Some(mut mac) = new_mac(secret) else {
         return false;
     };
     mac.update(body);
+    mac_verifies(mac, signature)
+}
+
+type HookMac = hmac::Hmac<Sha256>;
+
+fn new_mac(secret: &[u8]) -> Option<HookMac> {
+    HookMac::new_from_slice(secret).ok()
+}
+
+/// The MAC equals the hex `signature` (constant time).
+fn mac_verifies(mac: HookMac, signature: &str) -> bool {
+    let Ok(expected) = hex::decode(signature.trim()) else {
+        return false;
+    };
     mac.verify_slice(&expected).is_ok()
 }
 
-async fn github(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(secret) = &state.secret else {
-        return unauthorized("github", "no webhook secret is configured");
-    };
-    let signature = headers
-        .get("x-hub-signature-256")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("sha256="));
-    match signature {
-        Some(signature) if hmac_verifies(secret, &body, signature) => accepted(&state, "github"),
-        Some(_) => unauthorized("github", "X-Hub-Signature-256 does not verify"),
-        None => unauthorized(
-            "github",
-            "no X-Hub-Signature-256 (SHA-1 signatures are not accepted)",
-        ),
+/// Why a signed hook's body was not taken.
+enum BodyRefusal {
+    TooLarge,
+    Unreadable,
+    Busy,
+}
+
+impl BodyRefusal {
+    fn response(self, forge: &str) -> Response {
+        match self {
+            BodyRefusal::TooLarge => {
+                tracing::warn!(forge, "webhook refused: the body is over 25 MiB");
+                StatusCode::PAYLOAD_TOO_LARGE.into_response()
+            }
+            BodyRefusal::Unreadable => StatusCode::BAD_REQUEST.into_response(),
+            BodyRefusal::Busy => {
+                tracing::warn!(forge, "webhook refused: too many hook bodies at once");
+                (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "5")]).into_response()
+            }
+        }
     }
 }
 
-async fn gitea(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(secret) = &state.secret else {
-        return unauthorized("gitea", "no webhook secret is configured");
-    };
-    match headers
-        .get("x-gitea-signature")
+/// Reads a hook body into `mac` frame by frame, never holding more than one frame: at most
+/// [`MAX_BODY_BYTES`] (a larger `content-length` is refused unread) and at most
+/// [`MAX_CONCURRENT_HOOKS`] bodies at once.
+async fn mac_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    mac: &mut HookMac,
+) -> Result<(), BodyRefusal> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
-    {
-        Some(signature) if hmac_verifies(secret, &body, signature) => accepted(&state, "gitea"),
-        _ => unauthorized("gitea", "X-Gitea-Signature does not verify"),
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(BodyRefusal::TooLarge);
+    }
+    let Ok(_permit) = state.hooks.clone().try_acquire_owned() else {
+        return Err(BodyRefusal::Busy);
+    };
+    let mut body = body;
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyRefusal::Unreadable)?;
+        if let Some(data) = frame.data_ref() {
+            read += data.len();
+            if read > MAX_BODY_BYTES {
+                return Err(BodyRefusal::TooLarge);
+            }
+            mac.update(data);
+        }
+    }
+    Ok(())
+}
+
+/// A hook signed with HMAC-SHA256 in `header` (hex, after `prefix`): refused before its body
+/// is read when the header is missing, verified as the body streams in.
+async fn signed_hook(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    forge: &str,
+    header: &str,
+    prefix: &str,
+) -> Response {
+    let Some(secret) = &state.secret else {
+        return unauthorized(forge, "no webhook secret is configured");
+    };
+    let Some(signature) = headers
+        .get(header)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix(prefix))
+        .map(str::to_string)
+    else {
+        return unauthorized(
+            forge,
+            &format!(
+                "no {header} header with a {prefix}HMAC-SHA256 (SHA-1 signatures are not accepted)"
+            ),
+        );
+    };
+    let Some(mut mac) = new_mac(secret) else {
+        return unauthorized(forge, "the webhook secret cannot key an HMAC");
+    };
+    if let Err(refusal) = mac_body(&state, &headers, body, &mut mac).await {
+        return refusal.response(forge);
+    }
+    if mac_verifies(mac, &signature) {
+        accepted(&state, forge)
+    } else {
+        unauthorized(forge, &format!("{header} does not verify"))
     }
 }
 
-async fn gitlab(State(state): State<AppState>, headers: HeaderMap, _body: Bytes) -> Response {
+async fn github(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    signed_hook(
+        state,
+        headers,
+        body,
+        "github",
+        "x-hub-signature-256",
+        "sha256=",
+    )
+    .await
+}
+
+async fn gitea(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    signed_hook(state, headers, body, "gitea", "x-gitea-signature", "").await
+}
+
+/// GitLab sends the shared token, not a signature: the body is never read.
+async fn gitlab(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let Some(secret) = &state.secret else {
         return unauthorized("gitlab", "no webhook secret is configured");
     };

@@ -784,10 +784,13 @@ fn webhooks_must_verify() {
         (1..=2).contains(&burst_fetches),
         "10 hooks at once made {burst_fetches} fetches"
     );
-    // Over 25 MiB: 413.
+    // Over 25 MiB: 413 for a signed hook; an unsigned one is refused before its body is read.
     let big = vec![b'x'; 25 * 1024 * 1024 + 1];
-    let (status, _) = http(&fixture.address, "POST", "/hooks/github", &[], &big);
+    let signed = [("x-hub-signature-256", "sha256=00")];
+    let (status, _) = http(&fixture.address, "POST", "/hooks/github", &signed, &big);
     assert_eq!(status, 413);
+    let (status, _) = http(&fixture.address, "POST", "/hooks/github", &[], &big);
+    assert_eq!(status, 401);
     let logs = fixture.logs();
     assert_eq!(logs.matches("verified webhook").count(), 13, "{logs}");
     assert!(!logs.contains("hook-secret"), "the secret reached the logs");

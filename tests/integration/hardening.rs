@@ -226,3 +226,83 @@ fn a_dev_branch_commit_that_rewrites_prods_identity_is_alerted_for_prod() {
     // dev itself is unaffected by prod's file and goes on.
     fixture.wait_for("dev at the commit", |f| f.applied("dev", &attempt));
 }
+
+/// Sends a chunked POST of `chunks` chunks of 1 MiB; returns the status line's code.
+fn chunked_post(address: &str, path: &str, headers: &[(&str, &str)], chunks: usize) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\ntransfer-encoding: chunked\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..chunks {
+        // The daemon may answer and close before the body is written: not an error.
+        if stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .and_then(|()| stream.write_all(&chunk))
+            .and_then(|()| stream.write_all(b"\r\n"))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"))
+}
+
+/// A hook without its signature header is refused before its body is read; a signed one is
+/// verified as it streams in, and one over 25 MiB without a length is cut off with 413.
+#[test]
+fn hook_bodies_are_verified_as_they_stream_and_unsigned_ones_are_never_read() {
+    let fixture = Fixture::with_poll("", "1h");
+    let address = fixture.address.clone();
+    assert_eq!(chunked_post(&address, "/hooks/github", &[], 100), 401);
+    assert_eq!(chunked_post(&address, "/hooks/gitea", &[], 100), 401);
+    let signed = [("x-hub-signature-256", "sha256=00")];
+    assert_eq!(chunked_post(&address, "/hooks/github", &signed, 26), 413);
+    // A chunked body that fits and is signed correctly is accepted.
+    let body = vec![b'x'; 1024 * 1024];
+    let signature = {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret").unwrap();
+        mac.update(&body);
+        mac.update(&body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let signed = [("x-hub-signature-256", signature.as_str())];
+    assert_eq!(chunked_post(&address, "/hooks/github", &signed, 2), 202);
+
+    // 16 signed bodies that stall hold every permit: the next hook gets 503 at once, and
+    // once they are gone hooks are taken again.
+    let stalled: Vec<_> = (0..16)
+        .map(|_| {
+            use std::io::Write;
+            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+            let head = format!("POST /hooks/github HTTP/1.1\r\nhost: {address}\r\ntransfer-encoding: chunked\r\nx-hub-signature-256: sha256=00\r\n\r\n1\r\nx\r\n");
+            stream.write_all(head.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let busy = [("x-hub-signature-256", "sha256=00")];
+    assert_eq!(chunked_post(&address, "/hooks/github", &busy, 1), 503);
+    drop(stalled);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(chunked_post(&address, "/hooks/github", &signed, 2), 202);
+
+    let logs = fixture.logs();
+    assert!(logs.contains("no x-hub-signature-256 header"), "{logs}");
+    assert!(logs.contains("too many hook bodies at once"), "{logs}");
+    assert!(logs.contains("the body is over 25 MiB"), "{logs}");
+}
