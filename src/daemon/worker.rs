@@ -284,20 +284,45 @@ async fn merged(
     let Some(trusted) = shared.trusted(env) else {
         return Ok(());
     };
-    // Only a commit on the first-parent chain of exactly `refs/remotes/origin/<branch>` is
-    // applied, whatever name the queue was given it under.
-    let on_branch = {
+    let row = store.environment(env)?.unwrap_or_default();
+    let state = MergedState {
+        last_applied: row.last_applied.clone(),
+        applied_fingerprint: row.applied_fingerprint.clone(),
+    };
+    // From git, on one blocking thread: whether the commit is on the first-parent chain of
+    // exactly `refs/remotes/origin/<branch>` (whatever name the queue was given it under),
+    // its ancestry, and whether it changed any path of the last applied commit's input
+    // closure (when that closure is known).
+    let (on_branch, descends, untouched) = {
         let (mirror, commit, branch) = (
             shared.mirror.path().to_path_buf(),
             commit.clone(),
             trusted.branch.to_string(),
         );
+        let last = row.last_applied.as_deref().map(CommitId::from_hex);
+        let inputs = shared.applied_inputs(env);
         tokio::task::spawn_blocking(move || {
             let repo = git::open(&mirror)?;
-            match git::branch_tip(&repo, &branch) {
-                Some(tip) => git::on_first_parent_chain(&repo, &tip, &commit),
-                None => Ok(false),
-            }
+            let on_branch = match git::branch_tip(&repo, &branch) {
+                Some(tip) => git::on_first_parent_chain(&repo, &tip, &commit)?,
+                None => false,
+            };
+            let Some(last) = last.filter(|_| on_branch) else {
+                return Ok::<_, git::GitError>((on_branch, true, false));
+            };
+            let descends = git::mirror::descends_from(&repo, &commit, &last)?;
+            // A file at the repository root is read by every environment's check (a
+            // committed `.terraformrc` there is refused for all of them), so a change there
+            // is never passed over.
+            let untouched = match inputs {
+                Some(inputs) if descends => git::mirror::changed_paths(&repo, &last, &commit)?
+                    .iter()
+                    .all(|path| {
+                        path.contains('/') && !inputs.iter().any(|input| input.contains(path))
+                    }),
+                _ => false,
+            };
+            Ok((on_branch, descends, untouched))
         })
         .await??
     };
@@ -310,41 +335,6 @@ async fn merged(
         let alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
         return refuse(shared, commit, "plan", None, alert);
     }
-    let row = store.environment(env)?.unwrap_or_default();
-    let state = MergedState {
-        last_applied: row.last_applied.clone(),
-        applied_fingerprint: row.applied_fingerprint.clone(),
-    };
-    // Ancestry, and whether the commit changed any path of the last applied commit's input
-    // closure (when that closure is known): both from git, on a blocking thread.
-    let (descends, untouched) = match &row.last_applied {
-        None => (true, false),
-        Some(last) => {
-            let (mirror, commit, last) = (
-                shared.mirror.path().to_path_buf(),
-                commit.clone(),
-                CommitId::from_hex(last),
-            );
-            let inputs = shared.applied_inputs(env);
-            tokio::task::spawn_blocking(move || {
-                let repo = git::open(&mirror)?;
-                let descends = git::mirror::descends_from(&repo, &commit, &last)?;
-                // A file at the repository root is read by every environment's check (a
-                // committed `.terraformrc` there is refused for all of them), so a change
-                // there is never passed over.
-                let untouched = match inputs {
-                    Some(inputs) if descends => git::mirror::changed_paths(&repo, &last, &commit)?
-                        .iter()
-                        .all(|path| {
-                            path.contains('/') && !inputs.iter().any(|input| input.contains(path))
-                        }),
-                    _ => false,
-                };
-                Ok::<_, git::GitError>((descends, untouched))
-            })
-            .await??
-        }
-    };
     match decide_history(&state, commit.as_str(), descends) {
         Some(HeadDecision::AlreadyThere) => return Ok(()),
         Some(HeadDecision::RefuseRewrittenHistory { last_applied }) => {
