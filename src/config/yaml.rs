@@ -111,9 +111,6 @@ fn describe(path: &str, error: &serde_yaml::Error) -> String {
     }
 }
 
-/// The largest YAML text Karrots parses (also when it comes from git, not a file).
-const MAX_BYTES: usize = crate::limits::MAX_TEXT_BYTES;
-
 /// The deepest nesting of mappings and sequences Karrots reads. Real files nest a handful of
 /// levels; a deeper one would cost stack and memory in every parser after this one.
 pub(crate) const MAX_DEPTH: usize = 64;
@@ -122,7 +119,8 @@ pub(crate) const MAX_DEPTH: usize = 64;
 /// per level, so a deep document would overflow the stack before any check could run),
 /// refusing more than [`MAX_DEPTH`] levels.
 fn index_key_lines(text: &str) -> Result<KeyLines, YamlError> {
-    if text.len() > MAX_BYTES {
+    // Also for text that comes from git rather than a file read through `limits::read_text`.
+    if text.len() > crate::limits::MAX_TEXT_BYTES {
         return Err(YamlError {
             line: 1,
             message: crate::limits::too_large(text.len() as u64),
@@ -292,7 +290,7 @@ mod tests {
         // 64 levels are read.
         let nested = format!("{}a\n", "- ".repeat(MAX_DEPTH));
         parse::<serde_yaml::Value>(&nested).unwrap();
-        let large = format!("a: \"{}\"\n", "x".repeat(MAX_BYTES));
+        let large = format!("a: \"{}\"\n", "x".repeat(crate::limits::MAX_TEXT_BYTES));
         let error = parse::<serde_yaml::Value>(&large).unwrap_err();
         assert!(error.message.contains("at most 1048576 bytes"), "{error:?}");
     }
