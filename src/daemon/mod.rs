@@ -450,9 +450,12 @@ impl Poller {
                     let Ok(candidate) = parse_environment(&text, path.as_ref(), name) else {
                         continue;
                     };
-                    let fields = trusted.identity_differences(&candidate);
-                    if !fields.is_empty() {
-                        found.push((name.clone(), branch.clone(), tip.clone(), fields));
+                    // The rule every other commit is judged by, for a commit of another
+                    // environment's branch: never on this one's branch, so never merged.
+                    if let Err(refusal) =
+                        crate::engine::decide_lane(Some(trusted), &candidate, false)
+                    {
+                        found.push((name.clone(), branch.clone(), tip.clone(), refusal));
                     }
                 }
             }
@@ -470,11 +473,11 @@ impl Poller {
                 return;
             }
         };
-        for (name, branch, tip, fields) in found {
+        for (name, branch, tip, refusal) in found {
             let message = format!(
-                "{} on branch {branch} changes {} of environment {name}, which only the trust branch {trust} may change",
+                "{} on branch {branch}: {}",
                 tip.short(),
-                fields.join(", ")
+                refusal.reason(trust)
             );
             let alert = Alert::new(AlertKind::ConfigError, &name, tip.as_str(), message);
             if let Err(error) = worker::refuse(shared, &tip, "preview", None, alert) {

@@ -1,7 +1,23 @@
 //! Attacks on the daemon: hostile ref names, hostile files, hostile processes. Each test
 //! shows the hole closed with the real binary, git, terraform and moto.
 
+use serde_json::Value;
+
 use crate::daemon::Fixture;
+
+/// Waits for the `config_error` alert of `env` about `commit`, and returns it.
+fn config_error_for(fixture: &Fixture, env: &str, commit: &str) -> Value {
+    let of_commit = |f: &Fixture| {
+        f.sink
+            .all(env, "config_error")
+            .into_iter()
+            .find(|alert| alert["commit"] == commit)
+    };
+    fixture.wait_for(&format!("a config_error for {env} at {commit}"), |f| {
+        of_commit(f).is_some()
+    });
+    of_commit(fixture).unwrap()
+}
 
 /// A branch named `refs/remotes/origin/main` is an ordinary, untrusted branch: its commit is
 /// only previewed, never planned or applied to prod as if it were `main`.
@@ -84,13 +100,7 @@ fn a_deeply_nested_file_on_a_branch_does_not_take_the_daemon_down() {
     );
     let deep = fixture.clone.commit_all("deep");
     fixture.push("deep");
-    fixture.wait_for("the preview refused", |f| {
-        f.sink
-            .all("prod", "config_error")
-            .iter()
-            .any(|alert| alert["commit"] == deep.as_str())
-    });
-    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    let alert = config_error_for(&fixture, "prod", &deep);
     assert!(
         alert["message"]
             .as_str()
@@ -130,13 +140,7 @@ fn a_preview_cannot_send_state_out_through_remote_state() {
     );
     let commit = fixture.clone.commit_all("exfiltrate");
     fixture.push("exfiltrate");
-    fixture.wait_for("the preview refused", |f| {
-        f.sink
-            .all("prod", "config_error")
-            .iter()
-            .any(|alert| alert["commit"] == commit.as_str())
-    });
-    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    let alert = config_error_for(&fixture, "prod", &commit);
     assert!(
         alert["message"]
             .as_str()
@@ -164,13 +168,7 @@ fn a_forbidden_file_at_the_root_is_refused_and_its_revert_clears_it() {
         .write(".terraformrc", "provider_installation {\n  direct {}\n}\n");
     let bad = fixture.clone.commit_all("add a CLI config");
     fixture.push("main");
-    fixture.wait_for("config_error for prod", |f| {
-        f.sink
-            .all("prod", "config_error")
-            .iter()
-            .any(|alert| alert["commit"] == bad.as_str())
-    });
-    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    let alert = config_error_for(&fixture, "prod", &bad);
     assert!(
         alert["message"]
             .as_str()
@@ -207,18 +205,12 @@ fn a_dev_branch_commit_that_rewrites_prods_identity_is_alerted_for_prod() {
     );
     let attempt = fixture.clone.commit_all("point prod elsewhere");
     fixture.push("dev");
-    fixture.wait_for("config_error for prod", |f| {
-        f.sink
-            .all("prod", "config_error")
-            .iter()
-            .any(|alert| alert["commit"] == attempt.as_str())
-    });
-    let alert = fixture.sink.find("prod", "config_error").unwrap();
+    let alert = config_error_for(&fixture, "prod", &attempt);
     assert!(
         alert["message"]
             .as_str()
             .unwrap()
-            .contains("on branch dev changes aws.account_id of environment prod, which only the trust branch main may change"),
+            .contains("on branch dev: it changes aws.account_id of the environment, which only the trust branch main may change"),
         "{alert}"
     );
     assert_eq!(fixture.environment("prod")["last_applied"], first.as_str());
