@@ -217,14 +217,12 @@ pub async fn run(
         .map_err(|e| DaemonError::Setup(format!("listening on {}: {e}", shared.config.listen)))?;
     tracing::info!(listen = %shared.config.listen, repo = %shared.config.repo, "karrots serve is up");
     let router = crate::http::router(shared.clone(), secret, api_token);
-    let http = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        }
-    });
+    let http = tokio::spawn(crate::http::serve::serve(
+        listener,
+        router,
+        crate::http::serve::connection_cap(),
+        stop.clone(),
+    ));
     let alerts = tokio::spawn(crate::alert::deliver(
         shared.store.clone(),
         reqwest::Client::new(),

@@ -43,7 +43,7 @@ impl std::fmt::Display for CommitId {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
-    #[error("{path}: not a git repository: {source}")]
+    #[error("{path}: cannot open the git repository: {source}")]
     Open { path: PathBuf, source: git2::Error },
     #[error("revision {rev:?} not found: {source}")]
     Resolve { rev: String, source: git2::Error },

@@ -6,12 +6,14 @@
 //! Gitea sign with HMAC-SHA256 (SHA-1 signatures are not accepted); GitLab sends the shared
 //! token. A hook without its signature header is refused before its body is read; a signed
 //! body is hashed frame by frame as it arrives, never buffered; at most 16 are read at once
-//! (503 beyond), and one over 25 MiB gets 413. Off loopback, every route but `/healthz`, the hooks and
+//! (503 beyond), and one over 25 MiB gets 413. Connections are capped and timed out in
+//! [`serve`]. Off loopback, every route but `/healthz`, the hooks and
 //! the sign-in form needs `Authorization: Bearer <api token>`, or the status page's cookie,
 //! which `POST /login` sets once the token is given (`HttpOnly`, `SameSite=Strict`); `/metrics`
 //! too unless `metrics_public` is set.
 
 mod page;
+pub mod serve;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -275,6 +277,7 @@ pub fn router(shared: Arc<Shared>, secret: Option<Vec<u8>>, api_token: Option<Ve
     let guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     open.merge(guarded)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(serve::request_timeout))
         .with_state(state)
 }
 

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::support::{
     ConfigRepo, Moto, PLUGIN_MIRROR, environment_yaml, karrots_binary, require_terraform_and_moto,
+    require_tool,
 };
 
 /// The AWS secret key every daemon test runs with: it must never reach the state directory
@@ -211,6 +212,8 @@ pub struct Fixture {
     pub env: Vec<(String, String)>,
     /// The API token the tests' requests carry (the daemon's `api_token_file` holds it).
     pub api_token: Option<String>,
+    /// The daemon's limit on open files (soft and hard), when a test sets one.
+    pub open_files: Option<u64>,
 }
 
 impl Fixture {
@@ -304,6 +307,7 @@ impl Fixture {
             serve_args: Vec::new(),
             env: Vec::new(),
             api_token: None,
+            open_files: None,
         }
     }
 
@@ -353,7 +357,17 @@ impl Fixture {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut command = Command::new(karrots_binary());
+        let mut command = match self.open_files {
+            Some(limit) => {
+                require_tool("prlimit", "apt-get install util-linux");
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg(karrots_binary());
+                command
+            }
+            None => Command::new(karrots_binary()),
+        };
         command
             .args(["serve", "--config", self.config_path().to_str().unwrap()])
             .args(&self.serve_args)

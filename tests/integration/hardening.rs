@@ -298,3 +298,62 @@ fn hook_bodies_are_verified_as_they_stream_and_unsigned_ones_are_never_read() {
     assert!(logs.contains("too many hook bodies at once"), "{logs}");
     assert!(logs.contains("the body is over 25 MiB"), "{logs}");
 }
+
+/// With 256 descriptors, 300 connections that never send a byte neither starve git and
+/// terraform nor keep `/healthz` waiting behind them, and each is closed after the header
+/// timeout.
+#[test]
+fn an_idle_connection_flood_leaves_descriptors_and_requests_their_way() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    let mut fixture = Fixture::unstarted("", "1s", crate::daemon::APP, None);
+    fixture.open_files = Some(256);
+    fixture.start();
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    let mut idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&fixture.address).expect("connect"))
+        .collect();
+
+    let mut health = TcpStream::connect(&fixture.address).unwrap();
+    health
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    health
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: karrots\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let read = health.read_to_string(&mut answer);
+    assert!(
+        read.is_ok() && answer.starts_with("HTTP/1.1 200"),
+        "/healthz behind an idle flood: {read:?} {answer:?}\n{}",
+        fixture.logs()
+    );
+
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let second = fixture.clone.commit_all("v2 while the flood holds");
+    fixture.push("main");
+    fixture.wait_for("prod applied under the flood", |f| {
+        f.applied("prod", &second)
+    });
+
+    // The newest idle connection, never pushed out by a later one, meets the header timeout.
+    let newest = idle.pop().unwrap();
+    newest
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let outcome = (&newest).read(&mut byte);
+    assert!(
+        matches!(outcome, Ok(0))
+            || matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "an idle connection still open: {outcome:?}"
+    );
+    let logs = fixture.logs();
+    assert!(!logs.contains("Too many open files"), "{logs}");
+}
