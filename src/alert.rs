@@ -4,7 +4,8 @@
 //! deliverer sends what is due, retrying with exponential backoff. A restart loses none; a
 //! delivery acknowledged with a 2xx is marked and never sent again.
 
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -75,6 +76,47 @@ impl Alert {
     }
 }
 
+/// Alerts the outbox could not take (a full disk), oldest first: each is queued again before
+/// any newer one, and on every [`Held::flush`], so none is lost while the daemon runs.
+#[derive(Default)]
+pub struct Held(Mutex<VecDeque<(Vec<String>, String)>>);
+
+/// The most alerts kept in memory while the outbox refuses them.
+const MAX_HELD: usize = 10_000;
+
+impl Held {
+    /// Queues an alert for `sinks` after every one held before it.
+    pub fn queue(&self, store: &dyn StateStore, sinks: Vec<String>, body: String) {
+        let Ok(mut held) = self.0.lock() else {
+            return;
+        };
+        held.push_back((sinks, body));
+        while held.len() > MAX_HELD {
+            if let Some((_, lost)) = held.pop_front() {
+                tracing::error!(alert = %lost, "more than {MAX_HELD} alerts could not be queued; the oldest is dropped");
+            }
+        }
+        Self::drain(store, &mut held);
+    }
+
+    /// Queues the alerts held, oldest first, until the outbox refuses one.
+    pub fn flush(&self, store: &dyn StateStore) {
+        if let Ok(mut held) = self.0.lock() {
+            Self::drain(store, &mut held);
+        }
+    }
+
+    fn drain(store: &dyn StateStore, held: &mut VecDeque<(Vec<String>, String)>) {
+        while let Some((sinks, body)) = held.front() {
+            if let Err(error) = store.enqueue_alert(sinks, body) {
+                tracing::error!(%error, held = held.len(), "queueing an alert; it is kept in memory and queued again on the next poll");
+                return;
+            }
+            held.pop_front();
+        }
+    }
+}
+
 /// The longest wait between two attempts of one delivery.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
@@ -86,13 +128,18 @@ fn unix_now() -> i64 {
 }
 
 /// Sends what is due in the outbox until `shutdown`; checks every `tick`.
+///
+/// An alert the sink accepted but whose delivery could not be recorded (a full disk) is never
+/// sent again: it is kept in memory and only its mark is retried on each tick.
 pub async fn deliver(
     store: Arc<dyn StateStore>,
     client: reqwest::Client,
     tick: Duration,
     shutdown: CancellationToken,
 ) {
+    let mut sent_unrecorded: HashSet<i64> = HashSet::new();
     loop {
+        sent_unrecorded.retain(|id| store.alert_delivered(*id).is_err());
         let due = match store.due_alerts(unix_now()) {
             Ok(due) => due,
             Err(error) => {
@@ -101,6 +148,9 @@ pub async fn deliver(
             }
         };
         for entry in due {
+            if sent_unrecorded.contains(&entry.id) {
+                continue;
+            }
             let sent = client
                 .post(&entry.sink)
                 .header("content-type", "application/json")
@@ -113,16 +163,21 @@ pub async fn deliver(
                 Ok(response) => Err(format!("the sink answered {}", response.status())),
                 Err(error) => Err(error.to_string()),
             };
-            let recorded = match outcome {
-                Ok(()) => store.alert_delivered(entry.id),
+            match outcome {
+                Ok(()) => {
+                    if let Err(error) = store.alert_delivered(entry.id) {
+                        tracing::error!(%error, id = entry.id, "an alert was delivered but that could not be recorded; it is not sent again");
+                        sent_unrecorded.insert(entry.id);
+                    }
+                }
                 Err(error) => {
                     let backoff = Duration::from_secs(1 << entry.attempts.min(8)).min(MAX_BACKOFF);
                     tracing::warn!(sink = %entry.sink, attempts = entry.attempts + 1, %error, "alert not delivered; retrying in {backoff:?}");
-                    store.alert_failed(entry.id, unix_now() + backoff.as_secs() as i64, &error)
+                    let next = unix_now() + backoff.as_secs() as i64;
+                    if let Err(error) = store.alert_failed(entry.id, next, &error) {
+                        tracing::error!(%error, "recording an alert delivery");
+                    }
                 }
-            };
-            if let Err(error) = recorded {
-                tracing::error!(%error, "recording an alert delivery");
             }
         }
         tokio::select! {
@@ -151,5 +206,94 @@ mod tests {
         let json = serde_json::to_value(&alert).unwrap();
         assert_eq!(json["text"], alert.text.as_str());
         assert_eq!(json["kind"], "drift_detected");
+    }
+
+    #[test]
+    fn alerts_the_outbox_refuses_are_held_in_order_until_it_takes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = crate::store::SqliteStore::open(&path).unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER full_disk BEFORE INSERT ON outbox
+                 BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+            )
+            .unwrap();
+        let held = Held::default();
+        let sinks = vec!["http://127.0.0.1:9/".to_string()];
+        held.queue(&store, sinks.clone(), "first".into());
+        held.queue(&store, sinks.clone(), "second".into());
+        held.flush(&store);
+        assert!(store.due_alerts(i64::MAX).unwrap().is_empty());
+
+        other.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        held.flush(&store);
+        let bodies: Vec<String> = store
+            .due_alerts(i64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.body)
+            .collect();
+        assert_eq!(bodies, ["first", "second"]);
+        held.flush(&store);
+        assert_eq!(store.due_alerts(i64::MAX).unwrap().len(), 2, "queued once");
+    }
+
+    /// A sink that answers `200` to every request and counts them.
+    async fn counting_sink() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        (url, count)
+    }
+
+    #[tokio::test]
+    async fn an_alert_delivered_but_not_recorded_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store: Arc<dyn StateStore> = Arc::new(crate::store::SqliteStore::open(&path).unwrap());
+        let (sink, posts) = counting_sink().await;
+        store.enqueue_alert(&[sink], "{}").unwrap();
+        // The database refuses the delivery mark, as a full disk does.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER full_disk BEFORE UPDATE ON outbox
+                 BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+            )
+            .unwrap();
+        let stop = CancellationToken::new();
+        let delivering = tokio::spawn(deliver(
+            store.clone(),
+            reqwest::Client::new(),
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(store.due_alerts(unix_now()).unwrap().len(), 1);
+
+        other.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            store.due_alerts(unix_now()).unwrap().is_empty(),
+            "the mark is recorded at last"
+        );
+        assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        stop.cancel();
+        delivering.await.unwrap();
     }
 }

@@ -75,6 +75,9 @@ pub struct Shared {
     pub cloudtrail_limiter: crate::aws::cloudtrail::AccountLimiter,
     /// The `drift:` settings of each environment's last applied commit, by that commit.
     applied_drift: Mutex<HashMap<String, (String, crate::config::DriftPolicy)>>,
+    /// Alerts the outbox could not take (a full disk): (sinks, body), oldest first, queued
+    /// again before any newer alert and on every poll.
+    held_alerts: crate::alert::Held,
 }
 
 impl Shared {
@@ -155,9 +158,7 @@ impl Shared {
         }
         tracing::info!(kind = ?alert.kind, env = %alert.env, commit = %alert.commit, message = %alert.message, "alert");
         let body = serde_json::to_string(&alert).unwrap_or_default();
-        if let Err(error) = self.store.enqueue_alert(&sinks, &body) {
-            tracing::error!(%error, "queueing an alert");
-        }
+        self.held_alerts.queue(self.store.as_ref(), sinks, body);
     }
 }
 
@@ -194,6 +195,7 @@ pub async fn run(
         last_fetch: Mutex::new(None),
         cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
         applied_drift: Mutex::new(HashMap::new()),
+        held_alerts: crate::alert::Held::default(),
     });
 
     // Runs cut off by a kill: an apply is alerted, never re-applied from its old plan; the
@@ -240,6 +242,7 @@ pub async fn run(
     let mut poller = Poller::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        shared.held_alerts.flush(shared.store.as_ref());
         poller.poll(&shared, &stop).await;
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}
