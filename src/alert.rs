@@ -208,18 +208,29 @@ mod tests {
         assert_eq!(json["kind"], "drift_detected");
     }
 
+    /// Makes the database at `path` refuse every `statement` (`INSERT` or `UPDATE`) on the
+    /// outbox, as a full disk does, until [`free_disk`] on the connection returned.
+    fn fill_disk(path: &std::path::Path, statement: &str) -> rusqlite::Connection {
+        let connection = rusqlite::Connection::open(path).unwrap();
+        connection
+            .execute_batch(&format!(
+                "CREATE TRIGGER full_disk BEFORE {statement} ON outbox
+                 BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;"
+            ))
+            .unwrap();
+        connection
+    }
+
+    fn free_disk(connection: &rusqlite::Connection) {
+        connection.execute_batch("DROP TRIGGER full_disk;").unwrap();
+    }
+
     #[test]
     fn alerts_the_outbox_refuses_are_held_in_order_until_it_takes_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let store = crate::store::SqliteStore::open(&path).unwrap();
-        let other = rusqlite::Connection::open(&path).unwrap();
-        other
-            .execute_batch(
-                "CREATE TRIGGER full_disk BEFORE INSERT ON outbox
-                 BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
-            )
-            .unwrap();
+        let disk = fill_disk(&path, "INSERT");
         let held = Held::default();
         let sinks = vec!["http://127.0.0.1:9/".to_string()];
         held.queue(&store, sinks.clone(), "first".into());
@@ -227,7 +238,7 @@ mod tests {
         held.flush(&store);
         assert!(store.due_alerts(i64::MAX).unwrap().is_empty());
 
-        other.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        free_disk(&disk);
         held.flush(&store);
         let bodies: Vec<String> = store
             .due_alerts(i64::MAX)
@@ -268,13 +279,7 @@ mod tests {
         let (sink, posts) = counting_sink().await;
         store.enqueue_alert(&[sink], "{}").unwrap();
         // The database refuses the delivery mark, as a full disk does.
-        let other = rusqlite::Connection::open(&path).unwrap();
-        other
-            .execute_batch(
-                "CREATE TRIGGER full_disk BEFORE UPDATE ON outbox
-                 BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
-            )
-            .unwrap();
+        let disk = fill_disk(&path, "UPDATE");
         let stop = CancellationToken::new();
         let delivering = tokio::spawn(deliver(
             store.clone(),
@@ -286,7 +291,7 @@ mod tests {
         assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(store.due_alerts(unix_now()).unwrap().len(), 1);
 
-        other.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        free_disk(&disk);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             store.due_alerts(unix_now()).unwrap().is_empty(),

@@ -448,6 +448,22 @@ impl Fixture {
         self.environment(env)["last_applied"] == commit
     }
 
+    /// Changes prod's label from `v1` to `label` in the clone's checkout, commits it with
+    /// `message`, pushes it to main and waits until prod has applied it; returns the commit.
+    pub fn merge_prod_label(&self, label: &str, message: &str) -> String {
+        self.clone.replace(
+            "modules/prod-app/main.tf",
+            "\"v1\"",
+            &format!("\"{label}\""),
+        );
+        let commit = self.clone.commit_all(message);
+        self.push("main");
+        self.wait_for(&format!("prod applied {message:?}"), |f| {
+            f.applied("prod", &commit)
+        });
+        commit
+    }
+
     pub fn push(&self, refspec: &str) {
         self.clone.git(&["push", "-q", "-f", "origin", refspec]);
     }
@@ -657,12 +673,7 @@ fn force_pushes_destroys_and_bad_configuration_are_refused() {
 
     // History that descends from the applied commit again is planned and applied again.
     fixture.clone.git(&["reset", "-q", "--hard", &first]);
-    fixture
-        .clone
-        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
-    let descends = fixture.clone.commit_all("back on track");
-    fixture.push("main");
-    fixture.wait_for("prod applied again", |f| f.applied("prod", &descends));
+    let descends = fixture.merge_prod_label("v2", "back on track");
     assert_eq!(fixture.environment("prod")["status"], "in_sync");
 
     // A bad karrots.yaml on dev's branch: config_error naming the line; prod goes on.

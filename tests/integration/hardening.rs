@@ -110,14 +110,7 @@ fn a_deeply_nested_file_on_a_branch_does_not_take_the_daemon_down() {
     );
 
     fixture.clone.git(&["checkout", "-q", "main"]);
-    fixture
-        .clone
-        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
-    let next = fixture.clone.commit_all("v2");
-    fixture.push("main");
-    fixture.wait_for("prod applied after the attack", |f| {
-        f.applied("prod", &next)
-    });
+    fixture.merge_prod_label("v2", "v2 after the attack");
 }
 
 /// An unmerged commit cannot read the merged state out through `terraform_remote_state`: its
@@ -333,14 +326,7 @@ fn an_idle_connection_flood_leaves_descriptors_and_requests_their_way() {
         fixture.logs()
     );
 
-    fixture
-        .clone
-        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
-    let second = fixture.clone.commit_all("v2 while the flood holds");
-    fixture.push("main");
-    fixture.wait_for("prod applied under the flood", |f| {
-        f.applied("prod", &second)
-    });
+    fixture.merge_prod_label("v2", "v2 while the flood holds");
 
     // The newest idle connection, never pushed out by a later one, meets the header timeout.
     let newest = idle.pop().unwrap();

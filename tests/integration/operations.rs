@@ -333,12 +333,7 @@ fn under_systemd_it_notifies_and_its_json_logs_name_each_run_and_no_secret() {
     fixture.start();
     let first = fixture.clone.git(&["rev-parse", "HEAD"]);
     fixture.wait_for("prod applied", |f| f.applied("prod", &first));
-    fixture
-        .clone
-        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
-    let second = fixture.clone.commit_all("v2");
-    fixture.push("main");
-    fixture.wait_for("the second commit applied", |f| f.applied("prod", &second));
+    let second = fixture.merge_prod_label("v2", "v2");
     std::thread::sleep(Duration::from_millis(1500));
     let api = format!(
         "{}{}",
