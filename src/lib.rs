@@ -13,9 +13,10 @@
 //! - [`terraform`]: workdirs, the CLI config Karrots writes, init/plan/show/apply.
 //! - [`process`]: the one subprocess wrapper (process groups, SIGINT then SIGKILL).
 //! - [`sandbox`]: the Landlock policy every terraform process runs under.
+//! - [`egress`]: the private network a preview's terraform runs in (AWS endpoints only).
 //! - [`cli`]: one module per subcommand; `main.rs` parses arguments and maps errors to exit codes.
 //!
-//! `aws`, `terraform`, `process`, `sandbox` and `cli` need the `runtime` feature (on by default); without
+//! `aws`, `terraform`, `process`, `sandbox`, `egress` and `cli` need the `runtime` feature (on by default); without
 //! it the crate is the pure configuration and repository checks, which the fuzz target builds.
 
 #[cfg(feature = "runtime")]
@@ -27,6 +28,8 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod daemon;
+#[cfg(feature = "runtime")]
+pub mod egress;
 pub mod engine;
 pub mod git;
 #[cfg(feature = "runtime")]

@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, Interest};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::EgressPolicy;
 use crate::sandbox::SandboxPolicy;
 
 /// Output kept per stream; terraform's errors are at the end, so the tail is kept.
@@ -57,6 +58,8 @@ pub struct ProcessSpec {
     output_limit: usize,
     /// The Landlock policy the child is restricted to before exec; `None` runs it unsandboxed.
     sandbox: Option<SandboxPolicy>,
+    /// The private network the child is moved into before exec; `None` leaves it the host's.
+    egress: Option<EgressPolicy>,
 }
 
 impl ProcessSpec {
@@ -71,12 +74,19 @@ impl ProcessSpec {
             stdout_file: None,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             sandbox: None,
+            egress: None,
         }
     }
 
     /// Runs the child inside a Landlock sandbox with this policy.
     pub fn sandbox(mut self, policy: SandboxPolicy) -> ProcessSpec {
         self.sandbox = Some(policy);
+        self
+    }
+
+    /// Runs the child in a private network namespace that reaches only what `policy` allows.
+    pub fn egress(mut self, policy: EgressPolicy) -> ProcessSpec {
+        self.egress = Some(policy);
         self
     }
 
@@ -223,6 +233,18 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // The namespaces come first: once Landlock is enforced, /proc/self cannot be written.
+    let mut network = None;
+    if let Some(policy) = &spec.egress {
+        let (enter, receiver) = policy.prepare().map_err(io_error)?;
+        command.envs(policy.proxy_variables());
+        // SAFETY: `enter` makes system calls on buffers built before the fork; it takes no
+        // lock and allocates nothing.
+        unsafe {
+            command.pre_exec(move || enter.enter());
+        }
+        network = Some(receiver);
+    }
     if let Some(policy) = &spec.sandbox {
         let mut prepared =
             policy
@@ -238,9 +260,17 @@ pub async fn run(
         }
     }
     let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
-        command: command_line.clone(),
+        command: match network {
+            Some(_) => format!("{command_line} in a private network namespace"),
+            None => command_line.clone(),
+        },
         source,
     })?;
+    // Served until this function returns; the child's connections die with it.
+    let _network = network
+        .map(|receiver| receiver.serve())
+        .transpose()
+        .map_err(io_error)?;
     let pid = child
         .id()
         .map(|id| Pid::from_raw(id as i32))

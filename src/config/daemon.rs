@@ -32,6 +32,8 @@ pub struct DaemonConfig {
     pub concurrency: NonZeroUsize,
     /// Plan (never apply) commits of other branches that touch an environment.
     pub preview: bool,
+    /// Whether a preview's terraform can reach only AWS (`isolated`) or any host (`open`).
+    pub preview_network: PreviewNetwork,
     /// Where environment identities are read from.
     pub trust_branch: BranchName,
     pub terraform: TerraformSettings,
@@ -85,6 +87,30 @@ impl SandboxMode {
             "landlock" => Ok(SandboxMode::Landlock),
             "off" => Ok(SandboxMode::Off),
             other => Err(format!("{other:?} is not a sandbox: use landlock or off")),
+        }
+    }
+}
+
+/// What a preview's terraform process may reach over the network (`preview_network:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreviewNetwork {
+    /// A private network namespace whose only way out is a proxy to the AWS endpoints (and
+    /// `aws.endpoint_url`): provider code of an unmerged commit cannot send data elsewhere.
+    #[default]
+    Isolated,
+    /// The host's network: for machines that forbid user namespaces, where previews would
+    /// otherwise be refused. Provider code of any branch can then reach any host.
+    Open,
+}
+
+impl PreviewNetwork {
+    pub fn parse(text: &str) -> Result<PreviewNetwork, String> {
+        match text {
+            "isolated" => Ok(PreviewNetwork::Isolated),
+            "open" => Ok(PreviewNetwork::Open),
+            other => Err(format!(
+                "{other:?} is not a preview network: use isolated or open"
+            )),
         }
     }
 }
@@ -158,6 +184,10 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         "sandbox",
         SandboxMode::parse(raw.sandbox.as_deref().unwrap_or("landlock")),
     );
+    let preview_network = v.check(
+        "preview_network",
+        PreviewNetwork::parse(raw.preview_network.as_deref().unwrap_or("isolated")),
+    );
     let providers = match raw.terraform.providers {
         None => Some(default_provider_patterns()),
         Some(texts) => texts
@@ -187,7 +217,9 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     else {
         unreachable!("a missing value without a reported problem")
     };
-    let Some(cloudtrail_endpoint_url) = cloudtrail_endpoint_url else {
+    let (Some(cloudtrail_endpoint_url), Some(preview_network)) =
+        (cloudtrail_endpoint_url, preview_network)
+    else {
         unreachable!("a missing value without a reported problem")
     };
     Ok(DaemonConfig {
@@ -200,6 +232,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         metrics_public: raw.metrics_public.unwrap_or(false),
         concurrency,
         preview: raw.preview.unwrap_or(true),
+        preview_network,
         trust_branch,
         terraform: TerraformSettings {
             binary: PathBuf::from(raw.terraform.binary.as_deref().unwrap_or("terraform")),
@@ -322,7 +355,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
             ),
             (
                 "providers: [hashicorp/*]",
@@ -333,6 +366,11 @@ alerts:
                 "sandbox: landlock",
                 "sandbox: none",
                 "karrots.yaml:14: sandbox: \"none\" is not a sandbox: use landlock or off",
+            ),
+            (
+                "preview: true",
+                "preview: true\npreview_network: none",
+                "karrots.yaml:8: preview_network: \"none\" is not a preview network: use isolated or open",
             ),
         ];
         for (from, to, expected) in rows {

@@ -14,7 +14,8 @@ mod types;
 mod yaml;
 
 pub use daemon::{
-    DaemonConfig, SandboxMode, TerraformSettings, load_daemon_config, parse_daemon_config,
+    DaemonConfig, PreviewNetwork, SandboxMode, TerraformSettings, load_daemon_config,
+    parse_daemon_config,
 };
 pub use environment::{
     API_VERSION, AlertSink, ApplyPolicy, AwsTarget, Backend, DriftPolicy, EnvironmentFile,

@@ -105,6 +105,7 @@ pub(crate) struct RawDaemon {
     pub metrics_public: Option<bool>,
     pub concurrency: Option<u64>,
     pub preview: Option<bool>,
+    pub preview_network: Option<String>,
     pub trust_branch: Option<String>,
     #[serde(default)]
     pub terraform: RawTerraformSettings,

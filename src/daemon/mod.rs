@@ -24,6 +24,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alert, AlertKind};
+use crate::config::PreviewNetwork;
 use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
 use crate::engine::Lane;
 use crate::git::mirror::{Heads, Mirror};
@@ -172,13 +173,25 @@ pub async fn run(
     } else {
         tracing::warn!("sandbox: off — terraform runs without the Landlock sandbox");
     }
+    match (config.preview, config.preview_network) {
+        (true, PreviewNetwork::Isolated) => crate::egress::probe().await.map_err(|reason| {
+            DaemonError::Setup(format!(
+                "previews run in a private network namespace, and this machine refuses one ({reason}); allow user namespaces (sysctl kernel.unprivileged_userns_clone=1, or `RestrictNamespaces=user net` in the unit), or set `preview_network: open` (a preview's provider code can then reach any host) or `preview: false` in the daemon configuration"
+            ))
+        })?,
+        (true, PreviewNetwork::Open) => tracing::warn!(
+            "preview_network: open — provider code of unmerged commits can reach any host"
+        ),
+        (false, _) => {}
+    }
     crate::terraform::create_private_dir(&config.state_dir)
         .map_err(|e| DaemonError::Setup(format!("creating {}: {e}", config.state_dir.display())))?;
     let secret = crate::http::load_webhook_secret(&config).map_err(DaemonError::Setup)?;
     let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
     let store: Arc<dyn StateStore> =
         Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
-    let terraform = Terraform::new(&config.terraform, &config.state_dir, config.sandbox)?;
+    let terraform = Terraform::new(&config.terraform, &config.state_dir, config.sandbox)?
+        .with_preview_network(config.preview_network, config.aws_endpoint_url.as_ref());
     let mirror =
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
     let shared = Arc::new(Shared {

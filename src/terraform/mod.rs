@@ -30,7 +30,9 @@ use sha2::{Digest, Sha256};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::config::PreviewNetwork;
 use crate::config::{Backend, RepoPath, S3Locking, SandboxMode, TerraformSettings};
+use crate::egress::EgressPolicy;
 use crate::engine::Lane;
 use crate::git::CommitId;
 use crate::process::{ProcessError, ProcessOutput, ProcessSpec, run};
@@ -174,6 +176,8 @@ pub struct Terraform {
     state_dir: PathBuf,
     plugin_mirror: Option<PathBuf>,
     sandbox: SandboxMode,
+    /// The private network preview processes run in; `None` gives them the host's.
+    preview_egress: Option<EgressPolicy>,
 }
 
 impl Terraform {
@@ -194,6 +198,7 @@ impl Terraform {
             state_dir: state_dir.to_path_buf(),
             plugin_mirror: settings.plugin_mirror.clone(),
             sandbox,
+            preview_egress: None,
         };
         for lane in [Lane::Merged, Lane::Preview] {
             terraform.write_cli_config(lane)?;
@@ -248,6 +253,23 @@ impl Terraform {
 
     pub fn workdir(&self, env: &crate::config::EnvName, lane: Lane) -> Workdir {
         Workdir::new(&self.state_dir, env, lane)
+    }
+
+    /// Runs preview processes in a private network that reaches only AWS and `endpoint_url`
+    /// (and the provider registry when there is no mirror), or in the host's (`Open`).
+    pub fn with_preview_network(
+        mut self,
+        network: PreviewNetwork,
+        endpoint_url: Option<&url::Url>,
+    ) -> Terraform {
+        self.preview_egress = match network {
+            PreviewNetwork::Isolated => Some(EgressPolicy::aws(
+                endpoint_url.map(url::Url::as_str),
+                self.plugin_mirror.is_none(),
+            )),
+            PreviewNetwork::Open => None,
+        };
+        self
     }
 
     pub fn sandbox_mode(&self) -> SandboxMode {
@@ -305,9 +327,14 @@ impl Terraform {
         // Credentials come only from this run; never from an instance role by accident.
         env.insert("AWS_EC2_METADATA_DISABLED".into(), "true".into());
         env.extend(run_env.variables.clone());
-        let spec = ProcessSpec::new(&self.binary, cwd)
+        let mut spec = ProcessSpec::new(&self.binary, cwd)
             .env(env)
             .timeout(self.timeout, self.grace);
+        if workdir.lane() == Lane::Preview
+            && let Some(policy) = &self.preview_egress
+        {
+            spec = spec.egress(policy.clone());
+        }
         match self.sandbox {
             SandboxMode::Landlock => spec.sandbox(self.sandbox_policy(workdir, writable)),
             SandboxMode::Off => {

