@@ -106,6 +106,37 @@ impl Held {
         }
     }
 
+    /// At stop, when memory is about to go: queues what the outbox takes, sends the rest
+    /// straight to their sinks once, and logs in full any alert no sink took, so none is
+    /// lost without a trace.
+    pub async fn send_at_stop(&self, store: &dyn StateStore, client: &reqwest::Client) {
+        self.flush(store);
+        let left: Vec<(Vec<String>, String)> = match self.0.lock() {
+            Ok(mut held) => held.drain(..).collect(),
+            Err(_) => return,
+        };
+        for (sinks, body) in left {
+            for sink in sinks {
+                let sent = client
+                    .post(&sink)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().is_success() => {}
+                    Ok(response) => {
+                        tracing::error!(%sink, alert = %body, status = %response.status(), "at stop, an alert the outbox refused was not taken by its sink; it is lost but for this line")
+                    }
+                    Err(error) => {
+                        tracing::error!(%sink, alert = %body, %error, "at stop, an alert the outbox refused could not be sent; it is lost but for this line")
+                    }
+                }
+            }
+        }
+    }
+
     fn drain(store: &dyn StateStore, held: &mut VecDeque<(Vec<String>, String)>) {
         while let Some((sinks, body)) = held.front() {
             if let Err(error) = store.enqueue_alert(sinks, body) {
@@ -269,6 +300,22 @@ mod tests {
             }
         });
         (url, count)
+    }
+
+    #[tokio::test]
+    async fn alerts_still_held_at_stop_are_sent_straight_to_their_sinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = crate::store::SqliteStore::open(&path).unwrap();
+        let _disk = fill_disk(&path, "INSERT");
+        let (sink, posts) = counting_sink().await;
+        let held = Held::default();
+        held.queue(&store, vec![sink.clone()], "{\"n\":1}".into());
+        held.queue(&store, vec![sink], "{\"n\":2}".into());
+        held.send_at_stop(&store, &reqwest::Client::new()).await;
+        assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(held.0.lock().unwrap().is_empty());
+        assert!(store.due_alerts(i64::MAX).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -173,6 +173,7 @@ async fn plan(args: &PlanArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let options = CheckOptions {
         providers: settings.terraform.providers.clone(),
+        ..CheckOptions::default()
     };
     let staged = {
         let (workdir, repo_dir, commit) = (workdir.clone(), args.repo.clone(), commit.clone());

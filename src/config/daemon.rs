@@ -34,6 +34,8 @@ pub struct DaemonConfig {
     pub preview: bool,
     /// Whether a preview's terraform can reach only AWS (`isolated`) or any host (`open`).
     pub preview_network: PreviewNetwork,
+    /// The largest file a run exports from a commit; a larger one refuses the commit.
+    pub max_file_bytes: u64,
     /// Where environment identities are read from.
     pub trust_branch: BranchName,
     pub terraform: TerraformSettings,
@@ -188,6 +190,10 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         "preview_network",
         PreviewNetwork::parse(raw.preview_network.as_deref().unwrap_or("isolated")),
     );
+    let max_file_bytes = match &raw.max_file_size {
+        None => Some(crate::repo::DEFAULT_MAX_FILE_BYTES),
+        Some(text) => v.check("max_file_size", parse_size(text)),
+    };
     let providers = match raw.terraform.providers {
         None => Some(default_provider_patterns()),
         Some(texts) => texts
@@ -217,8 +223,8 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     else {
         unreachable!("a missing value without a reported problem")
     };
-    let (Some(cloudtrail_endpoint_url), Some(preview_network)) =
-        (cloudtrail_endpoint_url, preview_network)
+    let (Some(cloudtrail_endpoint_url), Some(preview_network), Some(max_file_bytes)) =
+        (cloudtrail_endpoint_url, preview_network, max_file_bytes)
     else {
         unreachable!("a missing value without a reported problem")
     };
@@ -233,6 +239,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         concurrency,
         preview: raw.preview.unwrap_or(true),
         preview_network,
+        max_file_bytes,
         trust_branch,
         terraform: TerraformSettings {
             binary: PathBuf::from(raw.terraform.binary.as_deref().unwrap_or("terraform")),
@@ -245,6 +252,14 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         cloudtrail_endpoint_url,
         alerts,
     })
+}
+
+/// A size such as `64MiB` or `1 GB`, at least one byte.
+fn parse_size(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<bytesize::ByteSize>() {
+        Ok(size) if size.as_u64() > 0 => Ok(size.as_u64()),
+        _ => Err(format!("{text:?} is not a size such as 64MiB")),
+    }
 }
 
 /// A remote URL, or a local path turned into a `file://` URL.
@@ -323,6 +338,10 @@ alerts:
         assert_eq!(config.repo.as_str(), "file:///etc/karrots/config.git");
         assert_eq!(config.state_dir, PathBuf::from("/etc/karrots/state"));
         assert_eq!(config.poll_interval, Duration::from_secs(30));
+        assert_eq!(config.max_file_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.preview_network, PreviewNetwork::Isolated);
+        let sized = parse("repo: ./c.git\nstate_dir: s\nmax_file_size: 2MiB\n").unwrap();
+        assert_eq!(sized.max_file_bytes, 2 * 1024 * 1024);
         assert_eq!(config.listen.to_string(), "127.0.0.1:8088");
         assert!(config.preview);
         assert_eq!(config.trust_branch.as_str(), "main");
@@ -355,7 +374,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
             ),
             (
                 "providers: [hashicorp/*]",
@@ -366,6 +385,11 @@ alerts:
                 "sandbox: landlock",
                 "sandbox: none",
                 "karrots.yaml:14: sandbox: \"none\" is not a sandbox: use landlock or off",
+            ),
+            (
+                "preview: true",
+                "preview: true\nmax_file_size: lots",
+                "karrots.yaml:8: max_file_size: \"lots\" is not a size such as 64MiB",
             ),
             (
                 "preview: true",

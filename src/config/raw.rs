@@ -106,6 +106,7 @@ pub(crate) struct RawDaemon {
     pub concurrency: Option<u64>,
     pub preview: Option<bool>,
     pub preview_network: Option<String>,
+    pub max_file_size: Option<String>,
     pub trust_branch: Option<String>,
     #[serde(default)]
     pub terraform: RawTerraformSettings,

@@ -278,6 +278,10 @@ pub async fn run(
     }
     let _ = http.await;
     let _ = alerts.await;
+    shared
+        .held_alerts
+        .send_at_stop(shared.store.as_ref(), &reqwest::Client::new())
+        .await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -224,6 +224,7 @@ pub(super) async fn stage(
     let commit = commit.clone();
     let options = CheckOptions {
         providers: shared.config.terraform.providers.clone(),
+        max_file_bytes: shared.config.max_file_bytes,
     };
     tokio::task::spawn_blocking(move || stage_commit(&workdir, &mirror, &commit, &options))
         .await

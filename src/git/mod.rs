@@ -59,6 +59,16 @@ pub enum GitError {
         parent: String,
         name: String,
     },
+    #[error(
+        "{path} is {size} bytes in commit {commit}; Karrots exports files of at most {limit} bytes (max_file_size in the daemon configuration)"
+    )]
+    FileTooLarge {
+        commit: String,
+        /// The file's `/` path in the repository.
+        path: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("exporting commit {commit} to {path}: {source}")]
     Export {
         commit: String,
@@ -169,22 +179,25 @@ pub fn export_config_tree(
     commit: &CommitId,
     destination: &Path,
 ) -> Result<(), GitError> {
-    export_tree(repo, commit, destination, &|relative, is_dir| {
+    let include = |relative: &str, is_dir: bool| {
         let top = relative.split('/').next().unwrap_or_default();
         CONFIG_FOLDERS.contains(&top) || (!is_dir && !relative.contains('/'))
-    })
+    };
+    export_tree(repo, commit, destination, &include, u64::MAX)
 }
 
 /// Writes the entries of `commit` that `include` accepts (given the `/` path and whether the
 /// entry is a directory) into `destination`, which must not exist. A directory that is not
 /// included is not entered. Symlinks are recreated as symlinks (the repository check decides
 /// whether they may stay); submodules are left out. Every entry name is checked before
-/// anything is written: `.`, `..`, `.git`, and names with `/` or NUL are refused.
+/// anything is written: `.`, `..`, `.git`, and names with `/` or NUL are refused. A blob over
+/// `max_file_bytes` is refused by the size in its header, before it is inflated.
 pub fn export_tree(
     repo: &Repository,
     commit: &CommitId,
     destination: &Path,
     include: &dyn Fn(&str, bool) -> bool,
+    max_file_bytes: u64,
 ) -> Result<(), GitError> {
     let read = |source| read_error(commit, source);
     let export_error = |source| GitError::Export {
@@ -193,6 +206,7 @@ pub fn export_tree(
         source,
     };
     let tree = find_commit(repo, commit)?.tree().map_err(read)?;
+    let odb = repo.odb().map_err(read)?;
     fs::create_dir(destination).map_err(export_error)?;
     let mut failure: Option<GitError> = None;
     tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
@@ -213,6 +227,24 @@ pub fn export_tree(
         let is_dir = entry.kind() == Some(ObjectType::Tree);
         if !include(&relative, is_dir) {
             return TreeWalkResult::Skip;
+        }
+        if entry.kind() == Some(ObjectType::Blob) {
+            match odb.read_header(entry.id()) {
+                Ok((size, _)) if size as u64 > max_file_bytes => {
+                    failure = Some(GitError::FileTooLarge {
+                        commit: commit.to_string(),
+                        path: relative,
+                        size: size as u64,
+                        limit: max_file_bytes,
+                    });
+                    return TreeWalkResult::Abort;
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    failure = Some(read(source));
+                    return TreeWalkResult::Abort;
+                }
+            }
         }
         let target = destination.join(&relative);
         let written = match entry.kind() {

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
@@ -37,9 +38,13 @@ impl fmt::Display for Fingerprint {
     }
 }
 
+/// Where one fingerprinted entry's bytes come from; read only when hashed, one at a time, so
+/// the fingerprint holds no file in memory.
 enum Entry {
-    File(Vec<u8>),
-    Symlink(Vec<u8>),
+    /// A regular file, or the file of the tree a symlink resolves to.
+    File { tag: u8, path: PathBuf },
+    /// The text of a symlink that does not resolve to a file of the tree.
+    Link(Vec<u8>),
 }
 
 /// Fingerprints the files under `directories` of the tree at `root`. A directory that does
@@ -63,30 +68,60 @@ pub fn fingerprint(root: &Path, directories: &BTreeSet<RepoPath>) -> io::Result<
                 let resolved = fs::canonicalize(entry.path())
                     .ok()
                     .filter(|real| real.starts_with(&root_real) && real.is_file());
-                let content = match resolved {
-                    Some(real) => fs::read(real)?,
-                    None => fs::read_link(entry.path())?
-                        .to_string_lossy()
-                        .into_owned()
-                        .into_bytes(),
+                let source = match resolved {
+                    Some(real) => Entry::File {
+                        tag: b'l',
+                        path: real,
+                    },
+                    None => Entry::Link(
+                        fs::read_link(entry.path())?
+                            .to_string_lossy()
+                            .into_owned()
+                            .into_bytes(),
+                    ),
                 };
-                entries.insert(relative, Entry::Symlink(content));
+                entries.insert(relative, source);
             } else if file_type.is_file() {
-                entries.insert(relative, Entry::File(fs::read(entry.path())?));
+                let path = entry.path().to_path_buf();
+                entries.insert(relative, Entry::File { tag: b'f', path });
             }
         }
     }
     let mut hasher = Sha256::new();
-    for (path, entry) in &entries {
-        let (tag, content) = match entry {
-            Entry::File(content) => (b'f', content),
-            Entry::Symlink(target) => (b'l', target),
+    for (relative, entry) in &entries {
+        let head = |hasher: &mut Sha256, tag: u8, length: u64| {
+            hasher.update([tag]);
+            hasher.update((relative.len() as u64).to_be_bytes());
+            hasher.update(relative.as_bytes());
+            hasher.update(length.to_be_bytes());
         };
-        hasher.update([tag]);
-        hasher.update((path.len() as u64).to_be_bytes());
-        hasher.update(path.as_bytes());
-        hasher.update((content.len() as u64).to_be_bytes());
-        hasher.update(content);
+        match entry {
+            Entry::Link(target) => {
+                head(&mut hasher, b'l', target.len() as u64);
+                hasher.update(target);
+            }
+            Entry::File { tag, path } => {
+                let file = fs::File::open(path)?;
+                let length = file.metadata()?.len();
+                head(&mut hasher, *tag, length);
+                let mut reader = file.take(length);
+                let mut chunk = vec![0u8; 64 * 1024];
+                let mut copied = 0u64;
+                loop {
+                    let read = reader.read(&mut chunk)?;
+                    if read == 0 {
+                        break;
+                    }
+                    hasher.update(&chunk[..read]);
+                    copied += read as u64;
+                }
+                if copied != length {
+                    return Err(io::Error::other(format!(
+                        "{relative} changed while it was fingerprinted"
+                    )));
+                }
+            }
+        }
     }
     Ok(Fingerprint(format!(
         "sha256:{}",

@@ -33,12 +33,19 @@ use module::{ModuleScan, ModuleSource, scan_module};
 pub struct CheckOptions {
     /// Provider sources a commit may require (daemon config `terraform.providers`).
     pub providers: Vec<ProviderPattern>,
+    /// The largest file a run exports from a commit (daemon config `max_file_size`).
+    pub max_file_bytes: u64,
 }
+
+/// The default `max_file_size`: far above any configuration file, below what would strain
+/// the daemon's memory (a blob is inflated whole to be exported).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for CheckOptions {
     fn default() -> CheckOptions {
         CheckOptions {
             providers: default_provider_patterns(),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
         }
     }
 }

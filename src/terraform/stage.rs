@@ -48,7 +48,18 @@ pub fn stage_commit(
     // What the check needs: the root's files, this environment's folder, every module and
     // the policies — not the other environments' folders, however many there are.
     let own_folder = format!("environments/{}", workdir.env());
-    git::export_tree(&repo, commit, &inspect, &|path, is_dir| {
+    let too_large = |error: GitError| match error {
+        GitError::FileTooLarge {
+            path, size, limit, ..
+        } => StageError::Refused(vec![Problem::whole(
+            Path::new(&path),
+            format!(
+                "the file is {size} bytes; a run exports files of at most {limit} bytes (max_file_size in the daemon configuration)"
+            ),
+        )]),
+        other => StageError::Git(other),
+    };
+    let own = |path: &str, is_dir: bool| {
         let top = path.split('/').next().unwrap_or_default();
         match top {
             "modules" | "policies" => true,
@@ -59,14 +70,23 @@ pub fn stage_commit(
             }
             _ => !is_dir && !path.contains('/'),
         }
-    })?;
+    };
+    git::export_tree(&repo, commit, &inspect, &own, options.max_file_bytes).map_err(too_large)?;
     let checked =
         check_environment(&inspect, workdir.env(), options).map_err(StageError::Refused)?;
     let inputs = &checked.inputs;
-    git::export_tree(&repo, commit, &workdir.staging(), &|path, is_dir| {
+    let closure = |path: &str, is_dir: bool| {
         inputs.iter().any(|input| input.contains(path))
             || (is_dir && inputs.iter().any(|input| input.is_below(path)))
-    })?;
+    };
+    git::export_tree(
+        &repo,
+        commit,
+        &workdir.staging(),
+        &closure,
+        options.max_file_bytes,
+    )
+    .map_err(too_large)?;
     fs::remove_dir_all(&inspect).map_err(io("removing the inspected export"))?;
     Ok(checked)
 }

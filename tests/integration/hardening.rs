@@ -207,6 +207,38 @@ fn a_previews_provider_reaches_aws_and_no_other_host() {
     );
 }
 
+/// A file over `max_file_size` in an environment's modules refuses the commit by the size in
+/// its git header, before the blob is inflated; the daemon goes on with the next commit.
+#[test]
+fn a_file_over_max_file_size_refuses_the_commit_naming_it() {
+    let mut fixture = prod_applied();
+    fixture.stop("-TERM");
+    fixture.extra_config.push_str("max_file_size: 1MiB\n");
+    fixture.start();
+
+    fixture
+        .clone
+        .write("modules/prod-app/payload.bin", &"x".repeat(1024 * 1024 + 1));
+    let large = fixture.clone.commit_all("a 1 MiB + 1 byte payload");
+    fixture.push("main");
+    let alert = config_error_for(&fixture, "prod", &large);
+    assert!(
+        alert["message"].as_str().unwrap().contains(
+            "modules/prod-app/payload.bin:1: the file is 1048577 bytes; a run exports files of at most 1048576 bytes (max_file_size in the daemon configuration)"
+        ),
+        "{alert}"
+    );
+
+    fixture
+        .clone
+        .write("modules/prod-app/payload.bin", &"x".repeat(1024 * 1024));
+    let fits = fixture.clone.commit_all("a payload that fits");
+    fixture.push("main");
+    fixture.wait_for("the commit that fits applied", |f| {
+        f.applied("prod", &fits) && f.environment("prod")["status"] == "in_sync"
+    });
+}
+
 /// A `.terraformrc` at the repository root is in no environment's input closure, yet every
 /// check reads it: the commit that adds it is refused (naming it), never taken as
 /// "unaffected", and the commit that removes it brings the environment back in sync.
