@@ -256,6 +256,7 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         shared.held_alerts.flush(shared.store.as_ref());
+        shared.store.record_pending();
         poller.poll(&shared, &stop).await;
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}

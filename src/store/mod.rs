@@ -6,6 +6,7 @@
 //! kill at any moment leaves a consistent database; an apply is recorded as started before
 //! terraform runs, which is how a restart finds one that was cut off.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -114,7 +115,12 @@ pub trait StateStore: Send + Sync {
     fn environments(&self) -> Result<Vec<EnvironmentRow>, StoreError>;
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError>;
     fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError>;
+    /// Sets an environment's status. When the database refuses (a full disk), the status is
+    /// still what the store reports for it, from memory, until [`StateStore::record_pending`]
+    /// writes it.
     fn set_status(&self, name: &str, status: &str) -> Result<(), StoreError>;
+    /// Writes the statuses the database refused before; called on every poll.
+    fn record_pending(&self) {}
     /// Records where the environment now is: the commit and its input fingerprint.
     fn set_last_applied(
         &self,
@@ -164,6 +170,9 @@ pub trait StateStore: Send + Sync {
 pub struct SqliteStore {
     path: String,
     connection: Mutex<Connection>,
+    /// Statuses the database refused, by environment: what the daemon knows, shown until
+    /// they are written.
+    unrecorded: Mutex<BTreeMap<String, String>>,
 }
 
 const MIGRATIONS: [&str; 2] = [
@@ -261,6 +270,27 @@ impl SqliteStore {
         Ok(SqliteStore {
             path: name,
             connection: Mutex::new(connection),
+            unrecorded: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// `row` with the status the database refused to take, when there is one.
+    fn known(&self, mut row: EnvironmentRow) -> EnvironmentRow {
+        if let Ok(unrecorded) = self.unrecorded.lock()
+            && let Some(status) = unrecorded.get(&row.name)
+        {
+            row.status = status.clone();
+        }
+        row
+    }
+
+    fn write_status(&self, name: &str, status: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE environments SET status = ?2 WHERE name = ?1",
+                params![name, status],
+            )
+            .map(drop)
         })
     }
 
@@ -321,8 +351,9 @@ impl StateStore for SqliteStore {
                 "SELECT {ENVIRONMENT_COLUMNS} FROM environments ORDER BY name"
             ))?
             .query_map([], environment_row)?
-            .collect()
+            .collect::<rusqlite::Result<Vec<_>>>()
         })
+        .map(|rows| rows.into_iter().map(|row| self.known(row)).collect())
     }
 
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError> {
@@ -334,6 +365,7 @@ impl StateStore for SqliteStore {
             )
             .optional()
         })
+        .map(|row| row.map(|row| self.known(row)))
     }
 
     fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError> {
@@ -348,13 +380,32 @@ impl StateStore for SqliteStore {
     }
 
     fn set_status(&self, name: &str, status: &str) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE environments SET status = ?2 WHERE name = ?1",
-                params![name, status],
-            )
-            .map(drop)
-        })
+        let written = self.write_status(name, status);
+        if let Ok(mut unrecorded) = self.unrecorded.lock() {
+            match &written {
+                Ok(()) => unrecorded.remove(name),
+                Err(error) => {
+                    tracing::error!(env = name, status, %error, "the status could not be recorded; it is shown from memory and written again on the next poll");
+                    unrecorded.insert(name.to_string(), status.to_string())
+                }
+            };
+        }
+        written
+    }
+
+    fn record_pending(&self) {
+        let pending: Vec<(String, String)> = match self.unrecorded.lock() {
+            Ok(unrecorded) => unrecorded.clone().into_iter().collect(),
+            Err(_) => return,
+        };
+        for (name, status) in pending {
+            if self.write_status(&name, &status).is_ok()
+                && let Ok(mut unrecorded) = self.unrecorded.lock()
+                && unrecorded.get(&name) == Some(&status)
+            {
+                unrecorded.remove(&name);
+            }
+        }
     }
 
     fn set_last_applied(
@@ -585,6 +636,45 @@ impl StateStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_the_database_refuses_is_shown_from_memory_and_written_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.upsert_environment("prod", "main", "abc").unwrap();
+        store.set_status("prod", "applying").unwrap();
+        let disk = Connection::open(&path).unwrap();
+        disk.execute_batch(
+            "CREATE TRIGGER full_disk BEFORE UPDATE ON environments
+             BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+        )
+        .unwrap();
+        assert!(store.set_status("prod", "in_sync").is_err());
+        assert_eq!(
+            store.environment("prod").unwrap().unwrap().status,
+            "in_sync"
+        );
+        assert_eq!(store.environments().unwrap()[0].status, "in_sync");
+        store.record_pending();
+        let on_disk = |c: &Connection| -> String {
+            c.query_row(
+                "SELECT status FROM environments WHERE name = 'prod'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(on_disk(&disk), "applying", "still refused");
+
+        disk.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        store.record_pending();
+        assert_eq!(on_disk(&disk), "in_sync");
+        assert_eq!(
+            store.environment("prod").unwrap().unwrap().status,
+            "in_sync"
+        );
+    }
 
     #[test]
     fn a_database_from_a_newer_karrots_is_not_opened() {
