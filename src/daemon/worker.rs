@@ -538,6 +538,18 @@ async fn recorded_plan(
             };
             tracing::warn!(%error, result, "the plan did not succeed");
             store.finish_run(run_id, result, Summary::default(), &[], &error.to_string())?;
+            // A merged commit is there to be applied: a plan that fails means it is not.
+            if lane == Lane::Merged && result == "failed" {
+                shared.alert(Alert::new(
+                    AlertKind::ApplyFailed,
+                    env,
+                    commit.as_str(),
+                    format!(
+                        "the plan of {} failed, so nothing was applied: {error}",
+                        commit.short()
+                    ),
+                ));
+            }
             (result, None)
         }
     };

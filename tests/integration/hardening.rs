@@ -239,6 +239,38 @@ fn a_file_over_max_file_size_refuses_the_commit_naming_it() {
     });
 }
 
+/// A merged commit whose plan fails is not applied, and says so: an `apply_failed` alert
+/// naming the plan's error (before, only the run row showed it).
+#[test]
+fn a_merged_commit_whose_plan_fails_is_alerted() {
+    let fixture = prod_applied();
+    fixture.clone.append(
+        "modules/prod-app/main.tf",
+        "\nresource \"terraform_data\" \"broken\" {\n  input = var.undeclared\n}\n",
+    );
+    let broken = fixture
+        .clone
+        .commit_all("a reference to an undeclared variable");
+    fixture.push("main");
+    let of_commit = |f: &Fixture| {
+        f.sink
+            .all("prod", "apply_failed")
+            .into_iter()
+            .find(|alert| alert["commit"] == broken.as_str())
+    };
+    fixture.wait_for("an apply_failed alert", |f| of_commit(f).is_some());
+    let message = of_commit(&fixture).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with(&format!("the plan of {} failed", &broken[..7]))
+            && message.contains("undeclared"),
+        "{message}"
+    );
+    assert_eq!(fixture.environment("prod")["status"], "failed");
+}
+
 /// A `.terraformrc` at the repository root is in no environment's input closure, yet every
 /// check reads it: the commit that adds it is refused (naming it), never taken as
 /// "unaffected", and the commit that removes it brings the environment back in sync.
