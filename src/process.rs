@@ -259,6 +259,26 @@ pub async fn run(
             command.pre_exec(move || prepared.enforce());
         }
     }
+    // Last, once the credentials are final (a change of them would clear it): if the daemon
+    // dies (kill -9), terraform gets SIGTERM, which it takes as an interrupt:
+    // it stops its providers, saves state and releases its lock instead of running on as an
+    // orphan. Linux sends it when the forking *thread* exits; runs are spawned from the
+    // runtime's worker threads, which live as long as the daemon.
+    // SAFETY: getpid cannot fail.
+    let parent = unsafe { nix::libc::getpid() };
+    // SAFETY: two system calls (prctl, getppid); no lock, no allocation.
+    unsafe {
+        command.pre_exec(move || {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGTERM, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent died before the signal was armed: do not start at all.
+            if nix::libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
     let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
         command: match network {
             Some(_) => format!("{command_line} in a private network namespace"),

@@ -936,6 +936,69 @@ fn a_kill_during_an_apply_is_found_interrupted_and_never_reapplied_from_its_plan
     );
 }
 
+/// The terraform processes (terraform and its providers) working under `dir`.
+fn terraform_working_in(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.starts_with("terraform"))
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
+/// A daemon killed with SIGKILL during an apply leaves no terraform running as an orphan:
+/// terraform gets SIGTERM at once (the parent-death signal).
+#[test]
+fn terraform_does_not_outlive_a_killed_daemon() {
+    let mut fixture = Fixture::new("allow: [local-exec]\n");
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    fixture
+        .clone
+        .append("modules/prod-app/main.tf", &slow_resource("slow", 300));
+    fixture.clone.commit_all("a five-minute apply");
+    fixture.push("main");
+    fixture.wait_for("the slow apply", |f| {
+        f.environment("prod")["status"] == "applying"
+            && !terraform_working_in(&f.state_dir()).is_empty()
+    });
+    fixture.stop("-KILL");
+    // Without the signal terraform lived on until its next progress line met the closed
+    // pipe (11 s here); with it, it stops at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !terraform_working_in(&fixture.state_dir()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "terraform still runs 5 s after the daemon was killed: {:?}",
+            terraform_working_in(&fixture.state_dir())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What a provisioner started is terraform's grandchild and not bound to the daemon
+    // (under the systemd unit its cgroup ends it): the test cleans it up itself.
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .is_ok_and(|cwd| cwd.starts_with(fixture.state_dir()))
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 #[test]
 fn a_push_to_a_file_remote_is_seen_at_once_without_polling() {
     // Polling once an hour: only the watch of the remote's refs can wake the daemon.
