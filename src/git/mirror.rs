@@ -130,23 +130,34 @@ impl Mirror {
     /// whether a fetch happened.
     pub fn update(&self) -> Result<(Heads, bool), GitError> {
         let remote_heads = self.remote_heads()?;
-        if remote_heads == self.heads()? {
+        let heads = self.heads()?;
+        if remote_heads == heads {
             return Ok((remote_heads, false));
+        }
+        // Pruning every branch would leave nothing to compare the next push with; an emptied
+        // remote is far more often an accident (a wrong URL, a botched migration) than intent.
+        if remote_heads.is_empty() {
+            return Err(GitError::Remote {
+                url: self.origin_url()?,
+                message: "the remote lists no branches (emptied, or a new repository at this address?); the mirror keeps its branches, and nothing runs from the remote until it has branches again".to_string(),
+            });
         }
         self.fetch()?;
         Ok((self.heads()?, true))
     }
 
+    fn origin_url(&self) -> Result<String, GitError> {
+        let repo = self.open()?;
+        let remote = repo
+            .find_remote("origin")
+            .map_err(|source| remote_error("origin", source))?;
+        Ok(remote.url().unwrap_or_default().to_string())
+    }
+
     /// `git fetch --prune origin` into the mirror, with an environment of its own: no user or
     /// system git configuration, no prompt, a bounded time.
     fn fetch(&self) -> Result<(), GitError> {
-        let url = {
-            let repo = self.open()?;
-            let remote = repo
-                .find_remote("origin")
-                .map_err(|source| remote_error("origin", source))?;
-            remote.url().unwrap_or_default().to_string()
-        };
+        let url = self.origin_url()?;
         let failed = |message: String| GitError::Remote {
             url: url.clone(),
             message,

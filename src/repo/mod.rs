@@ -92,7 +92,7 @@ pub fn check_repository_with(root: &Path, options: &CheckOptions) -> CheckReport
     for file in &environment_files {
         match check_loaded_environment(root, file, &mut scans, options) {
             Ok(checked) => report.environments.push(checked),
-            Err(problems) => report.problems.extend(problems),
+            Err(refused) => report.problems.extend(refused.problems),
         }
     }
     check_shared_state(&environment_files, &mut report.problems);
@@ -120,10 +120,11 @@ pub fn check_environment(
     let file = parse_environment_file(&text, &yaml_path, name.as_str())
         .map_err(|problems| problems.into_vec())?;
     let checked = check_loaded_environment(root, &file, &mut HashMap::new(), options);
-    let own_folder = RepoPath::parse(&format!("environments/{name}")).ok();
+    // A refused environment's layout problems are still its own: those among the inputs
+    // found before the refusal (its folder at least) are reported with the rest.
     let inputs: BTreeSet<RepoPath> = match &checked {
         Ok(checked) => checked.inputs.clone(),
-        Err(_) => own_folder.into_iter().collect(),
+        Err(refused) => refused.inputs.clone(),
     };
     let mut problems: Vec<Problem> = layout::scan_layout(root)
         .into_iter()
@@ -141,13 +142,19 @@ pub fn check_environment(
             problems.dedup();
             Err(problems)
         }
-        Err(found) => {
-            problems.extend(found);
+        Err(refused) => {
+            problems.extend(refused.problems);
             problems.sort();
             problems.dedup();
             Err(problems)
         }
     }
+}
+
+/// Why an environment is refused, and the inputs known when it was (its folder at least).
+struct Refused {
+    problems: Vec<Problem>,
+    inputs: BTreeSet<RepoPath>,
 }
 
 /// Everything about one loaded environment: its modules and their refusals, the providers
@@ -157,10 +164,17 @@ fn check_loaded_environment(
     file: &EnvironmentFile,
     scans: &mut HashMap<RepoPath, ModuleScan>,
     options: &CheckOptions,
-) -> Result<CheckedEnvironment, Vec<Problem>> {
+) -> Result<CheckedEnvironment, Refused> {
     let mut problems = Vec::new();
+    let own_folder: BTreeSet<RepoPath> =
+        RepoPath::parse(&format!("environments/{}", file.spec.name))
+            .into_iter()
+            .collect();
     let Some(modules) = check_environment_modules(root, file, scans, &mut problems) else {
-        return Err(problems);
+        return Err(Refused {
+            problems,
+            inputs: own_folder,
+        });
     };
     check_providers(&file.spec, &modules, scans, options, &mut problems);
     let mut inputs = modules.clone();
@@ -174,7 +188,7 @@ fn check_loaded_environment(
     );
     check_symlinks_stay_in_closure(root, &file.spec, &inputs, &mut problems);
     if !problems.is_empty() {
-        return Err(problems);
+        return Err(Refused { problems, inputs });
     }
     let init_signature = init_signature(&modules, scans);
     match fingerprint(root, &inputs) {
@@ -185,10 +199,13 @@ fn check_loaded_environment(
             init_signature,
             fingerprint,
         }),
-        Err(error) => Err(vec![Problem::whole(
-            environment_file_path(file.spec.name.as_str()),
-            format!("cannot read the environment's inputs: {error}"),
-        )]),
+        Err(error) => Err(Refused {
+            problems: vec![Problem::whole(
+                environment_file_path(file.spec.name.as_str()),
+                format!("cannot read the environment's inputs: {error}"),
+            )],
+            inputs,
+        }),
     }
 }
 

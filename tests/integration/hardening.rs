@@ -271,6 +271,69 @@ fn a_merged_commit_whose_plan_fails_is_alerted() {
     assert_eq!(fixture.environment("prod")["status"], "failed");
 }
 
+/// A remote emptied of branches (a wrong URL, a botched migration) is a `source_error`; the
+/// mirror keeps its branches and the environments stay where they are.
+#[test]
+fn a_remote_emptied_of_branches_is_alerted_and_the_mirror_kept() {
+    let fixture = prod_applied();
+    let head = fixture.clone.git(&["rev-parse", "HEAD"]);
+    let remote = fixture.remote.path();
+    for branch in ["main", "dev"] {
+        let deleted = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(remote)
+            .args(["update-ref", "-d", &format!("refs/heads/{branch}")])
+            .status()
+            .unwrap();
+        assert!(deleted.success());
+    }
+    fixture.wait_for("a source_error", |f| {
+        f.sink.find("", "source_error").is_some()
+    });
+    let alert = fixture.sink.find("", "source_error").unwrap();
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("the remote lists no branches"),
+        "{alert}"
+    );
+    let mirror = fixture.state_dir().join("mirror.git");
+    let kept = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(&mirror)
+        .args(["rev-parse", "refs/remotes/origin/main"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&kept.stdout).trim(), head);
+    assert_eq!(fixture.environment("prod")["last_applied"], head.as_str());
+}
+
+/// A commit with several bad symlinks is refused naming each of them, not only the first.
+#[test]
+fn every_bad_symlink_of_a_commit_is_named() {
+    let fixture = prod_applied();
+    let links = [
+        ("secrets.tf", "/proc/self/environ"),
+        ("sibling.tf", "../dev-app/main.tf"),
+        ("gone.tf", "missing.tf"),
+    ];
+    for (link, target) in links {
+        let path = format!("modules/prod-app/{link}");
+        fixture.clone.symlink(&path, target);
+    }
+    let commit = fixture.clone.commit_all("three bad symlinks");
+    fixture.push("main");
+    let alert = config_error_for(&fixture, "prod", &commit);
+    let message = alert["message"].as_str().unwrap();
+    for (link, _) in links {
+        assert!(
+            message.contains(&format!("modules/prod-app/{link}:1: symlink")),
+            "{link} not named: {message}"
+        );
+    }
+}
+
 /// A `.terraformrc` at the repository root is in no environment's input closure, yet every
 /// check reads it: the commit that adds it is refused (naming it), never taken as
 /// "unaffected", and the commit that removes it brings the environment back in sync.
