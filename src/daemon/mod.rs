@@ -303,6 +303,8 @@ struct Poller {
     workers: HashMap<(String, Lane), WorkerHandle>,
     /// The trust branch's parsed environments, by blob.
     spec_cache: SpecCache,
+    /// Whether the last poll found no trust branch (warned once per absence).
+    trust_missing: bool,
 }
 
 impl Poller {
@@ -343,11 +345,17 @@ impl Poller {
         if heads == self.heads {
             return;
         }
-        let previous = std::mem::replace(&mut self.heads, heads.clone());
+        // The heads are taken as seen only once the trust branch is read: a poll that cannot
+        // read it leaves them, so the moved branches are queued by the next poll that can.
+        let previous = self.heads.clone();
         let Some(trust_tip) = heads.get(shared.config.trust_branch.as_str()).cloned() else {
-            tracing::warn!(branch = %shared.config.trust_branch, "the trust branch does not exist in the repository; nothing runs until it does");
+            if !self.trust_missing {
+                self.trust_missing = true;
+                tracing::warn!(branch = %shared.config.trust_branch, "the trust branch does not exist in the repository; nothing runs until it does");
+            }
             return;
         };
+        self.trust_missing = false;
         let cache = std::mem::take(&mut self.spec_cache);
         let trusted = match read_trusted(shared, &trust_tip, cache).await {
             Ok((trusted, cache)) => {
@@ -355,10 +363,11 @@ impl Poller {
                 trusted
             }
             Err(error) => {
-                tracing::error!(%error, "reading the environments of the trust branch");
+                tracing::error!(%error, "reading the environments of the trust branch; the moved branches are queued once it can be read");
                 return;
             }
         };
+        self.heads = heads.clone();
         let mut specs = BTreeMap::new();
         for (name, spec) in trusted {
             match spec {
@@ -389,7 +398,7 @@ impl Poller {
                 if let Err(error) = shared.store.upsert_environment(name, branch, head.as_str()) {
                     tracing::error!(%error, env = %name, "recording the head");
                 }
-                self.enqueue(shared, stop, name, Lane::Merged, head);
+                self.enqueue(shared, stop, name, Lane::Merged, branch, head);
             }
             if !shared.config.preview {
                 continue;
@@ -397,7 +406,7 @@ impl Poller {
             for (other, tip) in &heads {
                 let claimed = specs.values().any(|spec| spec.branch.as_str() == other);
                 if !claimed && previous.get(other) != Some(tip) {
-                    self.enqueue(shared, stop, name, Lane::Preview, tip);
+                    self.enqueue(shared, stop, name, Lane::Preview, other, tip);
                 }
             }
         }
@@ -415,7 +424,7 @@ impl Poller {
             .await;
             for name in names.ok().and_then(Result::ok).unwrap_or_default() {
                 if !specs.contains_key(&name) {
-                    self.enqueue(shared, stop, &name, Lane::Preview, tip);
+                    self.enqueue(shared, stop, &name, Lane::Preview, branch, tip);
                 }
             }
         }
@@ -511,6 +520,7 @@ impl Poller {
         stop: &CancellationToken,
         env: &str,
         lane: Lane,
+        branch: &str,
         commit: &CommitId,
     ) {
         let handle = self
@@ -527,7 +537,7 @@ impl Poller {
                 ));
                 WorkerHandle { queue, task }
             });
-        if let Some(superseded) = handle.queue.push(commit.as_str()) {
+        if let Some(superseded) = handle.queue.push(branch, commit.as_str()) {
             let kind = if lane == Lane::Merged {
                 "plan"
             } else {

@@ -20,9 +20,10 @@ use crate::terraform::{PlanRecord, RunId, StageError, TerraformError, stage_comm
 
 use super::Shared;
 
-/// The commit waiting for a worker: at most one; a newer one replaces it.
+/// The commits waiting for a worker: at most one per branch; a newer one of the same branch
+/// replaces it.
 pub struct Queue {
-    pending: Mutex<Option<String>>,
+    pending: Mutex<crate::engine::reconcile::Waiting>,
     pub(super) ready: Notify,
     /// Cancels the drift check in progress, if any: a commit pushed goes first.
     drift_check: Mutex<CancellationToken>,
@@ -34,7 +35,7 @@ impl Queue {
     /// Queues `commit`; returns the commit it superseded, if one was waiting.
     pub fn new(depth: prometheus_client::metrics::gauge::Gauge) -> Queue {
         Queue {
-            pending: Mutex::new(None),
+            pending: Mutex::new(crate::engine::reconcile::Waiting::new()),
             ready: Notify::new(),
             drift_check: Mutex::new(CancellationToken::new()),
             depth,
@@ -47,19 +48,20 @@ impl Queue {
     }
 
     pub(super) fn has_pending(&self) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        !pending.is_empty()
     }
 
-    pub fn push(&self, commit: &str) -> Option<String> {
+    /// Queues `commit` of `branch`; returns the commit of that branch it superseded.
+    pub fn push(&self, branch: &str, commit: &str) -> Option<String> {
         let superseded = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.is_none() {
+            let before = pending.len();
+            let superseded = enqueue(&mut pending, branch, commit);
+            if pending.len() > before {
                 self.depth.inc();
             }
-            enqueue(&mut pending, commit)
+            superseded
         };
         self.drift_check
             .lock()
@@ -74,7 +76,8 @@ impl Queue {
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
+            .pop_front()
+            .map(|(_, commit)| commit);
         if taken.is_some() {
             self.depth.dec();
         }

@@ -100,12 +100,21 @@ pub fn decide_after_plan(policy: &ApplyPolicy, plan: PlanOutcome) -> AfterPlan {
     }
 }
 
-/// A commit queued for a lane while another was waiting: the older one is superseded and
-/// never run. Returns the superseded commit, if any.
-pub fn enqueue(queued: &mut Option<String>, commit: &str) -> Option<String> {
-    match queued.replace(commit.to_string()) {
-        Some(old) if old != commit => Some(old),
-        _ => None,
+/// The commits waiting for one lane of one environment, oldest first: at most one per
+/// branch, as `(branch, commit)`.
+pub type Waiting = std::collections::VecDeque<(String, String)>;
+
+/// Queues `commit` of `branch`. A commit of the same branch that was waiting is superseded
+/// (returned, and never run); the newer one takes its place in line. A commit of another
+/// branch is never superseded by it: two feature branches each get their preview.
+pub fn enqueue(waiting: &mut Waiting, branch: &str, commit: &str) -> Option<String> {
+    match waiting.iter_mut().find(|(queued, _)| queued == branch) {
+        Some((_, queued)) if queued == commit => None,
+        Some((_, queued)) => Some(std::mem::replace(queued, commit.to_string())),
+        None => {
+            waiting.push_back((branch.to_string(), commit.to_string()));
+            None
+        }
     }
 }
 
@@ -237,15 +246,25 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_commit_supersedes_the_queued_one() {
-        let mut queued = None;
-        assert_eq!(enqueue(&mut queued, "a"), None);
+    fn a_newer_commit_supersedes_the_queued_one_of_its_branch_only() {
+        let mut waiting = Waiting::new();
+        assert_eq!(enqueue(&mut waiting, "main", "a"), None);
         assert_eq!(
-            enqueue(&mut queued, "a"),
+            enqueue(&mut waiting, "main", "a"),
             None,
             "the same commit twice is not superseded"
         );
-        assert_eq!(enqueue(&mut queued, "b"), Some("a".into()));
-        assert_eq!(queued.as_deref(), Some("b"));
+        assert_eq!(enqueue(&mut waiting, "feature-x", "x1"), None);
+        assert_eq!(enqueue(&mut waiting, "feature-y", "y1"), None);
+        assert_eq!(enqueue(&mut waiting, "feature-x", "x2"), Some("x1".into()));
+        let order: Vec<(&str, &str)> = waiting
+            .iter()
+            .map(|(branch, commit)| (branch.as_str(), commit.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [("main", "a"), ("feature-x", "x2"), ("feature-y", "y1")],
+            "a superseding commit keeps its branch's place in line"
+        );
     }
 }

@@ -334,6 +334,65 @@ fn every_bad_symlink_of_a_commit_is_named() {
     }
 }
 
+/// Two feature branches that move in one poll each get their preview: one is never recorded
+/// `superseded` by a commit of the other.
+#[test]
+fn previews_of_two_branches_moved_together_do_not_supersede_each_other() {
+    let fixture = prod_applied();
+    let mut commits = Vec::new();
+    for (branch, label) in [("feature-x", "x"), ("feature-y", "y")] {
+        fixture.clone.git(&["checkout", "-q", "-b", branch, "main"]);
+        fixture.clone.replace(
+            "modules/prod-app/main.tf",
+            "\"v1\"",
+            &format!("\"{label}\""),
+        );
+        commits.push(fixture.clone.commit_all(&format!("feature {label}")));
+    }
+    fixture
+        .clone
+        .git(&["push", "-q", "origin", "feature-x", "feature-y"]);
+    let previewed = |f: &Fixture, commit: &str| {
+        f.runs("prod").into_iter().any(|run| {
+            run["kind"] == "preview" && run["commit"] == commit && run["result"] == "changes"
+        })
+    };
+    fixture.wait_for("both previews", |f| {
+        commits.iter().all(|commit| previewed(f, commit))
+    });
+    let superseded: Vec<Value> = fixture
+        .runs("prod")
+        .into_iter()
+        .filter(|run| run["result"] == "superseded")
+        .collect();
+    assert!(superseded.is_empty(), "{superseded:#?}");
+}
+
+/// Branches that moved while the trust branch could not be read are queued once it can be:
+/// before, the poll took their heads as seen, and nothing ran until someone pushed again.
+#[test]
+fn heads_that_moved_before_the_trust_branch_existed_are_planned_when_it_appears() {
+    let mut fixture = prod_applied();
+    fixture.stop("-TERM");
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"v2\"");
+    let second = fixture
+        .clone
+        .commit_all("v2 while the trust branch is missing");
+    fixture.push("main");
+    fixture.extra_config.push_str("trust_branch: trust\n");
+    fixture.start();
+    fixture.wait_for("the missing trust branch logged", |f| {
+        f.logs().contains("the trust branch does not exist")
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_ne!(fixture.environment("prod")["last_applied"], second.as_str());
+
+    fixture.clone.git(&["push", "-q", "origin", "main:trust"]);
+    fixture.wait_for("prod applied at v2", |f| f.applied("prod", &second));
+}
+
 /// A `.terraformrc` at the repository root is in no environment's input closure, yet every
 /// check reads it: the commit that adds it is refused (naming it), never taken as
 /// "unaffected", and the commit that removes it brings the environment back in sync.
