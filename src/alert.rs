@@ -117,21 +117,8 @@ impl Held {
         };
         for (sinks, body) in left {
             for sink in sinks {
-                let sent = client
-                    .post(&sink)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(response) if response.status().is_success() => {}
-                    Ok(response) => {
-                        tracing::error!(%sink, alert = %body, status = %response.status(), "at stop, an alert the outbox refused was not taken by its sink; it is lost but for this line")
-                    }
-                    Err(error) => {
-                        tracing::error!(%sink, alert = %body, %error, "at stop, an alert the outbox refused could not be sent; it is lost but for this line")
-                    }
+                if let Err(error) = post(client, &sink, &body, Duration::from_secs(5)).await {
+                    tracing::error!(%sink, alert = %body, %error, "at stop, an alert the outbox refused was not delivered; it is lost but for this line");
                 }
             }
         }
@@ -145,6 +132,27 @@ impl Held {
             }
             held.pop_front();
         }
+    }
+}
+
+/// POSTs one alert body to one sink; anything but a 2xx answer is an error.
+async fn post(
+    client: &reqwest::Client,
+    sink: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let sent = client
+        .post(sink)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .timeout(timeout)
+        .send()
+        .await;
+    match sent {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => Err(format!("the sink answered {}", response.status())),
+        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -182,19 +190,7 @@ pub async fn deliver(
             if sent_unrecorded.contains(&entry.id) {
                 continue;
             }
-            let sent = client
-                .post(&entry.sink)
-                .header("content-type", "application/json")
-                .body(entry.body.clone())
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await;
-            let outcome = match sent {
-                Ok(response) if response.status().is_success() => Ok(()),
-                Ok(response) => Err(format!("the sink answered {}", response.status())),
-                Err(error) => Err(error.to_string()),
-            };
-            match outcome {
+            match post(&client, &entry.sink, &entry.body, Duration::from_secs(10)).await {
                 Ok(()) => {
                     if let Err(error) = store.alert_delivered(entry.id) {
                         tracing::error!(%error, id = entry.id, "an alert was delivered but that could not be recorded; it is not sent again");

@@ -304,15 +304,13 @@ async fn tunnel(mut inbound: TcpStream, policy: Arc<EgressPolicy>) {
         return;
     }
     let connected =
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port))).await;
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
     let mut outbound = match connected {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
+        Ok(stream) => stream,
+        Err(e) => {
             tracing::debug!(%host, port, error = %e, "preview network: connect failed");
-            let _ = inbound.write_all(BAD_GATEWAY).await;
-            return;
-        }
-        Err(_) => {
             let _ = inbound.write_all(BAD_GATEWAY).await;
             return;
         }

@@ -19,6 +19,13 @@ pub fn too_large(size: u64) -> String {
     format!("the file is {size} bytes; Karrots reads at most {MAX_TEXT_BYTES} bytes")
 }
 
+/// Why a run does not export a file (daemon config `max_file_size`).
+pub fn too_large_to_export(size: u64, limit: u64) -> String {
+    format!(
+        "the file is {size} bytes; a run exports files of at most {limit} bytes (max_file_size in the daemon configuration)"
+    )
+}
+
 /// The text of `path`, refused without reading it when larger than [`MAX_TEXT_BYTES`].
 pub fn read_text(path: &Path) -> std::io::Result<String> {
     let file = std::fs::File::open(path)?;

@@ -32,7 +32,6 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Queues `commit`; returns the commit it superseded, if one was waiting.
     pub fn new(depth: prometheus_client::metrics::gauge::Gauge) -> Queue {
         Queue {
             pending: Mutex::new(crate::engine::reconcile::Waiting::new()),

@@ -59,9 +59,7 @@ pub enum GitError {
         parent: String,
         name: String,
     },
-    #[error(
-        "{path} is {size} bytes in commit {commit}; Karrots exports files of at most {limit} bytes (max_file_size in the daemon configuration)"
-    )]
+    #[error("{path} in commit {commit}: {}", crate::limits::too_large_to_export(*size, *limit))]
     FileTooLarge {
         commit: String,
         /// The file's `/` path in the repository.

@@ -53,9 +53,7 @@ pub fn stage_commit(
             path, size, limit, ..
         } => StageError::Refused(vec![Problem::whole(
             Path::new(&path),
-            format!(
-                "the file is {size} bytes; a run exports files of at most {limit} bytes (max_file_size in the daemon configuration)"
-            ),
+            crate::limits::too_large_to_export(size, limit),
         )]),
         other => StageError::Git(other),
     };
