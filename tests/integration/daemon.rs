@@ -223,6 +223,27 @@ impl Fixture {
         Fixture::with_poll(prod_extra, "1s")
     }
 
+    /// [`Fixture::new`], once prod has applied its first commit.
+    pub fn prod_applied(prod_extra: &str) -> Fixture {
+        let fixture = Fixture::new(prod_extra);
+        let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+        fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+        fixture
+    }
+
+    /// Merges a resource whose provisioner sleeps `seconds` and waits until its apply runs;
+    /// returns the commit. prod must allow `local-exec`.
+    pub fn start_slow_apply(&self, seconds: u32) -> String {
+        self.clone
+            .append("modules/prod-app/main.tf", &slow_resource("slow", seconds));
+        let slow = self.clone.commit_all(&format!("a {seconds} s apply"));
+        self.push("main");
+        self.wait_for("the slow apply", |f| {
+            f.environment("prod")["status"] == "applying"
+        });
+        slow
+    }
+
     /// [`Fixture::new`] with another `poll_interval`.
     pub fn with_poll(prod_extra: &str, poll_interval: &'static str) -> Fixture {
         Fixture::custom(prod_extra, poll_interval, APP, None)
@@ -888,18 +909,8 @@ fn commits_that_arrive_while_busy_are_coalesced_to_the_newest() {
 fn a_kill_during_an_apply_is_found_interrupted_and_never_reapplied_from_its_plan() {
     // terraform gets SIGTERM when the daemon dies: an apply cut off in the provisioner leaves
     // the resource tainted, and the re-plan after the restart replaces it.
-    let mut fixture = Fixture::new("allow: [local-exec]\napply:\n  allow_destroy: true\n");
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
-
-    fixture
-        .clone
-        .append("modules/prod-app/main.tf", &slow_resource("slow", 5));
-    let slow = fixture.clone.commit_all("a slow apply");
-    fixture.push("main");
-    fixture.wait_for("the slow apply", |f| {
-        f.environment("prod")["status"] == "applying"
-    });
+    let mut fixture = Fixture::prod_applied("allow: [local-exec]\napply:\n  allow_destroy: true\n");
+    let slow = fixture.start_slow_apply(5);
     fixture.stop("-KILL");
     fixture.start();
 
@@ -957,17 +968,10 @@ fn terraform_working_in(dir: &Path) -> Vec<i32> {
 /// terraform gets SIGTERM at once (the parent-death signal).
 #[test]
 fn terraform_does_not_outlive_a_killed_daemon() {
-    let mut fixture = Fixture::new("allow: [local-exec]\n");
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
-    fixture
-        .clone
-        .append("modules/prod-app/main.tf", &slow_resource("slow", 300));
-    fixture.clone.commit_all("a five-minute apply");
-    fixture.push("main");
-    fixture.wait_for("the slow apply", |f| {
-        f.environment("prod")["status"] == "applying"
-            && !terraform_working_in(&f.state_dir()).is_empty()
+    let mut fixture = Fixture::prod_applied("allow: [local-exec]\n");
+    fixture.start_slow_apply(300);
+    fixture.wait_for("terraform running", |f| {
+        !terraform_working_in(&f.state_dir()).is_empty()
     });
     fixture.stop("-KILL");
     // Without the signal terraform lived on until its next progress line met the closed

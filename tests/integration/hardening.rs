@@ -27,14 +27,6 @@ fn attacker() -> (std::net::TcpListener, std::net::SocketAddr) {
     (attacker, address)
 }
 
-/// The default fixture, once prod has applied its first commit.
-fn prod_applied() -> Fixture {
-    let fixture = Fixture::new("");
-    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
-    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
-    fixture
-}
-
 /// A branch named `refs/remotes/origin/main` is an ordinary, untrusted branch: its commit is
 /// only previewed, never planned or applied to prod as if it were `main`.
 #[test]
@@ -134,7 +126,7 @@ fn a_deeply_nested_file_on_a_branch_does_not_take_the_daemon_down() {
 #[test]
 fn a_preview_cannot_send_state_out_through_remote_state() {
     let (attacker, address) = attacker();
-    let fixture = prod_applied();
+    let fixture = Fixture::prod_applied("");
 
     fixture.clone.git(&["checkout", "-q", "-b", "exfiltrate"]);
     fixture.clone.append(
@@ -164,7 +156,7 @@ fn a_preview_cannot_send_state_out_through_remote_state() {
 #[test]
 fn a_previews_provider_reaches_aws_and_no_other_host() {
     let (attacker, address) = attacker();
-    let fixture = prod_applied();
+    let fixture = Fixture::prod_applied("");
     let finished = |f: &Fixture, commit: &str| {
         f.runs("prod").into_iter().find(|run| {
             run["commit"] == commit && run["kind"] == "preview" && !run["result"].is_null()
@@ -211,7 +203,7 @@ fn a_previews_provider_reaches_aws_and_no_other_host() {
 /// its git header, before the blob is inflated; the daemon goes on with the next commit.
 #[test]
 fn a_file_over_max_file_size_refuses_the_commit_naming_it() {
-    let mut fixture = prod_applied();
+    let mut fixture = Fixture::prod_applied("");
     fixture.stop("-TERM");
     fixture.extra_config.push_str("max_file_size: 1MiB\n");
     fixture.start();
@@ -243,7 +235,7 @@ fn a_file_over_max_file_size_refuses_the_commit_naming_it() {
 /// naming the plan's error (before, only the run row showed it).
 #[test]
 fn a_merged_commit_whose_plan_fails_is_alerted() {
-    let fixture = prod_applied();
+    let fixture = Fixture::prod_applied("");
     fixture.clone.append(
         "modules/prod-app/main.tf",
         "\nresource \"terraform_data\" \"broken\" {\n  input = var.undeclared\n}\n",
@@ -275,7 +267,7 @@ fn a_merged_commit_whose_plan_fails_is_alerted() {
 /// mirror keeps its branches and the environments stay where they are.
 #[test]
 fn a_remote_emptied_of_branches_is_alerted_and_the_mirror_kept() {
-    let fixture = prod_applied();
+    let fixture = Fixture::prod_applied("");
     let head = fixture.clone.git(&["rev-parse", "HEAD"]);
     let remote = fixture.remote.path();
     for branch in ["main", "dev"] {
@@ -312,7 +304,7 @@ fn a_remote_emptied_of_branches_is_alerted_and_the_mirror_kept() {
 /// A commit with several bad symlinks is refused naming each of them, not only the first.
 #[test]
 fn every_bad_symlink_of_a_commit_is_named() {
-    let fixture = prod_applied();
+    let fixture = Fixture::prod_applied("");
     let links = [
         ("secrets.tf", "/proc/self/environ"),
         ("sibling.tf", "../dev-app/main.tf"),
@@ -338,7 +330,7 @@ fn every_bad_symlink_of_a_commit_is_named() {
 /// `superseded` by a commit of the other.
 #[test]
 fn previews_of_two_branches_moved_together_do_not_supersede_each_other() {
-    let fixture = prod_applied();
+    let fixture = Fixture::prod_applied("");
     let mut commits = Vec::new();
     for (branch, label) in [("feature-x", "x"), ("feature-y", "y")] {
         fixture.clone.git(&["checkout", "-q", "-b", branch, "main"]);
@@ -372,7 +364,7 @@ fn previews_of_two_branches_moved_together_do_not_supersede_each_other() {
 /// before, the poll took their heads as seen, and nothing ran until someone pushed again.
 #[test]
 fn heads_that_moved_before_the_trust_branch_existed_are_planned_when_it_appears() {
-    let mut fixture = prod_applied();
+    let mut fixture = Fixture::prod_applied("");
     fixture.stop("-TERM");
     fixture
         .clone
