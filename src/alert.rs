@@ -156,9 +156,6 @@ async fn post(
     }
 }
 
-/// The longest wait between two attempts of one delivery.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
-
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -198,7 +195,8 @@ pub async fn deliver(
                     }
                 }
                 Err(error) => {
-                    let backoff = Duration::from_secs(1 << entry.attempts.min(8)).min(MAX_BACKOFF);
+                    let backoff = crate::engine::retry::Backoff::DELIVERY
+                        .after(entry.attempts + 1, fastrand::f64());
                     tracing::warn!(sink = %entry.sink, attempts = entry.attempts + 1, %error, "alert not delivered; retrying in {backoff:?}");
                     let next = unix_now() + backoff.as_secs() as i64;
                     if let Err(error) = store.alert_failed(entry.id, next, &error) {

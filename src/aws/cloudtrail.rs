@@ -141,10 +141,10 @@ pub async fn changes_to(
                     .with_max_times(MAX_RETRIES)
                     .with_jitter(),
             )
-            .when(retryable)
+            .when(super::passing)
             .await
             .map_err(|error| {
-                if is_throttling(&error) {
+                if super::is_throttling(&error) {
                     CloudTrailError::Throttled {
                         attempts: attempts.load(std::sync::atomic::Ordering::Relaxed),
                     }
@@ -182,21 +182,10 @@ pub async fn changes_to(
 
 type LookupError = SdkError<LookupEventsError, HttpResponse>;
 
-fn status(error: &LookupError) -> Option<u16> {
-    error
-        .raw_response()
-        .map(|response| response.status().as_u16())
-}
-
-fn is_throttling(error: &LookupError) -> bool {
-    let code = error.code().unwrap_or_default();
-    code.contains("Throttl") || code == "TooManyRequestsException" || status(error) == Some(429)
-}
-
 /// A failed request in one line: the HTTP status and the error code when CloudTrail answered
 /// (its body can be an HTML page), else the cause, bounded.
 fn describe(error: &LookupError) -> String {
-    match (status(error), error.code()) {
+    match (super::status(error), error.code()) {
         (Some(status), Some(code)) => format!(
             "HTTP {status} {code}: {}",
             error.message().unwrap_or_default()
@@ -207,16 +196,6 @@ fn describe(error: &LookupError) -> String {
             crate::terraform::tail(&text, 300)
         }
     }
-}
-
-/// Throttling, a timeout, a connection that failed or a 5xx: worth another attempt.
-fn retryable(error: &LookupError) -> bool {
-    is_throttling(error)
-        || matches!(
-            error,
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_)
-        )
-        || status(error).is_some_and(|s| s >= 500)
 }
 
 /// The fields of one event the attribution reads.

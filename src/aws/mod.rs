@@ -13,10 +13,12 @@ use aws_config::BehaviorVersion;
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::ProvideCredentials;
 use aws_sdk_sts::config::Region;
-use aws_sdk_sts::error::DisplayErrorContext;
+use aws_sdk_sts::config::http::HttpResponse;
+use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::config::{AwsTarget, EnvName, RoleArn};
 use crate::engine::Lane;
+use crate::engine::retry::ErrorClass;
 use crate::git::CommitId;
 use crate::terraform::RunEnvironment;
 
@@ -44,9 +46,15 @@ pub enum AwsError {
         env: String,
         role: String,
         message: String,
+        /// STS could not be reached, timed out, throttled or failed on its side.
+        passing: bool,
     },
     #[error("STS GetCallerIdentity for environment {env}: {message}")]
-    CallerIdentity { env: String, message: String },
+    CallerIdentity {
+        env: String,
+        message: String,
+        passing: bool,
+    },
     #[error(
         "refusing to run environment {env}: the AWS credentials answer as account {actual} ({arn}), but aws.account_id is {expected}"
     )]
@@ -56,6 +64,44 @@ pub enum AwsError {
         actual: String,
         arn: String,
     },
+}
+
+impl AwsError {
+    /// Whether trying again may succeed: an STS call that did not get an answer on its
+    /// merits may; a credential chain that found nothing is tried once more; the wrong
+    /// account or a refused role never.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            AwsError::AssumeRole { passing: true, .. }
+            | AwsError::CallerIdentity { passing: true, .. } => ErrorClass::Transient,
+            AwsError::Credentials { .. } => ErrorClass::Unknown,
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// The HTTP status of an AWS answer, when there was one.
+pub(crate) fn status<E>(error: &SdkError<E, HttpResponse>) -> Option<u16> {
+    error
+        .raw_response()
+        .map(|response| response.status().as_u16())
+}
+
+pub(crate) fn is_throttling<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> bool {
+    let code = error.code().unwrap_or_default();
+    code.contains("Throttl")
+        || matches!(code, "TooManyRequestsException" | "RequestLimitExceeded")
+        || status(error) == Some(429)
+}
+
+/// Throttling, a timeout, a connection that failed or a 5xx: worth another attempt.
+pub(crate) fn passing<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> bool {
+    is_throttling(error)
+        || matches!(
+            error,
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_)
+        )
+        || status(error).is_some_and(|s| s >= 500)
 }
 
 /// `karrots-<env>-<sha7>`, cut to STS's 64-character limit by shortening the env part.
@@ -133,6 +179,7 @@ pub async fn establish(
             .map_err(|e| AwsError::CallerIdentity {
                 env: env.to_string(),
                 message: DisplayErrorContext(&e).to_string(),
+                passing: passing(&e),
             })?;
     let actual = identity.account().unwrap_or_default().to_string();
     let arn = identity.arn().unwrap_or_default().to_string();
@@ -169,10 +216,11 @@ async fn assume(
     role: &RoleArn,
     session_name: &str,
 ) -> Result<Credentials, AwsError> {
-    let error = |message: String| AwsError::AssumeRole {
+    let error = |message: String, passing: bool| AwsError::AssumeRole {
         env: env.to_string(),
         role: role.as_str().to_string(),
         message,
+        passing,
     };
     let output = aws_sdk_sts::Client::new(base)
         .assume_role()
@@ -180,10 +228,10 @@ async fn assume(
         .role_session_name(session_name)
         .send()
         .await
-        .map_err(|e| error(DisplayErrorContext(&e).to_string()))?;
+        .map_err(|e| error(DisplayErrorContext(&e).to_string(), passing(&e)))?;
     let issued = output
         .credentials()
-        .ok_or_else(|| error("STS returned no credentials".into()))?;
+        .ok_or_else(|| error("STS returned no credentials".into(), false))?;
     Ok(Credentials::new(
         issued.access_key_id(),
         issued.secret_access_key(),

@@ -105,7 +105,7 @@ impl DriftClock {
         });
         let wait = match self.failures {
             0 => interval,
-            failures => crate::engine::drift::retry_after(interval, failures),
+            failures => crate::engine::drift::retry_after(interval, failures, fastrand::f64()),
         };
         Some(last + wait)
     }

@@ -12,8 +12,10 @@ use crate::engine::reconcile::{
     AfterPlan, HeadDecision, HeadFacts, MergedState, PlanOutcome, decide_after_plan, decide_head,
     decide_history, enqueue,
 };
+use crate::engine::retry::{ErrorClass, Policy, classify_terraform_output, error_policy};
 use crate::engine::{Lane, decide_lane};
 use crate::git::{self, CommitId};
+use crate::process::ProcessError;
 use crate::repo::{CheckOptions, CheckedEnvironment};
 use crate::store::Summary;
 use crate::terraform::{PlanRecord, RunId, StageError, TerraformError, stage_commit};
@@ -92,6 +94,7 @@ pub(super) async fn work(
     stop: CancellationToken,
 ) {
     let mut clock = super::drift::DriftClock::new();
+    let mut streak = Streak::default();
     loop {
         // Only the merged lane checks for drift (of the last applied commit).
         let drift_due = match lane {
@@ -104,6 +107,14 @@ pub(super) async fn work(
                 None => std::future::pending().await,
             }
         };
+        let retry_at = streak.retry_at;
+        let retry_wait = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut retry = None;
         tokio::select! {
             () = queue.ready.notified() => {}
             () = drift_wait => {
@@ -116,32 +127,50 @@ pub(super) async fn work(
                     tracing::error!(%error, "the drift check failed");
                 }
             }
+            () = retry_wait => retry = streak.take_retry(),
             () = stop.cancelled() => return,
+        }
+        // A commit queued meanwhile is newer than the one to retry: it goes instead.
+        if let Some(commit) = retry.filter(|_| !queue.has_pending()) {
+            run_one(&shared, &env, lane, &commit, &mut streak, &stop).await;
         }
         while let Some(commit) = queue.take() {
             if stop.is_cancelled() {
                 return;
             }
             let commit = CommitId::from_hex(&commit);
-            let span =
-                tracing::info_span!("commit", env = %env, lane = %lane, commit = %commit.short());
-            let outcome = match lane {
-                Lane::Merged => {
-                    merged(&shared, &env, &commit, &stop)
-                        .instrument(span.clone())
-                        .await
-                }
-                Lane::Preview => {
-                    preview(&shared, &env, &commit, &stop)
-                        .instrument(span.clone())
-                        .await
-                }
-            };
-            if let Err(error) = outcome {
-                let _enter = span.enter();
-                tracing::error!(%error, "the run failed");
-            }
+            run_one(&shared, &env, lane, &commit, &mut streak, &stop).await;
         }
+    }
+}
+
+/// Carries one commit through its lane; a failure is logged (and, for a merged commit, may
+/// leave a retry in `streak`).
+async fn run_one(
+    shared: &Arc<Shared>,
+    env: &str,
+    lane: Lane,
+    commit: &CommitId,
+    streak: &mut Streak,
+    stop: &CancellationToken,
+) {
+    let span = tracing::info_span!("commit", env = %env, lane = %lane, commit = %commit.short());
+    let outcome = match lane {
+        Lane::Merged => {
+            streak.begin(commit);
+            merged(shared, env, commit, streak, stop)
+                .instrument(span.clone())
+                .await
+        }
+        Lane::Preview => {
+            preview(shared, env, commit, stop)
+                .instrument(span.clone())
+                .await
+        }
+    };
+    if let Err(error) = outcome {
+        let _enter = span.enter();
+        tracing::error!(%error, "the run failed");
     }
 }
 
@@ -169,6 +198,68 @@ pub(crate) enum WorkError {
     Task(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Other(String),
+}
+
+impl WorkError {
+    /// Whether the same run may succeed when tried again ([`crate::engine::retry`]).
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            WorkError::Aws(error) => error.class(),
+            WorkError::Terraform(TerraformError::Failed { stderr, .. }) => {
+                classify_terraform_output(stderr)
+            }
+            WorkError::Terraform(TerraformError::Process(ProcessError::TimedOut { .. })) => {
+                ErrorClass::Transient
+            }
+            WorkError::Terraform(TerraformError::ReservedFile { .. }) | WorkError::Other(_) => {
+                ErrorClass::Permanent
+            }
+            _ => ErrorClass::Unknown,
+        }
+    }
+}
+
+/// The failures in a row of one merged commit, and when it is tried again. A newer commit
+/// starts a new streak: it wins over the retry of an older one.
+#[derive(Debug, Default)]
+pub(super) struct Streak {
+    commit: Option<CommitId>,
+    attempts: u32,
+    message: String,
+    /// When the commit is tried again; `None` when it is not.
+    pub(super) retry_at: Option<tokio::time::Instant>,
+}
+
+impl Streak {
+    /// The commit to try again, once `retry_at` has come.
+    pub(super) fn take_retry(&mut self) -> Option<CommitId> {
+        self.retry_at.take()?;
+        self.commit.clone()
+    }
+
+    /// Forgets the failures of any commit but `commit`.
+    pub(super) fn begin(&mut self, commit: &CommitId) {
+        if self.commit.as_ref() != Some(commit) {
+            *self = Streak::default();
+        }
+        self.retry_at = None;
+    }
+
+    /// Records a failure of `commit` with `message`; returns what to do and which attempt in
+    /// a row it was.
+    fn failed(&mut self, commit: &CommitId, class: ErrorClass, message: &str) -> (Policy, u32) {
+        self.begin(commit);
+        self.commit = Some(commit.clone());
+        self.attempts += 1;
+        let repeated = self.message == message;
+        self.message = message.to_string();
+        let policy = error_policy(class, self.attempts, repeated, fastrand::f64());
+        self.retry_at = match policy {
+            Policy::Requeue(after) => Some(tokio::time::Instant::now() + after),
+            Policy::AwaitChange => None,
+        };
+        (policy, self.attempts)
+    }
 }
 
 impl From<String> for WorkError {
@@ -281,6 +372,7 @@ async fn merged(
     shared: &Arc<Shared>,
     env: &str,
     commit: &CommitId,
+    streak: &mut Streak,
     stop: &CancellationToken,
 ) -> WorkResult {
     let store = &shared.store;
@@ -423,9 +515,8 @@ async fn merged(
         return Ok(());
     }
     store.set_status(env, "planning")?;
-    let Some(record) = recorded_plan(shared, env, Lane::Merged, commit, &checked, stop).await?
+    let Some(record) = recorded_plan(shared, env, commit, &checked, Some(streak), stop).await?
     else {
-        store.set_status(env, "failed")?;
         return Ok(());
     };
 
@@ -500,20 +591,21 @@ fn unaffected(
         .map_err(WorkError::from)
 }
 
-/// Plans `commit` in `lane` as a recorded run (`plan` or `preview`): `changes` or
-/// `no_changes`, else `failed` (or `interrupted` when cancelled) with the error. `None` when
-/// the plan did not succeed; the run says why.
+/// Plans `commit` as a recorded run: `plan` in the merged lane when there is a `streak` to
+/// keep its failures in, else `preview`. The run ends `changes` or `no_changes`, else
+/// `failed` (or `interrupted` when cancelled) with the error. `None` when the plan did not
+/// succeed; the run says why.
 async fn recorded_plan(
     shared: &Arc<Shared>,
     env: &str,
-    lane: Lane,
     commit: &CommitId,
     checked: &CheckedEnvironment,
+    streak: Option<&mut Streak>,
     stop: &CancellationToken,
 ) -> Result<Option<PlanRecord>, WorkError> {
-    let kind = match lane {
-        Lane::Merged => "plan",
-        Lane::Preview => "preview",
+    let (lane, kind) = match streak {
+        Some(_) => (Lane::Merged, "plan"),
+        None => (Lane::Preview, "preview"),
     };
     let store = &shared.store;
     let run_id = store.start_run(env, commit.as_str(), kind)?;
@@ -539,24 +631,84 @@ async fn recorded_plan(
                 "failed"
             };
             tracing::warn!(%error, result, "the plan did not succeed");
-            store.finish_run(run_id, result, Summary::default(), &[], &error.to_string())?;
-            // A merged commit is there to be applied: a plan that fails means it is not.
-            if lane == Lane::Merged && result == "failed" {
-                shared.alert(Alert::new(
-                    AlertKind::ApplyFailed,
-                    env,
-                    commit.as_str(),
-                    format!(
-                        "the plan of {} failed, so nothing was applied: {error}",
-                        commit.short()
-                    ),
-                ));
+            match streak {
+                Some(streak) if result == "failed" => {
+                    merged_plan_failed(shared, env, commit, run_id, &error, streak)?;
+                }
+                _ => {
+                    store.finish_run(
+                        run_id,
+                        result,
+                        Summary::default(),
+                        &[],
+                        &error.to_string(),
+                    )?;
+                    if lane == Lane::Merged {
+                        store.set_status(env, "failed")?;
+                    }
+                }
             }
             (result, None)
         }
     };
     shared.metrics.run(env, kind, result);
     Ok(record)
+}
+
+/// Records a merged plan that failed, and whether and when its commit is tried again: a
+/// passing failure leaves the environment `error` until the next attempt, any other
+/// `failed` until a new commit. A merged commit is there to be applied, so a failed plan is
+/// an `apply_failed` alert: on the first failure of a streak, and when the retries give up.
+fn merged_plan_failed(
+    shared: &Shared,
+    env: &str,
+    commit: &CommitId,
+    run_id: i64,
+    error: &WorkError,
+    streak: &mut Streak,
+) -> WorkResult {
+    let store = &shared.store;
+    let text = error.to_string();
+    let class = error.class();
+    let (policy, attempt) = streak.failed(commit, class, &text);
+    let (status, next) = match policy {
+        Policy::Requeue(after) => {
+            let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + after);
+            let next = match class {
+                ErrorClass::Transient => {
+                    format!("; a passing failure (attempt {attempt}): tried again at {at}")
+                }
+                _ => format!("; tried once more at {at}, in case the failure passes"),
+            };
+            ("error", next)
+        }
+        Policy::AwaitChange if attempt > 1 => (
+            "failed",
+            format!("; failed the same way {attempt} times: not tried again until a new commit"),
+        ),
+        Policy::AwaitChange => ("failed", String::new()),
+    };
+    store.finish_run(
+        run_id,
+        "failed",
+        Summary::default(),
+        &[],
+        &format!("{text}{next}"),
+    )?;
+    store.set_status(env, status)?;
+    store.audit(env, commit.as_str(), status, &format!("run {run_id}{next}"))?;
+    if attempt == 1 || policy == Policy::AwaitChange {
+        shared.alert(Alert::new(
+            AlertKind::ApplyFailed,
+            env,
+            commit.as_str(),
+            format!(
+                "the plan of {} failed, so nothing was applied{next}: {text}",
+                commit.short()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Plans `commit` in `lane` with the lane's identity.
@@ -778,7 +930,7 @@ async fn preview(
     if stop.is_cancelled() {
         return Ok(());
     }
-    if let Some(record) = recorded_plan(shared, env, Lane::Preview, commit, &checked, stop).await? {
+    if let Some(record) = recorded_plan(shared, env, commit, &checked, None, stop).await? {
         shared.terraform.discard_preview(&record)?;
     }
     Ok(())

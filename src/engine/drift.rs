@@ -122,11 +122,12 @@ pub fn decide_drift(previous: &DriftMemory, finding: &Finding, remediate: bool) 
     }
 }
 
-/// The wait before retrying after `failures` failed checks in a row: 15 s, doubling, never
-/// longer than the interval itself.
-pub fn retry_after(interval: Duration, failures: u32) -> Duration {
-    let backoff = Duration::from_secs(15).saturating_mul(1 << failures.saturating_sub(1).min(16));
-    backoff.min(interval)
+/// The wait before retrying after `failures` failed checks in a row: the shared backoff
+/// ([`super::retry::Backoff::DRIFT`]), never longer than the interval itself.
+pub fn retry_after(interval: Duration, failures: u32, jitter: f64) -> Duration {
+    super::retry::Backoff::DRIFT
+        .after(failures, jitter)
+        .min(interval)
 }
 
 /// How long after the daemon starts an environment that was never checked gets its first
@@ -270,11 +271,11 @@ mod tests {
     #[test]
     fn retries_back_off_up_to_the_interval_and_first_checks_spread() {
         let hour = Duration::from_secs(3600);
-        assert_eq!(retry_after(hour, 1), Duration::from_secs(15));
-        assert_eq!(retry_after(hour, 3), Duration::from_secs(60));
-        assert_eq!(retry_after(hour, 40), hour);
+        assert_eq!(retry_after(hour, 1, 0.0), Duration::from_secs(15));
+        assert_eq!(retry_after(hour, 3, 0.0), Duration::from_secs(60));
+        assert_eq!(retry_after(hour, 40, 0.0), hour);
         assert_eq!(
-            retry_after(Duration::from_secs(2), 1),
+            retry_after(Duration::from_secs(2), 1, 0.0),
             Duration::from_secs(2)
         );
         let delays: std::collections::BTreeSet<Duration> = (0..20)

@@ -11,6 +11,7 @@ use crate::config::EnvironmentSpec;
 
 pub mod drift;
 pub mod reconcile;
+pub mod retry;
 
 /// The two workdirs of an environment. They share nothing: no checkout, no lock file, no
 /// plugin state, no plan.

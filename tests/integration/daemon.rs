@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    ConfigRepo, Moto, PLUGIN_MIRROR, environment_yaml, karrots_binary, require_terraform_and_moto,
-    require_tool,
+    ConfigRepo, Moto, PLUGIN_MIRROR, environment_yaml, free_port, karrots_binary,
+    require_terraform_and_moto, require_tool,
 };
 
 /// The AWS secret key every daemon test runs with: it must never reach the state directory
@@ -303,12 +303,7 @@ impl Fixture {
             .unwrap();
         let secret_file = state.path().join("webhook-secret");
         std::fs::write(&secret_file, "hook-secret\n").unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let address = format!("127.0.0.1:{port}");
+        let address = format!("127.0.0.1:{}", free_port());
         let log = state.path().join("daemon.log");
         Fixture {
             clone,

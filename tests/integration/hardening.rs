@@ -232,9 +232,11 @@ fn a_file_over_max_file_size_refuses_the_commit_naming_it() {
 }
 
 /// A merged commit whose plan fails is not applied, and says so: an `apply_failed` alert
-/// naming the plan's error (before, only the run row showed it).
+/// naming the plan's error (before, only the run row showed it). A failure not known to pass
+/// is tried once more; failing the same way again, it is `failed` until a new commit, with a
+/// second alert saying the retries gave up.
 #[test]
-fn a_merged_commit_whose_plan_fails_is_alerted() {
+fn a_merged_commit_whose_plan_fails_is_alerted_tried_again_once_and_given_up() {
     let fixture = Fixture::prod_applied("");
     fixture.clone.append(
         "modules/prod-app/main.tf",
@@ -244,23 +246,42 @@ fn a_merged_commit_whose_plan_fails_is_alerted() {
         .clone
         .commit_all("a reference to an undeclared variable");
     fixture.push("main");
-    let of_commit = |f: &Fixture| {
+    let of_commit = |f: &Fixture| -> Vec<Value> {
         f.sink
             .all("prod", "apply_failed")
             .into_iter()
-            .find(|alert| alert["commit"] == broken.as_str())
+            .filter(|alert| alert["commit"] == broken.as_str())
+            .collect()
     };
-    fixture.wait_for("an apply_failed alert", |f| of_commit(f).is_some());
-    let message = of_commit(&fixture).unwrap()["message"]
+    fixture.wait_for("an apply_failed alert", |f| !of_commit(f).is_empty());
+    let first = of_commit(&fixture)[0]["message"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(
-        message.starts_with(&format!("the plan of {} failed", &broken[..7]))
-            && message.contains("undeclared"),
-        "{message}"
+        first.starts_with(&format!("the plan of {} failed", &broken[..7]))
+            && first.contains("tried once more at")
+            && first.contains("undeclared"),
+        "{first}"
     );
-    assert_eq!(fixture.environment("prod")["status"], "failed");
+    fixture.wait_for("the retry given up", |f| {
+        f.environment("prod")["status"] == "failed" && of_commit(f).len() > 1
+    });
+    let alerts = of_commit(&fixture);
+    assert_eq!(alerts.len(), 2, "{alerts:#?}");
+    assert!(
+        alerts[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed the same way 2 times"),
+        "{alerts:#?}"
+    );
+    let plans = fixture
+        .runs("prod")
+        .into_iter()
+        .filter(|run| run["commit"] == broken.as_str() && run["kind"] == "plan")
+        .count();
+    assert_eq!(plans, 2);
 }
 
 /// A remote emptied of branches (a wrong URL, a botched migration) is a `source_error`; the

@@ -8,5 +8,6 @@ mod hardening;
 mod operations;
 mod plan;
 mod platform;
+mod reconcile;
 mod support;
 mod untrusted;

@@ -1,7 +1,6 @@
 //! Operating the daemon: the status page (read by headless Chromium), who may look off
 //! loopback, the systemd unit and notifications, and JSON logs that never carry a secret.
 
-use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +11,7 @@ use serde_json::Value;
 
 use crate::daemon::{CANARY_SECRET, Fixture, http, http_exchange, no_file_contains};
 use crate::drift::{FakeCloudTrail, assumed, drifting_prod, event, retag, vpc_id};
-use crate::support::{karrots_binary, require_tool};
+use crate::support::{free_port, karrots_binary, require_tool};
 
 /// A headless Chromium: the page's DOM after load, and a screenshot.
 struct Browser {
@@ -157,14 +156,6 @@ fn the_status_page_shows_what_was_applied_and_who_drifted_it() {
     let screenshot = fixture.state.path().join("status-page.png");
     browser.screenshot(&url, &screenshot);
     eprintln!("status page screenshot: {}", screenshot.display());
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

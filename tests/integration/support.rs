@@ -159,6 +159,14 @@ impl ConfigRepo {
     }
 }
 
+/// A loopback port nothing listens on (at the moment of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("find a free port")
+        .port()
+}
+
 /// A `moto_server` on a free loopback port, stopped on drop.
 pub struct Moto {
     child: std::process::Child,
@@ -177,10 +185,11 @@ impl Moto {
 
     /// Starts moto answering as `account`, with extra moto settings in its environment.
     pub fn start_with(account: &str, settings: &[(&str, &str)]) -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("find a free port")
-            .port();
+        Moto::start_on(free_port(), account, settings)
+    }
+
+    /// Starts moto on `port`, for a test that points the daemon there before it answers.
+    pub fn start_on(port: u16, account: &str, settings: &[(&str, &str)]) -> Moto {
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .env("MOTO_ACCOUNT_ID", account)
