@@ -563,7 +563,7 @@ async fn remediate(
             alert.resources = super::worker::resources(record);
             refuse(shared, commit, "apply", None, alert)
         }
-        AfterPlan::PlanOnly | AfterPlan::InSync => shared
+        AfterPlan::AwaitApproval | AfterPlan::InSync => shared
             .store
             .audit(
                 env,

@@ -532,14 +532,14 @@ async fn merged(
             store.audit(env, commit.as_str(), "in_sync", "the plan has no changes")?;
             super::drift::back_in_sync(shared, env, commit, false)
         }
-        AfterPlan::PlanOnly => {
-            store.set_status(env, "in_sync")?;
+        AfterPlan::AwaitApproval => {
+            store.set_status(env, "awaiting_approval")?;
             store
                 .audit(
                     env,
                     commit.as_str(),
-                    "plan_only",
-                    "apply.auto is false: the plan is not applied",
+                    "awaiting_approval",
+                    "apply.auto is false: the plan waits for an approval and is not applied",
                 )
                 .map_err(WorkError::from)
         }
@@ -570,8 +570,9 @@ async fn merged(
 }
 
 /// Records a merged commit that leaves the environment's inputs as last applied: it becomes
-/// the last applied commit, and a refusal or configuration error of a commit in between (now
-/// reverted) no longer stands, so the environment is in sync again. A failure or drift does
+/// the last applied commit, and a refusal, a configuration error or a plan waiting for
+/// approval of a commit in between (now reverted) no longer stands, so the environment is in
+/// sync again. A failure or drift does
 /// stand: what is deployed is not known to be what was applied.
 fn unaffected(
     shared: &Shared,
@@ -583,7 +584,7 @@ fn unaffected(
 ) -> WorkResult {
     let store = &shared.store;
     store.set_last_applied(env, commit.as_str(), fingerprint)?;
-    if matches!(status, "error" | "refused") {
+    if matches!(status, "error" | "refused" | "awaiting_approval") {
         store.set_status(env, "in_sync")?;
     }
     store

@@ -82,8 +82,8 @@ pub enum AfterPlan {
     InSync,
     /// Apply the saved plan of this commit.
     Apply,
-    /// `apply.auto: false`: stop after the plan.
-    PlanOnly,
+    /// `apply.auto: false`: stop after the plan, which waits for an approval.
+    AwaitApproval,
     /// The plan deletes or replaces resources and `apply.allow_destroy` is false.
     RefuseDestroy,
 }
@@ -94,7 +94,7 @@ pub fn decide_after_plan(policy: &ApplyPolicy, plan: PlanOutcome) -> AfterPlan {
     } else if plan.destroys && !policy.allow_destroy {
         AfterPlan::RefuseDestroy
     } else if !policy.auto {
-        AfterPlan::PlanOnly
+        AfterPlan::AwaitApproval
     } else {
         AfterPlan::Apply
     }
@@ -219,7 +219,7 @@ mod tests {
                 "changes, auto off",
                 policy(false, false),
                 plan(true, false),
-                AfterPlan::PlanOnly,
+                AfterPlan::AwaitApproval,
             ),
             (
                 "a replacement refused",

@@ -114,6 +114,8 @@ pub struct OutboxEntry {
 pub trait StateStore: Send + Sync {
     fn environments(&self) -> Result<Vec<EnvironmentRow>, StoreError>;
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError>;
+    /// Records a new head of the environment's branch. An environment seen for the first time
+    /// is `planning`: its head is queued, and nothing has shown it in sync yet.
     fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError>;
     /// Sets an environment's status. When the database refuses (a full disk), the status is
     /// still what the store reports for it, from memory, until [`StateStore::record_pending`]
@@ -371,7 +373,7 @@ impl StateStore for SqliteStore {
     fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO environments (name, branch, head) VALUES (?1, ?2, ?3)
+                "INSERT INTO environments (name, branch, head, status) VALUES (?1, ?2, ?3, 'planning')
                  ON CONFLICT (name) DO UPDATE SET branch = ?2, head = ?3",
                 params![name, branch, head],
             )

@@ -214,6 +214,8 @@ pub struct Fixture {
     pub api_token: Option<String>,
     /// The daemon's limit on open files (soft and hard), when a test sets one.
     pub open_files: Option<u64>,
+    /// `concurrency:` of the daemon config (2 unless a test sets it).
+    pub concurrency: u32,
 }
 
 impl Fixture {
@@ -324,6 +326,7 @@ impl Fixture {
             env: Vec::new(),
             api_token: None,
             open_files: None,
+            concurrency: 2,
         }
     }
 
@@ -357,12 +360,13 @@ impl Fixture {
             .map(|url| format!("  cloudtrail_endpoint_url: {url}\n"))
             .unwrap_or_default();
         let config = format!(
-            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: 2\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\n{cloudtrail}alerts:\n  - webhook: {}\n{}",
+            "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: {}\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\n{cloudtrail}alerts:\n  - webhook: {}\n{}",
             self.remote.path().display(),
             self.poll_interval,
             self.state_dir().display(),
             self.listen,
             self.secret_file.display(),
+            self.concurrency,
             self.moto.url,
             self.sink.url,
             self.extra_config,

@@ -2,7 +2,7 @@
 //! not, and each state says what the environment is waiting for.
 
 use crate::daemon::{APP, Fixture};
-use crate::support::{Moto, free_port};
+use crate::support::{Moto, environment_yaml, free_port};
 
 /// A daemon that starts before its AWS endpoint answers (seen with ten environments: one met
 /// `Connection refused` from STS and stayed `failed` for good): the failure passes, so the
@@ -48,4 +48,59 @@ fn a_daemon_started_before_its_aws_endpoint_answers_retries_and_applies() {
     assert_eq!(applies.len(), 1, "{applies:#?}");
     assert_eq!(applies[0]["result"], "applied");
     assert_eq!(fixture.environment("prod")["status"], "in_sync");
+}
+
+/// A new environment is `planning` from the moment its head is queued — not `in_sync` before
+/// anything ran — and, with `apply.auto: false`, `awaiting_approval` once its plan has changes
+/// (it said `in_sync`, with nothing applied). The one terraform permit is held by prod's slow
+/// apply, so the new environment waits long enough to be seen waiting.
+#[test]
+fn a_new_environment_is_planning_until_planned_and_then_awaits_approval() {
+    let mut fixture = Fixture::unstarted("allow: [local-exec]\n", "1s", APP, None);
+    fixture.concurrency = 1;
+    fixture.start();
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod and dev applied", |f| {
+        f.applied("prod", &first) && f.applied("dev", &first)
+    });
+    fixture.start_slow_apply(15);
+
+    fixture.clone.write(
+        "environments/qa/karrots.yaml",
+        &environment_yaml("qa", "main", "modules/dev-app", "apply:\n  auto: false\n"),
+    );
+    fixture
+        .clone
+        .commit_all("qa, applied by hand approval only");
+    fixture.push("main");
+    let listed = |f: &Fixture| {
+        f.get("/api/v1/environments")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|env| env["name"] == "qa")
+    };
+    fixture.wait_for("qa listed", listed);
+    let qa = fixture.environment("qa");
+    assert_eq!(qa["status"], "planning", "{qa:#}");
+    assert!(
+        qa["last_run"].is_null() && qa["last_applied"].is_null(),
+        "{qa:#}"
+    );
+    assert_eq!(
+        fixture.environment("prod")["status"],
+        "applying",
+        "qa was seen while it waited for the permit"
+    );
+
+    fixture.wait_for("qa planned", |f| {
+        f.environment("qa")["status"] == "awaiting_approval"
+    });
+    let runs = fixture.runs("qa");
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(
+        (&runs[0]["kind"], &runs[0]["result"]),
+        (&"plan".into(), &"changes".into())
+    );
+    assert!(fixture.environment("qa")["last_applied"].is_null());
 }
