@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{StateStore, now_rfc3339};
+use crate::store::{Delivery, Journal, OutboxKind, StateStore, StoreError, now_rfc3339};
 
 /// The `kind` of an alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -76,27 +76,41 @@ impl Alert {
     }
 }
 
-/// Alerts the outbox could not take (a full disk), oldest first: each is queued again before
-/// any newer one, and on every [`Held::flush`], so none is lost while the daemon runs.
+/// Alerts the outbox could not take (a full disk), oldest first, each as its deliveries: each
+/// is queued again before any newer one, and on every [`Held::flush`], so none is lost while
+/// the daemon runs.
 #[derive(Default)]
-pub struct Held(Mutex<VecDeque<(Vec<String>, String)>>);
+pub struct Held(Mutex<VecDeque<Vec<Delivery>>>);
 
 /// The most alerts kept in memory while the outbox refuses them.
 const MAX_HELD: usize = 10_000;
 
 impl Held {
-    /// Queues an alert for `sinks` after every one held before it.
-    pub fn queue(&self, store: &dyn StateStore, sinks: Vec<String>, body: String) {
-        let Ok(mut held) = self.0.lock() else {
-            return;
-        };
-        held.push_back((sinks, body));
-        while held.len() > MAX_HELD {
-            if let Some((_, lost)) = held.pop_front() {
-                tracing::error!(alert = %lost, "more than {MAX_HELD} alerts could not be queued; the oldest is dropped");
+    /// Writes `journal` with the deliveries of its `alerts`, which go after every alert held
+    /// before them: while any is held, the journal is written without its own, and they are
+    /// held behind the others. When the store refuses the journal, its alerts are held.
+    pub fn record(
+        &self,
+        store: &dyn StateStore,
+        mut journal: Journal,
+        alerts: Vec<Vec<Delivery>>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Self::drain(store, &mut held);
+        let behind = !held.is_empty();
+        if !behind {
+            journal.outbox = alerts.concat();
+        }
+        let recorded = store.journal(&journal);
+        if behind || recorded.is_err() {
+            for alert in alerts {
+                Self::hold(&mut held, alert);
             }
         }
-        Self::drain(store, &mut held);
+        recorded
     }
 
     /// Queues the alerts held, oldest first, until the outbox refuses one.
@@ -111,22 +125,38 @@ impl Held {
     /// lost without a trace.
     pub async fn send_at_stop(&self, store: &dyn StateStore, client: &reqwest::Client) {
         self.flush(store);
-        let left: Vec<(Vec<String>, String)> = match self.0.lock() {
-            Ok(mut held) => held.drain(..).collect(),
+        let left: Vec<Delivery> = match self.0.lock() {
+            Ok(mut held) => held.drain(..).flatten().collect(),
             Err(_) => return,
         };
-        for (sinks, body) in left {
-            for sink in sinks {
-                if let Err(error) = post(client, &sink, &body, Duration::from_secs(5)).await {
-                    tracing::error!(%sink, alert = %body, %error, "at stop, an alert the outbox refused was not delivered; it is lost but for this line");
-                }
+        for delivery in left {
+            let sink = &delivery.destination;
+            if let Err(error) = post(client, sink, &delivery.body, Duration::from_secs(5)).await {
+                tracing::error!(%sink, alert = %delivery.body, %error, "at stop, an alert the outbox refused was not delivered; it is lost but for this line");
             }
         }
     }
 
-    fn drain(store: &dyn StateStore, held: &mut VecDeque<(Vec<String>, String)>) {
-        while let Some((sinks, body)) = held.front() {
-            if let Err(error) = store.enqueue_alert(sinks, body) {
+    fn hold(held: &mut VecDeque<Vec<Delivery>>, alert: Vec<Delivery>) {
+        held.push_back(alert);
+        while held.len() > MAX_HELD {
+            if let Some(lost) = held.pop_front() {
+                let body = lost.first().map(|delivery| delivery.body.as_str());
+                tracing::error!(
+                    alert = body.unwrap_or_default(),
+                    "more than {MAX_HELD} alerts could not be queued; the oldest is dropped"
+                );
+            }
+        }
+    }
+
+    fn drain(store: &dyn StateStore, held: &mut VecDeque<Vec<Delivery>>) {
+        while let Some(alert) = held.front() {
+            let queued = Journal {
+                outbox: alert.clone(),
+                ..Journal::default()
+            };
+            if let Err(error) = store.journal(&queued) {
                 tracing::error!(%error, held = held.len(), "queueing an alert; it is kept in memory and queued again on the next poll");
                 return;
             }
@@ -175,8 +205,8 @@ pub async fn deliver(
 ) {
     let mut sent_unrecorded: HashSet<i64> = HashSet::new();
     loop {
-        sent_unrecorded.retain(|id| store.alert_delivered(*id).is_err());
-        let due = match store.due_alerts(unix_now()) {
+        sent_unrecorded.retain(|id| store.delivered(*id).is_err());
+        let due = match store.due(OutboxKind::Alert, unix_now()) {
             Ok(due) => due,
             Err(error) => {
                 tracing::error!(%error, "reading the alert outbox");
@@ -187,9 +217,16 @@ pub async fn deliver(
             if sent_unrecorded.contains(&entry.id) {
                 continue;
             }
-            match post(&client, &entry.sink, &entry.body, Duration::from_secs(10)).await {
+            match post(
+                &client,
+                &entry.destination,
+                &entry.body,
+                Duration::from_secs(10),
+            )
+            .await
+            {
                 Ok(()) => {
-                    if let Err(error) = store.alert_delivered(entry.id) {
+                    if let Err(error) = store.delivered(entry.id) {
                         tracing::error!(%error, id = entry.id, "an alert was delivered but that could not be recorded; it is not sent again");
                         sent_unrecorded.insert(entry.id);
                     }
@@ -197,9 +234,9 @@ pub async fn deliver(
                 Err(error) => {
                     let backoff = crate::engine::retry::Backoff::DELIVERY
                         .after(entry.attempts + 1, fastrand::f64());
-                    tracing::warn!(sink = %entry.sink, attempts = entry.attempts + 1, %error, "alert not delivered; retrying in {backoff:?}");
+                    tracing::warn!(sink = %entry.destination, attempts = entry.attempts + 1, %error, "alert not delivered; retrying in {backoff:?}");
                     let next = unix_now() + backoff.as_secs() as i64;
-                    if let Err(error) = store.alert_failed(entry.id, next, &error) {
+                    if let Err(error) = store.delivery_failed(entry.id, next, &error) {
                         tracing::error!(%error, "recording an alert delivery");
                     }
                 }
@@ -250,6 +287,18 @@ mod tests {
         connection.execute_batch("DROP TRIGGER full_disk;").unwrap();
     }
 
+    /// One alert's outbox rows: `body` for each of `sinks`.
+    fn deliveries(sinks: &[&str], body: &str) -> Vec<Delivery> {
+        sinks
+            .iter()
+            .map(|sink| Delivery {
+                kind: OutboxKind::Alert,
+                destination: sink.to_string(),
+                body: body.to_string(),
+            })
+            .collect()
+    }
+
     #[test]
     fn alerts_the_outbox_refuses_are_held_in_order_until_it_takes_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -257,23 +306,37 @@ mod tests {
         let store = crate::store::SqliteStore::open(&path).unwrap();
         let disk = fill_disk(&path, "INSERT");
         let held = Held::default();
-        let sinks = vec!["http://127.0.0.1:9/".to_string()];
-        held.queue(&store, sinks.clone(), "first".into());
-        held.queue(&store, sinks.clone(), "second".into());
+        let first = held.record(
+            &store,
+            Journal::default(),
+            vec![deliveries(&["http://127.0.0.1:9/"], "first")],
+        );
+        assert!(first.is_err(), "the outbox refuses it");
+        // An outcome recorded while an alert is held is written, its own alert held behind.
+        let second = held.record(
+            &store,
+            Journal::default(),
+            vec![deliveries(&["http://127.0.0.1:9/"], "second")],
+        );
+        assert!(second.is_ok());
         held.flush(&store);
-        assert!(store.due_alerts(i64::MAX).unwrap().is_empty());
+        assert!(store.due(OutboxKind::Alert, i64::MAX).unwrap().is_empty());
 
         free_disk(&disk);
         held.flush(&store);
         let bodies: Vec<String> = store
-            .due_alerts(i64::MAX)
+            .due(OutboxKind::Alert, i64::MAX)
             .unwrap()
             .into_iter()
             .map(|entry| entry.body)
             .collect();
         assert_eq!(bodies, ["first", "second"]);
         held.flush(&store);
-        assert_eq!(store.due_alerts(i64::MAX).unwrap().len(), 2, "queued once");
+        assert_eq!(
+            store.due(OutboxKind::Alert, i64::MAX).unwrap().len(),
+            2,
+            "queued once"
+        );
     }
 
     /// A sink that answers `200` to every request and counts them.
@@ -304,12 +367,13 @@ mod tests {
         let _disk = fill_disk(&path, "INSERT");
         let (sink, posts) = counting_sink().await;
         let held = Held::default();
-        held.queue(&store, vec![sink.clone()], "{\"n\":1}".into());
-        held.queue(&store, vec![sink], "{\"n\":2}".into());
+        for body in ["{\"n\":1}", "{\"n\":2}"] {
+            let _ = held.record(&store, Journal::default(), vec![deliveries(&[&sink], body)]);
+        }
         held.send_at_stop(&store, &reqwest::Client::new()).await;
         assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(held.0.lock().unwrap().is_empty());
-        assert!(store.due_alerts(i64::MAX).unwrap().is_empty());
+        assert!(store.due(OutboxKind::Alert, i64::MAX).unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -318,7 +382,12 @@ mod tests {
         let path = dir.path().join("state.db");
         let store: Arc<dyn StateStore> = Arc::new(crate::store::SqliteStore::open(&path).unwrap());
         let (sink, posts) = counting_sink().await;
-        store.enqueue_alert(&[sink], "{}").unwrap();
+        store
+            .journal(&Journal {
+                outbox: deliveries(&[&sink], "{}"),
+                ..Journal::default()
+            })
+            .unwrap();
         // The database refuses the delivery mark, as a full disk does.
         let disk = fill_disk(&path, "UPDATE");
         let stop = CancellationToken::new();
@@ -330,12 +399,12 @@ mod tests {
         ));
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(store.due_alerts(unix_now()).unwrap().len(), 1);
+        assert_eq!(store.due(OutboxKind::Alert, unix_now()).unwrap().len(), 1);
 
         free_disk(&disk);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
-            store.due_alerts(unix_now()).unwrap().is_empty(),
+            store.due(OutboxKind::Alert, unix_now()).unwrap().is_empty(),
             "the mark is recorded at last"
         );
         assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);

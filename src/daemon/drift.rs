@@ -21,11 +21,16 @@ use crate::store::{DriftRow, Summary, now_rfc3339};
 use crate::terraform::{PlanRecord, RunId, StageError};
 
 use super::Shared;
+use super::outcome::Outcome;
 use super::worker::{ApplyReason, Queue, WorkError, WorkResult, apply, refuse, stage};
 
 /// How long the search for who changed the drifted resources may take before the alert goes
 /// out without it.
 const ATTRIBUTION_BOUND: Duration = Duration::from_secs(90);
+
+/// Why a drift alert does not say who changed the resources when the search was cancelled.
+const CUT_SHORT: &str =
+    "who changed them is unknown: the search was cut short, as a merged commit goes first";
 
 /// A drifted resource as the API and the alerts show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,12 +157,11 @@ pub(super) async fn check(
         return Ok(());
     }
     let started = Instant::now();
-    let run_id = store.start_run(env, commit.as_str(), "drift")?;
+    let run_id = store.start_run(env, commit.as_str(), "drift", None)?;
     let span = super::worker::run_span(env, Lane::Merged, &commit, run_id);
     async {
     tracing::info!("checking for drift");
     let planned = drift_plan(shared, env, &commit, &trusted, run_id, &cancel).await;
-    queue.preempt_with(CancellationToken::new());
     shared
         .metrics
         .drift_check_seconds
@@ -171,7 +175,8 @@ pub(super) async fn check(
             .map(DriftedResource::drifted)
             .collect(),
     };
-    let (finding, planned) = match planned {
+    let ended = Outcome::new(env, &commit);
+    let (finding, planned, ended) = match planned {
         Ok(planned) => {
             let drifted: Vec<Drifted> = planned
                 .record
@@ -191,22 +196,25 @@ pub(super) async fn check(
                     format!("{} resources differ from {}", drifted.len(), commit.short()),
                 )
             };
-            store.finish_run(
+            // Recorded with what the check concludes, after the search for who changed
+            // what: the run is never shown finished while the drift is not yet known.
+            let ended = ended.finish(
                 run_id,
+                "drift",
                 result,
                 super::worker::summary(&planned.record),
-                &super::worker::resources(&planned.record),
-                &message,
-            )?;
-            shared.metrics.run(env, "drift", result);
+                super::worker::resources(&planned.record),
+                message,
+            );
             let finding = if drifted.is_empty() {
                 Finding::Clean
             } else {
                 Finding::Drift(drifted)
             };
-            (finding, Some(planned))
+            (finding, planned, ended)
         }
         Err(error) if cancel.is_cancelled() => {
+            queue.preempt_with(CancellationToken::new());
             let (result, message) = if stop.is_cancelled() {
                 ("interrupted", "the daemon stopped during the drift check")
             } else {
@@ -216,31 +224,42 @@ pub(super) async fn check(
                 )
             };
             tracing::info!(%error, "drift check cancelled");
-            store.finish_run(run_id, result, Summary::default(), &[], message)?;
-            shared.metrics.run(env, "drift", result);
+            shared.record(ended.finish(
+                run_id,
+                "drift",
+                result,
+                Summary::default(),
+                Vec::new(),
+                message,
+            ))?;
             return Ok(());
         }
         Err(error) => {
+            queue.preempt_with(CancellationToken::new());
             let message = error.to_string();
             tracing::warn!(error = %message, "the drift check failed");
-            store.finish_run(run_id, "failed", Summary::default(), &[], &message)?;
-            shared.metrics.run(env, "drift", "failed");
             let decision = decide_drift(&memory, &Finding::Failed, false);
             clock.checked(true);
-            store.set_drift(
-                env,
-                &DriftRow {
-                    status: decision.status.as_str().into(),
-                    checked_at: Some(now_rfc3339()),
-                    message: message.clone(),
-                    ..previous
-                },
-            )?;
-            shared
-                .metrics
-                .drift(env, decision.status, memory.drifted.len());
+            let mut failed = ended
+                .finish(
+                    run_id,
+                    "drift",
+                    "failed",
+                    Summary::default(),
+                    Vec::new(),
+                    message.clone(),
+                )
+                .drift(
+                    DriftRow {
+                        status: decision.status.as_str().into(),
+                        checked_at: Some(now_rfc3339()),
+                        message: message.clone(),
+                        ..previous
+                    },
+                    decision.status,
+                );
             if decision.alert == Some(DriftAlert::Error) {
-                shared.alert(Alert::new(
+                failed = failed.alert(Alert::new(
                     AlertKind::DriftError,
                     env,
                     commit.as_str(),
@@ -250,11 +269,11 @@ pub(super) async fn check(
                     ),
                 ));
             }
+            shared.record(failed)?;
             return Ok(());
         }
     };
     clock.checked(false);
-    let planned = planned.expect("a finding of a plan has its plan");
     let remediation_on = shared
         .drift_policy_at(env, Some(&last_applied))
         .is_some_and(|policy| policy.remediate);
@@ -267,7 +286,8 @@ pub(super) async fn check(
     );
 
     // Who changed what: only when the drift is news (an alert goes out), from `show -json`
-    // (ids, attribute names) and CloudTrail. Otherwise what was found before still holds.
+    // (ids, attribute names) and CloudTrail. Otherwise what was found before still holds. A
+    // merged commit arriving meanwhile cuts the search short: it goes first.
     let mut note = String::new();
     let resources: Vec<DriftedResource> = if decision.alert == Some(DriftAlert::Detected) {
         let (resources, trail_note) = explain(
@@ -296,10 +316,10 @@ pub(super) async fn check(
             })
             .collect()
     };
+    queue.preempt_with(CancellationToken::new());
     let now = now_rfc3339();
-    store.set_drift(
-        env,
-        &DriftRow {
+    let mut checked = ended.drift(
+        DriftRow {
             status: decision.status.as_str().into(),
             checked_at: Some(now.clone()),
             in_sync_at: if decision.status == DriftStatus::InSync {
@@ -310,12 +330,12 @@ pub(super) async fn check(
             resources: resources.iter().map(to_value).collect(),
             message: note.clone(),
         },
-    )?;
-    shared.metrics.drift(env, decision.status, resources.len());
+        decision.status,
+    );
     let env_status = store.environment(env)?.map(|row| row.status);
     match (decision.status, env_status.as_deref()) {
-        (DriftStatus::Drifted, Some("in_sync")) => store.set_status(env, "drifted")?,
-        (DriftStatus::InSync, Some("drifted")) => store.set_status(env, "in_sync")?,
+        (DriftStatus::Drifted, Some("in_sync")) => checked = checked.status("drifted"),
+        (DriftStatus::InSync, Some("drifted")) => checked = checked.status("in_sync"),
         _ => {}
     }
     match decision.alert {
@@ -339,19 +359,22 @@ pub(super) async fn check(
             }
             let mut alert = Alert::new(AlertKind::DriftDetected, env, commit.as_str(), message);
             alert.resources = resources.iter().map(to_value).collect();
-            shared.alert(alert);
+            checked = checked.alert(alert);
         }
-        Some(DriftAlert::Cleared) => shared.alert(Alert::new(
-            AlertKind::DriftCleared,
-            env,
-            commit.as_str(),
-            format!(
-                "the infrastructure matches the last applied commit {} again",
-                commit.short()
-            ),
-        )),
+        Some(DriftAlert::Cleared) => {
+            checked = checked.alert(Alert::new(
+                AlertKind::DriftCleared,
+                env,
+                commit.as_str(),
+                format!(
+                    "the infrastructure matches the last applied commit {} again",
+                    commit.short()
+                ),
+            ));
+        }
         _ => {}
     }
+    shared.record(checked)?;
 
     if decision.remediate && queue.has_pending() {
         tracing::info!("a merged commit is waiting: it heals the drift instead of a remediation");
@@ -447,6 +470,7 @@ async fn explain(
         });
     *permit = None;
     let details = match shown {
+        _ if cancel.is_cancelled() => return (resources, CUT_SHORT.to_string()),
         Ok(details) => details,
         Err(error) => {
             tracing::warn!(%error, "reading the drifted resources' ids");
@@ -513,13 +537,19 @@ async fn explain(
         }
         problems
     };
-    let note = match tokio::time::timeout(ATTRIBUTION_BOUND, search).await {
-        Ok(problems) if problems.is_empty() => String::new(),
-        Ok(problems) => format!("who changed them is unknown for {}", problems.join("; ")),
-        Err(_) => format!(
-            "who changed them is unknown: CloudTrail did not answer within {}s",
-            ATTRIBUTION_BOUND.as_secs()
-        ),
+    let note = tokio::select! {
+        searched = tokio::time::timeout(ATTRIBUTION_BOUND, search) => match searched {
+            Ok(problems) if problems.is_empty() => String::new(),
+            Ok(problems) => format!("who changed them is unknown for {}", problems.join("; ")),
+            Err(_) => format!(
+                "who changed them is unknown: CloudTrail did not answer within {}s",
+                ATTRIBUTION_BOUND.as_secs()
+            ),
+        },
+        () = cancel.cancelled() => {
+            tracing::info!("the search for who changed the drifted resources is cut short");
+            CUT_SHORT.to_string()
+        }
     };
     (resources, note)
 }
@@ -563,48 +593,44 @@ async fn remediate(
             alert.resources = super::worker::resources(record);
             refuse(shared, commit, "apply", None, alert)
         }
-        AfterPlan::AwaitApproval | AfterPlan::InSync => shared
-            .store
-            .audit(
-                env,
-                commit.as_str(),
+        AfterPlan::AwaitApproval | AfterPlan::InSync => {
+            shared.record(Outcome::new(env, commit).audit(
                 "remediation_skipped",
                 "apply.auto is false: drift is alerted, not remediated",
-            )
-            .map_err(WorkError::from),
+            ))?;
+            Ok(())
+        }
     }
 }
 
 /// After an apply (or a plan with nothing to do) the environment is exactly its commit: drift
-/// is gone. A drift that was alerted is cleared — unless the apply was the remediation, whose
-/// own `applied` alert says so.
+/// is gone, added to the outcome that records it. A drift that was alerted is cleared —
+/// unless the apply was the remediation, whose own `applied` alert says so.
 pub(super) fn back_in_sync(
     shared: &Shared,
     env: &str,
     commit: &CommitId,
     remediation: bool,
-) -> WorkResult {
-    let store = &shared.store;
-    let previous = store.drift(env)?;
+    outcome: Outcome,
+) -> Result<Outcome, WorkError> {
+    let previous = shared.store.drift(env)?;
     let was_drifted = !previous.resources.is_empty() || previous.status == "drifted";
-    let now = now_rfc3339();
-    store.set_drift(
-        env,
-        &DriftRow {
+    let outcome = outcome.drift(
+        DriftRow {
             status: if previous.status == "unchecked" {
                 previous.status.clone()
             } else {
                 DriftStatus::InSync.as_str().into()
             },
             checked_at: previous.checked_at.clone(),
-            in_sync_at: Some(now),
+            in_sync_at: Some(now_rfc3339()),
             resources: Vec::new(),
             message: String::new(),
         },
-    )?;
-    shared.metrics.drift(env, DriftStatus::InSync, 0);
+        DriftStatus::InSync,
+    );
     if was_drifted && !remediation {
-        shared.alert(Alert::new(
+        return Ok(outcome.alert(Alert::new(
             AlertKind::DriftCleared,
             env,
             commit.as_str(),
@@ -612,9 +638,9 @@ pub(super) fn back_in_sync(
                 "the apply of {} brought the infrastructure back to its commit",
                 commit.short()
             ),
-        ));
+        )));
     }
-    Ok(())
+    Ok(outcome)
 }
 
 fn stored_resources(row: &DriftRow) -> Vec<DriftedResource> {

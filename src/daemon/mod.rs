@@ -11,6 +11,7 @@
 //! grace, kill), an apply in flight finishes, and the store is left consistent.
 
 mod drift;
+mod outcome;
 mod systemd;
 mod worker;
 
@@ -31,6 +32,8 @@ use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
 use crate::store::{SqliteStore, StateStore};
 use crate::terraform::Terraform;
+
+use outcome::Outcome;
 
 pub use drift::DriftedResource;
 pub use worker::Queue;
@@ -145,22 +148,6 @@ impl Shared {
             known.insert(env.to_string(), inputs.clone());
         }
     }
-
-    /// Queues an alert for the daemon's sinks and the environment's own.
-    pub fn alert(&self, alert: Alert) {
-        let mut sinks: Vec<String> = self
-            .config
-            .alerts
-            .iter()
-            .map(|sink| sink.webhook.to_string())
-            .collect();
-        if let Some(spec) = self.trusted(&alert.env) {
-            sinks.extend(spec.alerts.iter().map(|sink| sink.webhook.to_string()));
-        }
-        tracing::info!(kind = ?alert.kind, env = %alert.env, commit = %alert.commit, message = %alert.message, "alert");
-        let body = serde_json::to_string(&alert).unwrap_or_default();
-        self.held_alerts.queue(self.store.as_ref(), sinks, body);
-    }
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -211,19 +198,27 @@ pub async fn run(
         held_alerts: crate::alert::Held::default(),
     });
 
-    // Runs cut off by a kill: an apply is alerted, never re-applied from its old plan; the
-    // next head re-plans.
-    for run in shared.store.interrupt_open_runs()? {
+    // Runs cut off by a kill: each is ended `interrupted`; an apply is alerted, never
+    // re-applied from its old plan, and the next head re-plans.
+    for run in shared.store.open_runs()? {
         tracing::warn!(env = %run.env, commit = %run.commit, kind = %run.kind, run = run.id, "found a run cut off by a restart");
+        let mut interrupted = Outcome::for_commit(&run.env, &run.commit).finish(
+            run.id,
+            &run.kind,
+            "interrupted",
+            run.summary,
+            run.resources,
+            "the daemon stopped while this run was in progress",
+        );
         if run.kind == "apply" {
-            shared.store.set_status(&run.env, "failed")?;
-            shared.alert(Alert::new(
+            interrupted = interrupted.status("failed").alert(Alert::new(
                 AlertKind::ApplyInterrupted,
                 &run.env,
                 &run.commit,
                 format!("the apply of run {} was cut off when the daemon stopped; the next commit re-plans from the real state", run.id),
             ));
         }
+        shared.record(interrupted)?;
     }
 
     let stop = CancellationToken::new();
@@ -376,13 +371,14 @@ impl Poller {
                 }
                 Err(problems) => {
                     if previous.get(shared.config.trust_branch.as_str()) != Some(&trust_tip) {
-                        let _ = shared.store.set_status(&name, "error");
-                        shared.alert(Alert::new(
+                        let alert = Alert::new(
                             AlertKind::ConfigError,
                             &name,
                             trust_tip.as_str(),
                             format!("the trust branch's karrots.yaml does not load:\n{problems}"),
-                        ));
+                        );
+                        let _ = shared
+                            .record(Outcome::new(&name, &trust_tip).status("error").alert(alert));
                     }
                 }
             }
@@ -543,15 +539,14 @@ impl Poller {
             } else {
                 "preview"
             };
-            let recorded = shared.store.record_run(
-                env,
-                &superseded,
+            let recorded = shared.record(Outcome::for_commit(env, &superseded).decided(
                 kind,
                 "superseded",
-                &format!("{} arrived before this commit ran", &commit.as_str()[..7]),
-            );
+                format!("{} arrived before this commit ran", commit.short()),
+            ));
             match recorded {
                 Ok(run_id) => {
+                    let run_id = run_id.unwrap_or_default();
                     let superseded = CommitId::from_hex(&superseded);
                     let span = worker::run_span(env, lane, &superseded, run_id);
                     let _enter = span.enter();

@@ -21,6 +21,7 @@ use crate::store::Summary;
 use crate::terraform::{PlanRecord, RunId, StageError, TerraformError, stage_commit};
 
 use super::Shared;
+use super::outcome::Outcome;
 
 /// The commits waiting for a worker: at most one per branch; a newer one of the same branch
 /// replaces it.
@@ -333,24 +334,23 @@ pub(super) fn refuse(
     status: Option<&str>,
     alert: Alert,
 ) -> WorkResult {
-    let store = &shared.store;
-    let env = alert.env.as_str();
+    let env = alert.env.clone();
     let decision = alert.kind.name();
-    let run_id = store.record_run(env, commit.as_str(), run_kind, "refused", &alert.message)?;
+    let mut refused = Outcome::new(&env, commit)
+        .decided(run_kind, "refused", alert.message.clone())
+        .audit(&decision, alert.message.clone());
+    if let Some(status) = status {
+        refused = refused.status(status);
+    }
+    let run_id = shared.record(refused.alert(alert))?.unwrap_or_default();
     let lane = if run_kind == "preview" {
         Lane::Preview
     } else {
         Lane::Merged
     };
-    let span = run_span(env, lane, commit, run_id);
+    let span = run_span(&env, lane, commit, run_id);
     let _enter = span.enter();
     tracing::info!(decision = %decision, "refused");
-    if let Some(status) = status {
-        store.set_status(env, status)?;
-    }
-    store.audit(env, commit.as_str(), &decision, &alert.message)?;
-    shared.metrics.run(env, run_kind, "refused");
-    shared.alert(alert);
     Ok(())
 }
 
@@ -514,8 +514,10 @@ async fn merged(
     if stop.is_cancelled() {
         return Ok(());
     }
-    store.set_status(env, "planning")?;
-    let Some(record) = recorded_plan(shared, env, commit, &checked, Some(streak), stop).await?
+    let Some(Planned {
+        record,
+        outcome: planned,
+    }) = recorded_plan(shared, env, commit, &checked, Some(streak), stop).await?
     else {
         return Ok(());
     };
@@ -526,24 +528,25 @@ async fn merged(
     };
     match decide_after_plan(&trusted.apply, outcome) {
         AfterPlan::InSync => {
-            store.set_last_applied(env, commit.as_str(), &fingerprint)?;
+            let in_sync = super::drift::back_in_sync(shared, env, commit, false, planned)?;
+            shared.record(
+                in_sync
+                    .last_applied(&fingerprint)
+                    .status("in_sync")
+                    .audit("in_sync", "the plan has no changes"),
+            )?;
             shared.remember_applied_inputs(env, &checked.inputs);
-            store.set_status(env, "in_sync")?;
-            store.audit(env, commit.as_str(), "in_sync", "the plan has no changes")?;
-            super::drift::back_in_sync(shared, env, commit, false)
+            Ok(())
         }
         AfterPlan::AwaitApproval => {
-            store.set_status(env, "awaiting_approval")?;
-            store
-                .audit(
-                    env,
-                    commit.as_str(),
-                    "awaiting_approval",
-                    "apply.auto is false: the plan waits for an approval and is not applied",
-                )
-                .map_err(WorkError::from)
+            shared.record(planned.status("awaiting_approval").audit(
+                "awaiting_approval",
+                "apply.auto is false: the plan waits for an approval and is not applied",
+            ))?;
+            Ok(())
         }
         AfterPlan::RefuseDestroy => {
+            shared.record(planned)?;
             let doomed = doomed(&record);
             let message = format!(
                 "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
@@ -555,6 +558,7 @@ async fn merged(
             refuse(shared, commit, "apply", Some("refused"), alert)
         }
         AfterPlan::Apply => {
+            shared.record(planned)?;
             apply(
                 shared,
                 env,
@@ -582,20 +586,26 @@ fn unaffected(
     fingerprint: &str,
     reason: &str,
 ) -> WorkResult {
-    let store = &shared.store;
-    store.set_last_applied(env, commit.as_str(), fingerprint)?;
+    let mut unaffected = Outcome::new(env, commit)
+        .last_applied(fingerprint)
+        .audit("unaffected", reason);
     if matches!(status, "error" | "refused" | "awaiting_approval") {
-        store.set_status(env, "in_sync")?;
+        unaffected = unaffected.status("in_sync");
     }
-    store
-        .audit(env, commit.as_str(), "unaffected", reason)
-        .map_err(WorkError::from)
+    shared.record(unaffected)?;
+    Ok(())
 }
 
-/// Plans `commit` as a recorded run: `plan` in the merged lane when there is a `streak` to
-/// keep its failures in, else `preview`. The run ends `changes` or `no_changes`, else
-/// `failed` (or `interrupted` when cancelled) with the error. `None` when the plan did not
-/// succeed; the run says why.
+/// A plan that succeeded, and the outcome that ends its run (`changes` or `no_changes`): the
+/// caller adds what it decides and records them together.
+struct Planned {
+    record: PlanRecord,
+    outcome: Outcome,
+}
+
+/// Plans `commit` as a run: `plan` in the merged lane (the environment `planning`) when there
+/// is a `streak` to keep its failures in, else `preview`. A plan that did not succeed is
+/// recorded here, `failed` (or `interrupted` when cancelled) with the error, and is `None`.
 async fn recorded_plan(
     shared: &Arc<Shared>,
     env: &str,
@@ -603,75 +613,74 @@ async fn recorded_plan(
     checked: &CheckedEnvironment,
     streak: Option<&mut Streak>,
     stop: &CancellationToken,
-) -> Result<Option<PlanRecord>, WorkError> {
-    let (lane, kind) = match streak {
-        Some(_) => (Lane::Merged, "plan"),
-        None => (Lane::Preview, "preview"),
+) -> Result<Option<Planned>, WorkError> {
+    let (lane, kind, status) = match streak {
+        Some(_) => (Lane::Merged, "plan", Some("planning")),
+        None => (Lane::Preview, "preview", None),
     };
-    let store = &shared.store;
-    let run_id = store.start_run(env, commit.as_str(), kind)?;
+    let run_id = shared.store.start_run(env, commit.as_str(), kind, status)?;
     let span = run_span(env, lane, commit, run_id);
     let planned = plan(shared, env, lane, commit, checked, run_id, stop)
         .instrument(span.clone())
         .await;
     let _enter = span.enter();
-    let (result, record) = match planned {
+    let error = match planned {
         Ok(record) => {
             let result = if record.summary.has_changes() {
                 "changes"
             } else {
                 "no_changes"
             };
-            store.finish_run(run_id, result, summary(&record), &resources(&record), "")?;
-            (result, Some(record))
+            let outcome = Outcome::new(env, commit).finish(
+                run_id,
+                kind,
+                result,
+                summary(&record),
+                resources(&record),
+                "",
+            );
+            return Ok(Some(Planned { record, outcome }));
         }
-        Err(error) => {
-            let result = if stop.is_cancelled() {
-                "interrupted"
-            } else {
-                "failed"
-            };
-            tracing::warn!(%error, result, "the plan did not succeed");
-            match streak {
-                Some(streak) if result == "failed" => {
-                    merged_plan_failed(shared, env, commit, run_id, &error, streak)?;
-                }
-                _ => {
-                    store.finish_run(
-                        run_id,
-                        result,
-                        Summary::default(),
-                        &[],
-                        &error.to_string(),
-                    )?;
-                    if lane == Lane::Merged {
-                        store.set_status(env, "failed")?;
-                    }
-                }
-            }
-            (result, None)
-        }
+        Err(error) => error,
     };
-    shared.metrics.run(env, kind, result);
-    Ok(record)
+    let result = if stop.is_cancelled() {
+        "interrupted"
+    } else {
+        "failed"
+    };
+    tracing::warn!(%error, result, "the plan did not succeed");
+    let ended = Outcome::new(env, commit);
+    match streak {
+        Some(streak) if result == "failed" => {
+            shared.record(merged_plan_failed(ended, run_id, &error, streak))?;
+        }
+        _ => {
+            shared.record(ended.finish(
+                run_id,
+                kind,
+                result,
+                Summary::default(),
+                Vec::new(),
+                error.to_string(),
+            ))?;
+        }
+    }
+    Ok(None)
 }
 
-/// Records a merged plan that failed, and whether and when its commit is tried again: a
-/// passing failure leaves the environment `error` until the next attempt, any other
+/// The outcome of a merged plan that failed, and whether and when its commit is tried again:
+/// a passing failure leaves the environment `error` until the next attempt, any other
 /// `failed` until a new commit. A merged commit is there to be applied, so a failed plan is
 /// an `apply_failed` alert: on the first failure of a streak, and when the retries give up.
 fn merged_plan_failed(
-    shared: &Shared,
-    env: &str,
-    commit: &CommitId,
+    ended: Outcome,
     run_id: i64,
     error: &WorkError,
     streak: &mut Streak,
-) -> WorkResult {
-    let store = &shared.store;
+) -> Outcome {
     let text = error.to_string();
     let class = error.class();
-    let (policy, attempt) = streak.failed(commit, class, &text);
+    let (policy, attempt) = streak.failed(&ended.commit(), class, &text);
     let (status, next) = match policy {
         Policy::Requeue(after) => {
             let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + after);
@@ -689,27 +698,32 @@ fn merged_plan_failed(
         ),
         Policy::AwaitChange => ("failed", String::new()),
     };
-    store.finish_run(
-        run_id,
-        "failed",
-        Summary::default(),
-        &[],
-        &format!("{text}{next}"),
-    )?;
-    store.set_status(env, status)?;
-    store.audit(env, commit.as_str(), status, &format!("run {run_id}{next}"))?;
+    let commit = ended.commit();
+    let env = ended.env().to_string();
+    let failed = ended
+        .finish(
+            run_id,
+            "plan",
+            "failed",
+            Summary::default(),
+            Vec::new(),
+            format!("{text}{next}"),
+        )
+        .status(status)
+        .audit(status, format!("run {run_id}{next}"));
     if attempt == 1 || policy == Policy::AwaitChange {
-        shared.alert(Alert::new(
+        failed.alert(Alert::new(
             AlertKind::ApplyFailed,
-            env,
+            &env,
             commit.as_str(),
             format!(
                 "the plan of {} failed, so nothing was applied{next}: {text}",
                 commit.short()
             ),
-        ));
+        ))
+    } else {
+        failed
     }
-    Ok(())
 }
 
 /// Plans `commit` in `lane` with the lane's identity.
@@ -778,9 +792,8 @@ pub(super) async fn apply(
     let store = &shared.store;
     let name = crate::config::EnvName::parse(env)?;
     let endpoint = shared.endpoint();
-    let run_id = store.start_run(env, commit.as_str(), "apply")?;
+    let run_id = store.start_run(env, commit.as_str(), "apply", Some("applying"))?;
     async {
-    store.set_status(env, "applying")?;
     tracing::info!("applying");
     let started = std::time::Instant::now();
     let outcome = async {
@@ -822,18 +835,6 @@ pub(super) async fn apply(
                     commit.short()
                 ),
             };
-            store.finish_run(
-                run_id,
-                "applied",
-                summary(record),
-                &resources(record),
-                &what,
-            )?;
-            store.set_last_applied(env, commit.as_str(), fingerprint)?;
-            shared.remember_applied_inputs(env, &record.inputs);
-            store.set_status(env, "in_sync")?;
-            store.audit(env, commit.as_str(), "applied", &format!("run {run_id}"))?;
-            shared.metrics.run(env, "apply", "applied");
             tracing::info!("applied");
             let s = &record.summary;
             let counts = format!(
@@ -845,28 +846,32 @@ pub(super) async fn apply(
                 ApplyReason::Remediation { .. } => format!("{what}: {counts}"),
             };
             let remediation = matches!(reason, ApplyReason::Remediation { .. });
-            super::drift::back_in_sync(shared, env, commit, remediation)?;
             let mut alert = Alert::new(AlertKind::Applied, env, commit.as_str(), message);
             alert.resources = resources(record);
-            shared.alert(alert);
+            let applied = Outcome::new(env, commit)
+                .finish(run_id, "apply", "applied", summary(record), resources(record), what)
+                .last_applied(fingerprint)
+                .status("in_sync")
+                .audit("applied", format!("run {run_id}"))
+                .alert(alert);
+            shared.record(super::drift::back_in_sync(
+                shared,
+                env,
+                commit,
+                remediation,
+                applied,
+            )?)?;
+            shared.remember_applied_inputs(env, &record.inputs);
         }
         Err(message) => {
-            store.finish_run(
-                run_id,
-                "failed",
-                summary(record),
-                &resources(record),
-                &message,
-            )?;
-            store.set_status(env, "failed")?;
-            shared.metrics.run(env, "apply", "failed");
             tracing::error!(error = %message, "apply failed");
-            shared.alert(Alert::new(
-                AlertKind::ApplyFailed,
-                env,
-                commit.as_str(),
-                message,
-            ));
+            let alert = Alert::new(AlertKind::ApplyFailed, env, commit.as_str(), message.clone());
+            shared.record(
+                Outcome::new(env, commit)
+                    .finish(run_id, "apply", "failed", summary(record), resources(record), message)
+                    .status("failed")
+                    .alert(alert),
+            )?;
         }
     }
     Ok(())
@@ -931,7 +936,10 @@ async fn preview(
     if stop.is_cancelled() {
         return Ok(());
     }
-    if let Some(record) = recorded_plan(shared, env, commit, &checked, None, stop).await? {
+    if let Some(Planned { record, outcome }) =
+        recorded_plan(shared, env, commit, &checked, None, stop).await?
+    {
+        shared.record(outcome)?;
         shared.terraform.discard_preview(&record)?;
     }
     Ok(())
@@ -948,14 +956,12 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
                 .map(|refusal| refusal.reason(trust))
                 .unwrap_or_default();
             let message = format!("passes karrots check; not planned: {reason}");
-            let run_id =
-                shared
-                    .store
-                    .record_run(env, commit.as_str(), "preview", "refused", &message)?;
+            let run_id = shared
+                .record(Outcome::new(env, commit).decided("preview", "refused", message))?
+                .unwrap_or_default();
             let span = run_span(env, Lane::Preview, commit, run_id);
             let _enter = span.enter();
             tracing::info!("checked, not planned: the environment is not on the trust branch");
-            shared.metrics.run(env, "preview", "refused");
             Ok(())
         }
         Err(StageError::Refused(problems)) => config_error(

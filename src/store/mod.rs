@@ -2,8 +2,9 @@
 //! their last applied commit, runs, the audit log of every decision, and the alert outbox.
 //!
 //! The daemon talks to it through [`StateStore`], a narrow trait, so a PostgreSQL store for
-//! several daemons can take its place. Every write is one statement or one transaction, so a
-//! kill at any moment leaves a consistent database; an apply is recorded as started before
+//! several daemons can take its place. An outcome is one [`Journal`] entry, written in one
+//! transaction (run, status, last applied commit, drift, audit entry and outbox rows), so a
+//! kill at any moment leaves all of it or none; an apply is recorded as started before
 //! terraform runs, which is how a restart finds one that was cut off.
 
 use std::collections::BTreeMap;
@@ -39,7 +40,8 @@ pub struct EnvironmentRow {
     pub branch: String,
     pub head: Option<String>,
     pub last_applied: Option<String>,
-    /// `in_sync`, `planning`, `applying`, `drifted`, `refused`, `failed`, `error`.
+    /// `in_sync`, `planning`, `applying`, `awaiting_approval`, `drifted`, `refused`, `failed`,
+    /// `error`.
     pub status: String,
     /// The input fingerprint of `last_applied`.
     #[serde(skip)]
@@ -101,13 +103,73 @@ pub struct Summary {
     pub destroy: usize,
 }
 
-/// An alert waiting in the outbox for one sink.
+/// What an outbox row is delivered as. Alerts today; commit statuses and pull-request
+/// comments are kinds of their own, each with its deliverer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// A JSON alert POSTed to a webhook sink.
+    Alert,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Alert => "alert",
+        }
+    }
+}
+
+/// One delivery an outcome causes: its kind, where it goes, and what is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub kind: OutboxKind,
+    /// A sink's URL, for an alert.
+    pub destination: String,
+    pub body: String,
+}
+
+/// A delivery waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEntry {
     pub id: i64,
-    pub sink: String,
+    pub destination: String,
     pub body: String,
     pub attempts: u32,
+}
+
+/// How a journal entry records its run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunRecord {
+    /// Ends a run begun with [`StateStore::start_run`].
+    Finish {
+        id: i64,
+        result: String,
+        summary: Summary,
+        resources: Vec<serde_json::Value>,
+        message: String,
+    },
+    /// A run decided without terraform (refused, superseded): begun and ended at once.
+    Decided {
+        kind: String,
+        result: String,
+        message: String,
+    },
+}
+
+/// One outcome for one environment and commit, written by [`StateStore::journal`] in one
+/// transaction: all of it is recorded, or none of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Journal {
+    pub env: String,
+    pub commit: String,
+    pub run: Option<RunRecord>,
+    pub status: Option<String>,
+    /// The input fingerprint of `commit`, when the environment is now at `commit`.
+    pub last_applied: Option<String>,
+    pub drift: Option<DriftRow>,
+    /// The audit entry: decision and detail.
+    pub audit: Option<(String, String)>,
+    pub outbox: Vec<Delivery>,
 }
 
 /// What the daemon needs from its state store.
@@ -117,55 +179,39 @@ pub trait StateStore: Send + Sync {
     /// Records a new head of the environment's branch. An environment seen for the first time
     /// is `planning`: its head is queued, and nothing has shown it in sync yet.
     fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError>;
-    /// Sets an environment's status. When the database refuses (a full disk), the status is
-    /// still what the store reports for it, from memory, until [`StateStore::record_pending`]
-    /// writes it.
-    fn set_status(&self, name: &str, status: &str) -> Result<(), StoreError>;
+    /// Records one outcome in one transaction: the run, the environment's status, where it
+    /// now is, its drift, the audit entry and every delivery the outcome causes. Returns the
+    /// run's id, when there is a run. When the database refuses (a full disk), nothing of it
+    /// is written, but the status is still what the store reports for the environment, from
+    /// memory, until [`StateStore::record_pending`] writes it.
+    fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError>;
     /// Writes the statuses the database refused before; called on every poll.
     fn record_pending(&self) {}
-    /// Records where the environment now is: the commit and its input fingerprint.
-    fn set_last_applied(
-        &self,
-        name: &str,
-        commit: &str,
-        fingerprint: &str,
-    ) -> Result<(), StoreError>;
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError>;
-    fn set_drift(&self, name: &str, drift: &DriftRow) -> Result<(), StoreError>;
-    fn start_run(&self, env: &str, commit: &str, kind: &str) -> Result<i64, StoreError>;
-    fn finish_run(
-        &self,
-        id: i64,
-        result: &str,
-        summary: Summary,
-        resources: &[serde_json::Value],
-        message: &str,
-    ) -> Result<(), StoreError>;
-    /// A run that was decided but never started (superseded, refused before terraform).
-    fn record_run(
+    /// Begins a run (before terraform starts, so a restart finds one cut off), and sets the
+    /// environment's status with it when there is one to set.
+    fn start_run(
         &self,
         env: &str,
         commit: &str,
         kind: &str,
-        result: &str,
-        message: &str,
+        status: Option<&str>,
     ) -> Result<i64, StoreError>;
     /// The newest `limit` runs, of one environment or of all.
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError>;
     fn run(&self, id: i64) -> Result<Option<RunRow>, StoreError>;
-    fn audit(
+    /// The runs still open (cut off by a kill, when the daemon starts): each is ended as
+    /// `interrupted` by a journal entry, with what it causes.
+    fn open_runs(&self) -> Result<Vec<RunRow>, StoreError>;
+    /// The deliveries of `kind` due at `now_unix`, oldest first.
+    fn due(&self, kind: OutboxKind, now_unix: i64) -> Result<Vec<OutboxEntry>, StoreError>;
+    fn delivered(&self, id: i64) -> Result<(), StoreError>;
+    fn delivery_failed(
         &self,
-        env: &str,
-        commit: &str,
-        decision: &str,
-        detail: &str,
+        id: i64,
+        next_attempt_unix: i64,
+        error: &str,
     ) -> Result<(), StoreError>;
-    /// Marks every run still open as `interrupted` and returns them (a restart after a kill).
-    fn interrupt_open_runs(&self) -> Result<Vec<RunRow>, StoreError>;
-    fn enqueue_alert(&self, sinks: &[String], body: &str) -> Result<(), StoreError>;
-    fn due_alerts(&self, now_unix: i64) -> Result<Vec<OutboxEntry>, StoreError>;
-    fn alert_delivered(&self, id: i64) -> Result<(), StoreError>;
-    fn alert_failed(&self, id: i64, next_attempt_unix: i64, error: &str) -> Result<(), StoreError>;
 }
 
 /// The SQLite store.
@@ -177,7 +223,7 @@ pub struct SqliteStore {
     unrecorded: Mutex<BTreeMap<String, String>>,
 }
 
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "
 CREATE TABLE environments (
     name TEXT PRIMARY KEY,
@@ -226,6 +272,11 @@ ALTER TABLE environments ADD COLUMN drift_checked_at TEXT;
 ALTER TABLE environments ADD COLUMN drift_in_sync_at TEXT;
 ALTER TABLE environments ADD COLUMN drift_resources TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE environments ADD COLUMN drift_message TEXT NOT NULL DEFAULT '';
+",
+    "
+ALTER TABLE outbox RENAME COLUMN sink TO destination;
+ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'alert';
+CREATE INDEX outbox_due ON outbox (kind, delivered_at, next_attempt_at);
 ",
 ];
 
@@ -294,6 +345,23 @@ impl SqliteStore {
             )
             .map(drop)
         })
+    }
+
+    /// Keeps a status the database refused in memory (shown, and written on the next
+    /// [`StateStore::record_pending`]); forgets it once one is written.
+    fn remember_status(&self, name: &str, status: &str, written: bool) {
+        if let Ok(mut unrecorded) = self.unrecorded.lock() {
+            if written {
+                unrecorded.remove(name);
+            } else {
+                tracing::error!(
+                    env = name,
+                    status,
+                    "the status could not be recorded; it is shown from memory and written again on the next poll"
+                );
+                unrecorded.insert(name.to_string(), status.to_string());
+            }
+        }
     }
 
     fn with<T>(
@@ -381,20 +449,6 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn set_status(&self, name: &str, status: &str) -> Result<(), StoreError> {
-        let written = self.write_status(name, status);
-        if let Ok(mut unrecorded) = self.unrecorded.lock() {
-            match &written {
-                Ok(()) => unrecorded.remove(name),
-                Err(error) => {
-                    tracing::error!(env = name, status, %error, "the status could not be recorded; it is shown from memory and written again on the next poll");
-                    unrecorded.insert(name.to_string(), status.to_string())
-                }
-            };
-        }
-        written
-    }
-
     fn record_pending(&self) {
         let pending: Vec<(String, String)> = match self.unrecorded.lock() {
             Ok(unrecorded) => unrecorded.clone().into_iter().collect(),
@@ -408,21 +462,6 @@ impl StateStore for SqliteStore {
                 unrecorded.remove(&name);
             }
         }
-    }
-
-    fn set_last_applied(
-        &self,
-        name: &str,
-        commit: &str,
-        fingerprint: &str,
-    ) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3 WHERE name = ?1",
-                params![name, commit, fingerprint],
-            )
-            .map(drop)
-        })
     }
 
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError> {
@@ -447,80 +486,131 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn set_drift(&self, name: &str, drift: &DriftRow) -> Result<(), StoreError> {
-        let resources = serde_json::to_string(&drift.resources).unwrap_or_else(|_| "[]".into());
-        self.with(|c| {
-            c.execute(
-                "UPDATE environments SET drift_status = ?2, drift_checked_at = ?3,
-                 drift_in_sync_at = ?4, drift_resources = ?5, drift_message = ?6 WHERE name = ?1",
-                params![
-                    name,
-                    drift.status,
-                    drift.checked_at,
-                    drift.in_sync_at,
-                    resources,
-                    drift.message
-                ],
-            )
-            .map(drop)
-        })
-    }
-
-    fn start_run(&self, env: &str, commit: &str, kind: &str) -> Result<i64, StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO runs (env, commit_id, kind, started_at) VALUES (?1, ?2, ?3, ?4)",
-                params![env, commit, kind, now_rfc3339()],
-            )?;
-            Ok(c.last_insert_rowid())
-        })
-    }
-
-    fn finish_run(
-        &self,
-        id: i64,
-        result: &str,
-        summary: Summary,
-        resources: &[serde_json::Value],
-        message: &str,
-    ) -> Result<(), StoreError> {
-        let resources = serde_json::to_string(resources).unwrap_or_else(|_| "[]".into());
-        self.with(|c| {
-            c.execute(
-                "UPDATE runs SET result = ?2, add_count = ?3, change_count = ?4, destroy_count = ?5,
-                 resources = ?6, finished_at = ?7, message = ?8 WHERE id = ?1",
-                params![
-                    id,
-                    result,
-                    summary.add as i64,
-                    summary.change as i64,
-                    summary.destroy as i64,
-                    resources,
-                    now_rfc3339(),
-                    message
-                ],
-            )
-            .map(drop)
-        })
-    }
-
-    fn record_run(
+    fn start_run(
         &self,
         env: &str,
         commit: &str,
         kind: &str,
-        result: &str,
-        message: &str,
+        status: Option<&str>,
     ) -> Result<i64, StoreError> {
-        self.with(|c| {
-            let now = now_rfc3339();
-            c.execute(
-                "INSERT INTO runs (env, commit_id, kind, result, started_at, finished_at, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
-                params![env, commit, kind, result, now, message],
+        let started = self.with(|c| {
+            let transaction = c.unchecked_transaction()?;
+            transaction.execute(
+                "INSERT INTO runs (env, commit_id, kind, started_at) VALUES (?1, ?2, ?3, ?4)",
+                params![env, commit, kind, now_rfc3339()],
             )?;
-            Ok(c.last_insert_rowid())
-        })
+            let id = transaction.last_insert_rowid();
+            if let Some(status) = status {
+                transaction.execute(
+                    "UPDATE environments SET status = ?2 WHERE name = ?1",
+                    params![env, status],
+                )?;
+            }
+            transaction.commit()?;
+            Ok(id)
+        });
+        if let Some(status) = status {
+            self.remember_status(env, status, started.is_ok());
+        }
+        started
+    }
+
+    fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError> {
+        let env = entry.env.as_str();
+        let written = self.with(|c| {
+            let transaction = c.unchecked_transaction()?;
+            let now = now_rfc3339();
+            let run = match &entry.run {
+                Some(RunRecord::Finish {
+                    id,
+                    result,
+                    summary,
+                    resources,
+                    message,
+                }) => {
+                    let resources =
+                        serde_json::to_string(resources).unwrap_or_else(|_| "[]".into());
+                    transaction.execute(
+                        "UPDATE runs SET result = ?2, add_count = ?3, change_count = ?4,
+                         destroy_count = ?5, resources = ?6, finished_at = ?7, message = ?8
+                         WHERE id = ?1",
+                        params![
+                            id,
+                            result,
+                            summary.add as i64,
+                            summary.change as i64,
+                            summary.destroy as i64,
+                            resources,
+                            now,
+                            message
+                        ],
+                    )?;
+                    Some(*id)
+                }
+                Some(RunRecord::Decided {
+                    kind,
+                    result,
+                    message,
+                }) => {
+                    transaction.execute(
+                        "INSERT INTO runs (env, commit_id, kind, result, started_at, finished_at, message)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                        params![env, entry.commit, kind, result, now, message],
+                    )?;
+                    Some(transaction.last_insert_rowid())
+                }
+                None => None,
+            };
+            if let Some(status) = &entry.status {
+                transaction.execute(
+                    "UPDATE environments SET status = ?2 WHERE name = ?1",
+                    params![env, status],
+                )?;
+            }
+            if let Some(fingerprint) = &entry.last_applied {
+                transaction.execute(
+                    "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3
+                     WHERE name = ?1",
+                    params![env, entry.commit, fingerprint],
+                )?;
+            }
+            if let Some(drift) = &entry.drift {
+                let resources =
+                    serde_json::to_string(&drift.resources).unwrap_or_else(|_| "[]".into());
+                transaction.execute(
+                    "UPDATE environments SET drift_status = ?2, drift_checked_at = ?3,
+                     drift_in_sync_at = ?4, drift_resources = ?5, drift_message = ?6
+                     WHERE name = ?1",
+                    params![
+                        env,
+                        drift.status,
+                        drift.checked_at,
+                        drift.in_sync_at,
+                        resources,
+                        drift.message
+                    ],
+                )?;
+            }
+            if let Some((decision, detail)) = &entry.audit {
+                transaction.execute(
+                    "INSERT INTO audit (at, env, commit_id, decision, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![now, env, entry.commit, decision, detail],
+                )?;
+            }
+            for delivery in &entry.outbox {
+                transaction.execute(
+                    "INSERT INTO outbox (kind, destination, body) VALUES (?1, ?2, ?3)",
+                    params![delivery.kind.as_str(), delivery.destination, delivery.body],
+                )?;
+            }
+            transaction.commit()?;
+            Ok(run)
+        });
+        if let Some(status) = &entry.status {
+            self.remember_status(env, status, written.is_ok());
+        }
+        written
     }
 
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
@@ -552,60 +642,27 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn audit(
-        &self,
-        env: &str,
-        commit: &str,
-        decision: &str,
-        detail: &str,
-    ) -> Result<(), StoreError> {
+    fn open_runs(&self) -> Result<Vec<RunRow>, StoreError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO audit (at, env, commit_id, decision, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now_rfc3339(), env, commit, decision, detail],
-            )
-            .map(drop)
+            c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE finished_at IS NULL ORDER BY id"
+            ))?
+            .query_map([], run_row)?
+            .collect()
         })
     }
 
-    fn interrupt_open_runs(&self) -> Result<Vec<RunRow>, StoreError> {
-        self.with(|c| {
-            let open: Vec<RunRow> = c
-                .prepare(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE finished_at IS NULL ORDER BY id"))?
-                .query_map([], run_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            c.execute(
-                "UPDATE runs SET result = 'interrupted', finished_at = ?1,
-                 message = 'the daemon stopped while this run was in progress' WHERE finished_at IS NULL",
-                [now_rfc3339()],
-            )?;
-            Ok(open)
-        })
-    }
-
-    fn enqueue_alert(&self, sinks: &[String], body: &str) -> Result<(), StoreError> {
-        self.with(|c| {
-            let transaction = c.unchecked_transaction()?;
-            for sink in sinks {
-                transaction.execute(
-                    "INSERT INTO outbox (sink, body) VALUES (?1, ?2)",
-                    params![sink, body],
-                )?;
-            }
-            transaction.commit()
-        })
-    }
-
-    fn due_alerts(&self, now_unix: i64) -> Result<Vec<OutboxEntry>, StoreError> {
+    fn due(&self, kind: OutboxKind, now_unix: i64) -> Result<Vec<OutboxEntry>, StoreError> {
         self.with(|c| {
             c.prepare(
-                "SELECT id, sink, body, attempts FROM outbox
-                 WHERE delivered_at IS NULL AND next_attempt_at <= ?1 ORDER BY id LIMIT 100",
+                "SELECT id, destination, body, attempts FROM outbox
+                 WHERE kind = ?1 AND delivered_at IS NULL AND next_attempt_at <= ?2
+                 ORDER BY id LIMIT 100",
             )?
-            .query_map([now_unix], |row| {
+            .query_map(params![kind.as_str(), now_unix], |row| {
                 Ok(OutboxEntry {
                     id: row.get(0)?,
-                    sink: row.get(1)?,
+                    destination: row.get(1)?,
                     body: row.get(2)?,
                     attempts: row.get::<_, i64>(3)? as u32,
                 })
@@ -614,7 +671,7 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn alert_delivered(&self, id: i64) -> Result<(), StoreError> {
+    fn delivered(&self, id: i64) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE outbox SET delivered_at = ?2, attempts = attempts + 1 WHERE id = ?1",
@@ -624,7 +681,12 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn alert_failed(&self, id: i64, next_attempt_unix: i64, error: &str) -> Result<(), StoreError> {
+    fn delivery_failed(
+        &self,
+        id: i64,
+        next_attempt_unix: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
@@ -639,20 +701,44 @@ impl StateStore for SqliteStore {
 mod tests {
     use super::*;
 
+    fn status_only(env: &str, status: &str) -> Journal {
+        Journal {
+            env: env.into(),
+            commit: "abc".into(),
+            status: Some(status.into()),
+            ..Journal::default()
+        }
+    }
+
+    fn alert_to(sink: &str) -> Delivery {
+        Delivery {
+            kind: OutboxKind::Alert,
+            destination: sink.into(),
+            body: "{}".into(),
+        }
+    }
+
+    /// Makes the database at `path` refuse every `statement` on `table`, as a full disk does,
+    /// until the trigger is dropped on the connection returned.
+    fn fill_disk(path: &Path, statement: &str, table: &str) -> Connection {
+        let disk = Connection::open(path).unwrap();
+        disk.execute_batch(&format!(
+            "CREATE TRIGGER full_disk BEFORE {statement} ON {table}
+             BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;"
+        ))
+        .unwrap();
+        disk
+    }
+
     #[test]
     fn a_status_the_database_refuses_is_shown_from_memory_and_written_later() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
         let store = SqliteStore::open(&path).unwrap();
         store.upsert_environment("prod", "main", "abc").unwrap();
-        store.set_status("prod", "applying").unwrap();
-        let disk = Connection::open(&path).unwrap();
-        disk.execute_batch(
-            "CREATE TRIGGER full_disk BEFORE UPDATE ON environments
-             BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
-        )
-        .unwrap();
-        assert!(store.set_status("prod", "in_sync").is_err());
+        store.journal(&status_only("prod", "applying")).unwrap();
+        let disk = fill_disk(&path, "UPDATE", "environments");
+        assert!(store.journal(&status_only("prod", "in_sync")).is_err());
         assert_eq!(
             store.environment("prod").unwrap().unwrap().status,
             "in_sync"
@@ -679,6 +765,77 @@ mod tests {
     }
 
     #[test]
+    fn an_outcome_is_recorded_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.upsert_environment("prod", "main", "abc").unwrap();
+        let run = store
+            .start_run("prod", "abc", "apply", Some("applying"))
+            .unwrap();
+        let applied = Journal {
+            env: "prod".into(),
+            commit: "abc".into(),
+            run: Some(RunRecord::Finish {
+                id: run,
+                result: "applied".into(),
+                summary: Summary {
+                    add: 1,
+                    change: 0,
+                    destroy: 0,
+                },
+                resources: Vec::new(),
+                message: String::new(),
+            }),
+            status: Some("in_sync".into()),
+            last_applied: Some("fingerprint".into()),
+            drift: Some(DriftRow {
+                status: "in_sync".into(),
+                ..DriftRow::default()
+            }),
+            audit: Some(("applied".into(), format!("run {run}"))),
+            outbox: vec![alert_to("http://a.invalid/"), alert_to("http://b.invalid/")],
+        };
+        // The last write of the outcome, the second alert, is refused.
+        let disk = Connection::open(&path).unwrap();
+        disk.execute_batch(
+            "CREATE TRIGGER full_disk BEFORE INSERT ON outbox
+             WHEN NEW.destination = 'http://b.invalid/'
+             BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+        )
+        .unwrap();
+        assert!(store.journal(&applied).is_err());
+        drop(store);
+
+        // What a restart finds: none of it.
+        let store = SqliteStore::open(&path).unwrap();
+        let row = store.environment("prod").unwrap().unwrap();
+        assert_eq!(row.status, "applying");
+        assert_eq!(row.last_applied, None);
+        assert_eq!(store.drift("prod").unwrap().status, "unchecked");
+        assert_eq!(store.run(run).unwrap().unwrap().result, None);
+        assert!(store.due(OutboxKind::Alert, i64::MAX).unwrap().is_empty());
+        let audited: i64 = disk
+            .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(audited, 0);
+
+        disk.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        assert_eq!(store.journal(&applied).unwrap(), Some(run));
+        let row = store.environment("prod").unwrap().unwrap();
+        assert_eq!(
+            (row.status.as_str(), row.last_applied.as_deref()),
+            ("in_sync", Some("abc"))
+        );
+        assert_eq!(store.drift("prod").unwrap().status, "in_sync");
+        assert_eq!(
+            store.run(run).unwrap().unwrap().result.as_deref(),
+            Some("applied")
+        );
+        assert_eq!(store.due(OutboxKind::Alert, i64::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
     fn a_database_from_a_newer_karrots_is_not_opened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
@@ -696,41 +853,73 @@ mod tests {
     }
 
     #[test]
-    fn runs_survive_a_reopen_and_open_ones_become_interrupted() {
+    fn alerts_waiting_in_an_older_outbox_survive_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        {
+            let older = Connection::open(&path).unwrap();
+            older.execute_batch(MIGRATIONS[0]).unwrap();
+            older.execute_batch(MIGRATIONS[1]).unwrap();
+            older.pragma_update(None, "user_version", 2).unwrap();
+            older
+                .execute(
+                    "INSERT INTO outbox (sink, body) VALUES ('http://a.invalid/', '{\"n\":1}')",
+                    [],
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let due = store.due(OutboxKind::Alert, i64::MAX).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].destination, "http://a.invalid/");
+        assert_eq!(due[0].body, "{\"n\":1}");
+    }
+
+    #[test]
+    fn runs_survive_a_reopen_and_open_ones_are_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
         {
             let store = SqliteStore::open(&path).unwrap();
             store.upsert_environment("prod", "main", "abc").unwrap();
-            let plan = store.start_run("prod", "abc", "plan").unwrap();
-            store
-                .finish_run(
-                    plan,
-                    "changes",
-                    Summary {
-                        add: 1,
-                        change: 0,
-                        destroy: 0,
-                    },
-                    &[],
-                    "",
-                )
+            let plan = store
+                .start_run("prod", "abc", "plan", Some("planning"))
                 .unwrap();
-            store.start_run("prod", "abc", "apply").unwrap();
+            store
+                .journal(&Journal {
+                    env: "prod".into(),
+                    commit: "abc".into(),
+                    run: Some(RunRecord::Finish {
+                        id: plan,
+                        result: "changes".into(),
+                        summary: Summary {
+                            add: 1,
+                            change: 0,
+                            destroy: 0,
+                        },
+                        resources: Vec::new(),
+                        message: String::new(),
+                    }),
+                    ..Journal::default()
+                })
+                .unwrap();
+            store
+                .start_run("prod", "abc", "apply", Some("applying"))
+                .unwrap();
             // The daemon dies here, mid-apply.
         }
         let store = SqliteStore::open(&path).unwrap();
-        let interrupted = store.interrupt_open_runs().unwrap();
-        assert_eq!(interrupted.len(), 1);
-        assert_eq!(interrupted[0].kind, "apply");
+        let open = store.open_runs().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].kind, "apply");
+        assert_eq!(
+            store.environment("prod").unwrap().unwrap().status,
+            "applying"
+        );
         let runs = store.runs(Some("prod"), 200).unwrap();
-        assert_eq!(runs[0].result.as_deref(), Some("interrupted"));
+        assert_eq!(runs[0].result, None);
         assert_eq!(runs[1].result.as_deref(), Some("changes"));
         assert_eq!(runs[1].summary.add, 1);
-        assert!(
-            store.interrupt_open_runs().unwrap().is_empty(),
-            "reported once"
-        );
     }
 
     #[test]
@@ -749,7 +938,13 @@ mod tests {
             store.upsert_environment("prod", "main", "abc").unwrap();
             store.upsert_environment("dev", "dev", "abc").unwrap();
             assert_eq!(store.drift("prod").unwrap(), DriftRow::default());
-            store.set_drift("prod", &found).unwrap();
+            store
+                .journal(&Journal {
+                    env: "prod".into(),
+                    drift: Some(found.clone()),
+                    ..Journal::default()
+                })
+                .unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.drift("prod").unwrap(), found);
@@ -762,17 +957,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("karrots.db")).unwrap();
         store
-            .enqueue_alert(
-                &["http://a.invalid/".into(), "http://b.invalid/".into()],
-                "{}",
-            )
+            .journal(&Journal {
+                outbox: vec![alert_to("http://a.invalid/"), alert_to("http://b.invalid/")],
+                ..Journal::default()
+            })
             .unwrap();
-        let due = store.due_alerts(0).unwrap();
+        let due = store.due(OutboxKind::Alert, 0).unwrap();
         assert_eq!(due.len(), 2);
-        store.alert_delivered(due[0].id).unwrap();
-        store.alert_failed(due[1].id, 100, "refused").unwrap();
-        assert!(store.due_alerts(99).unwrap().is_empty());
-        let retry = store.due_alerts(100).unwrap();
+        store.delivered(due[0].id).unwrap();
+        store.delivery_failed(due[1].id, 100, "refused").unwrap();
+        assert!(store.due(OutboxKind::Alert, 99).unwrap().is_empty());
+        let retry = store.due(OutboxKind::Alert, 100).unwrap();
         assert_eq!(retry.len(), 1);
         assert_eq!(retry[0].attempts, 1);
     }

@@ -43,7 +43,8 @@ resource "aws_vpc" "extra" {
 "#;
 
 /// CloudTrail `LookupEvents` on a free loopback port: answers from the events given to it
-/// for a resource name, two to a page; throttles the first `throttled` requests.
+/// for a resource name, two to a page; throttles the first `throttled` requests. A silent
+/// one reads each request and never answers.
 pub(crate) struct FakeCloudTrail {
     url: String,
     events: Arc<Mutex<Vec<(String, Value)>>>,
@@ -52,12 +53,21 @@ pub(crate) struct FakeCloudTrail {
 
 impl FakeCloudTrail {
     pub(crate) fn start(throttled: usize) -> FakeCloudTrail {
+        FakeCloudTrail::serve(throttled, true)
+    }
+
+    pub(crate) fn silent() -> FakeCloudTrail {
+        FakeCloudTrail::serve(0, false)
+    }
+
+    fn serve(throttled: usize, answers: bool) -> FakeCloudTrail {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the CloudTrail fake");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let events: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
         let requests: Arc<Mutex<Vec<Value>>> = Arc::default();
         let (known, seen) = (events.clone(), requests.clone());
         std::thread::spawn(move || {
+            let mut unanswered = Vec::new();
             for mut stream in listener.incoming().flatten() {
                 let Some(body) = read_body(&mut stream) else {
                     continue;
@@ -68,6 +78,10 @@ impl FakeCloudTrail {
                     seen.push(request.clone());
                     seen.len()
                 };
+                if !answers {
+                    unanswered.push(stream);
+                    continue;
+                }
                 let (status, answer) = if count <= throttled {
                     (
                         "400 Bad Request",
@@ -479,6 +493,49 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
         }
     }
     assert!(superseded, "{:#?}", fixture.runs("prod"));
+}
+
+#[test]
+fn a_merged_commit_cuts_short_the_search_for_who_changed_a_drifted_resource() {
+    let trail = FakeCloudTrail::silent();
+    let (fixture, _) = drifting_prod("  interval: 2s\n", Some(&trail));
+    let main = vpc_id(&fixture, "karrots-drift");
+    retag(&fixture, &main, "changed-by-hand");
+    fixture.wait_for("the search for who changed it", |_| {
+        !trail.requests().is_empty()
+    });
+    let check = fixture.runs("prod")[0].clone();
+    assert_eq!(check["kind"], "drift", "{check:#}");
+    assert!(
+        check["finished_at"].is_null()
+            && fixture.environment("prod")["drift"]["status"] != "drifted",
+        "while the search runs, the check is not shown finished: {check:#}"
+    );
+
+    fixture.clone.replace(
+        "modules/prod-app/main.tf",
+        "default = \"v1\"",
+        "default = \"v2\"",
+    );
+    let second = fixture.clone.commit_all("label v2");
+    fixture.push("main");
+    fixture.wait_for("the merge applied", |f| f.applied("prod", &second));
+    let detected = &alerts(&fixture, "drift_detected")[0];
+    let message = detected["message"].as_str().unwrap();
+    assert!(
+        message.contains("cut short") && message.contains("merged commit goes first"),
+        "{message}"
+    );
+    assert_eq!(detected["resources"][0]["id"], main.as_str());
+    let runs = fixture.runs("prod");
+    let check = runs
+        .iter()
+        .find(|run| run["id"] == check["id"])
+        .expect("the drift check's run");
+    assert_eq!(check["result"], "changes", "{check:#}");
+    fixture.wait_for("drift cleared by the apply", |f| {
+        f.environment("prod")["drift"]["status"] == "in_sync"
+    });
 }
 
 #[test]

@@ -1,0 +1,169 @@
+//! The one way the daemon records what happened: an [`Outcome`] gathers a run's result, the
+//! environment's status, where it now is, its drift, the audit entry and the alerts it
+//! raises, and [`Shared::record`] writes all of it in one store transaction
+//! ([`crate::store::StateStore::journal`]), then counts it in the metrics. A kill at any
+//! moment leaves either the whole outcome or none of it: never a finished run without its
+//! alert, or a status without its audit entry.
+
+use crate::alert::Alert;
+use crate::engine::drift::DriftStatus;
+use crate::git::CommitId;
+use crate::store::{Delivery, DriftRow, Journal, OutboxKind, RunRecord, StoreError, Summary};
+
+use super::Shared;
+
+/// One outcome for one environment and commit, built up and then [`Shared::record`]ed.
+#[must_use = "an outcome is recorded by Shared::record"]
+pub(super) struct Outcome {
+    journal: Journal,
+    alerts: Vec<Alert>,
+    /// The run's kind and result, counted in `karrots_runs_total`.
+    counted: Option<(String, String)>,
+    /// The drift status and count shown by the metrics.
+    drift_metric: Option<(DriftStatus, usize)>,
+}
+
+impl Outcome {
+    pub fn new(env: &str, commit: &CommitId) -> Outcome {
+        Outcome::for_commit(env, commit.as_str())
+    }
+
+    pub fn for_commit(env: &str, commit: &str) -> Outcome {
+        Outcome {
+            journal: Journal {
+                env: env.to_string(),
+                commit: commit.to_string(),
+                ..Journal::default()
+            },
+            alerts: Vec::new(),
+            counted: None,
+            drift_metric: None,
+        }
+    }
+
+    pub fn env(&self) -> &str {
+        &self.journal.env
+    }
+
+    pub fn commit(&self) -> CommitId {
+        CommitId::from_hex(&self.journal.commit)
+    }
+
+    /// Ends run `id` (of `kind`) with `result`.
+    pub fn finish(
+        mut self,
+        id: i64,
+        kind: &str,
+        result: &str,
+        summary: Summary,
+        resources: Vec<serde_json::Value>,
+        message: impl Into<String>,
+    ) -> Outcome {
+        self.journal.run = Some(RunRecord::Finish {
+            id,
+            result: result.to_string(),
+            summary,
+            resources,
+            message: message.into(),
+        });
+        self.counted = Some((kind.to_string(), result.to_string()));
+        self
+    }
+
+    /// A run of `kind` decided without terraform: refused, superseded.
+    pub fn decided(mut self, kind: &str, result: &str, message: impl Into<String>) -> Outcome {
+        self.journal.run = Some(RunRecord::Decided {
+            kind: kind.to_string(),
+            result: result.to_string(),
+            message: message.into(),
+        });
+        self.counted = Some((kind.to_string(), result.to_string()));
+        self
+    }
+
+    pub fn status(mut self, status: &str) -> Outcome {
+        self.journal.status = Some(status.to_string());
+        self
+    }
+
+    /// The environment is now at the commit, whose inputs have `fingerprint`.
+    pub fn last_applied(mut self, fingerprint: &str) -> Outcome {
+        self.journal.last_applied = Some(fingerprint.to_string());
+        self
+    }
+
+    /// What drift checks now know, and the status the metrics show for it.
+    pub fn drift(mut self, row: DriftRow, shown: DriftStatus) -> Outcome {
+        self.drift_metric = Some((shown, row.resources.len()));
+        self.journal.drift = Some(row);
+        self
+    }
+
+    pub fn audit(mut self, decision: &str, detail: impl Into<String>) -> Outcome {
+        self.journal.audit = Some((decision.to_string(), detail.into()));
+        self
+    }
+
+    pub fn alert(mut self, alert: Alert) -> Outcome {
+        self.alerts.push(alert);
+        self
+    }
+}
+
+impl Shared {
+    /// Records `outcome` in one transaction, then counts it. Returns the run's id, when it
+    /// has a run. When the database refuses, its alerts are held in memory and queued again
+    /// on every poll, and its status is shown from memory (see [`crate::alert::Held`]).
+    pub(super) fn record(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
+        let Outcome {
+            journal,
+            alerts,
+            counted,
+            drift_metric,
+        } = outcome;
+        let deliveries: Vec<Vec<Delivery>> =
+            alerts.iter().map(|alert| self.deliveries(alert)).collect();
+        let recorded = self
+            .held_alerts
+            .record(self.store.as_ref(), journal.clone(), deliveries);
+        if let Some((kind, result)) = counted {
+            self.metrics.run(&journal.env, &kind, &result);
+        }
+        if let Some((status, drifted)) = drift_metric {
+            self.metrics.drift(&journal.env, status, drifted);
+        }
+        if let Err(error) = &recorded {
+            tracing::error!(env = %journal.env, commit = %journal.commit, %error, "recording an outcome");
+        }
+        recorded
+    }
+
+    /// Records an alert that ends no run (a source error, a rewritten history).
+    pub fn alert(&self, alert: Alert) {
+        let _ = self
+            .record(Outcome::for_commit(&alert.env.clone(), &alert.commit.clone()).alert(alert));
+    }
+
+    /// The outbox rows of one alert: the daemon's sinks and the environment's own.
+    fn deliveries(&self, alert: &Alert) -> Vec<Delivery> {
+        let mut sinks: Vec<String> = self
+            .config
+            .alerts
+            .iter()
+            .map(|sink| sink.webhook.to_string())
+            .collect();
+        if let Some(spec) = self.trusted(&alert.env) {
+            sinks.extend(spec.alerts.iter().map(|sink| sink.webhook.to_string()));
+        }
+        tracing::info!(kind = ?alert.kind, env = %alert.env, commit = %alert.commit, message = %alert.message, "alert");
+        let body = serde_json::to_string(alert).unwrap_or_default();
+        sinks
+            .into_iter()
+            .map(|destination| Delivery {
+                kind: OutboxKind::Alert,
+                destination,
+                body: body.clone(),
+            })
+            .collect()
+    }
+}
