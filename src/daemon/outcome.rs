@@ -41,14 +41,6 @@ impl Outcome {
         }
     }
 
-    pub fn env(&self) -> &str {
-        &self.journal.env
-    }
-
-    pub fn commit(&self) -> CommitId {
-        CommitId::from_hex(&self.journal.commit)
-    }
-
     /// Ends run `id` (of `kind`) with `result`.
     pub fn finish(
         mut self,
@@ -123,25 +115,25 @@ impl Shared {
         } = outcome;
         let deliveries: Vec<Vec<Delivery>> =
             alerts.iter().map(|alert| self.deliveries(alert)).collect();
+        let (env, commit) = (journal.env.clone(), journal.commit.clone());
         let recorded = self
             .held_alerts
-            .record(self.store.as_ref(), journal.clone(), deliveries);
+            .record(self.store.as_ref(), journal, deliveries);
         if let Some((kind, result)) = counted {
-            self.metrics.run(&journal.env, &kind, &result);
+            self.metrics.run(&env, &kind, &result);
         }
         if let Some((status, drifted)) = drift_metric {
-            self.metrics.drift(&journal.env, status, drifted);
+            self.metrics.drift(&env, status, drifted);
         }
         if let Err(error) = &recorded {
-            tracing::error!(env = %journal.env, commit = %journal.commit, %error, "recording an outcome");
+            tracing::error!(%env, %commit, %error, "recording an outcome");
         }
         recorded
     }
 
     /// Records an alert that ends no run (a source error, a rewritten history).
     pub fn alert(&self, alert: Alert) {
-        let _ = self
-            .record(Outcome::for_commit(&alert.env.clone(), &alert.commit.clone()).alert(alert));
+        let _ = self.record(Outcome::for_commit(&alert.env, &alert.commit).alert(alert));
     }
 
     /// The outbox rows of one alert: the daemon's sinks and the environment's own.

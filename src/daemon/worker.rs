@@ -649,20 +649,23 @@ async fn recorded_plan(
         "failed"
     };
     tracing::warn!(%error, result, "the plan did not succeed");
-    let ended = Outcome::new(env, commit);
     match streak {
         Some(streak) if result == "failed" => {
-            shared.record(merged_plan_failed(ended, run_id, &error, streak))?;
+            shared.record(merged_plan_failed(env, commit, run_id, &error, streak))?;
         }
         _ => {
-            shared.record(ended.finish(
+            let mut ended = Outcome::new(env, commit).finish(
                 run_id,
                 kind,
                 result,
                 Summary::default(),
                 Vec::new(),
                 error.to_string(),
-            ))?;
+            );
+            if lane == Lane::Merged {
+                ended = ended.status("failed");
+            }
+            shared.record(ended)?;
         }
     }
     Ok(None)
@@ -673,14 +676,15 @@ async fn recorded_plan(
 /// `failed` until a new commit. A merged commit is there to be applied, so a failed plan is
 /// an `apply_failed` alert: on the first failure of a streak, and when the retries give up.
 fn merged_plan_failed(
-    ended: Outcome,
+    env: &str,
+    commit: &CommitId,
     run_id: i64,
     error: &WorkError,
     streak: &mut Streak,
 ) -> Outcome {
     let text = error.to_string();
     let class = error.class();
-    let (policy, attempt) = streak.failed(&ended.commit(), class, &text);
+    let (policy, attempt) = streak.failed(commit, class, &text);
     let (status, next) = match policy {
         Policy::Requeue(after) => {
             let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + after);
@@ -698,9 +702,7 @@ fn merged_plan_failed(
         ),
         Policy::AwaitChange => ("failed", String::new()),
     };
-    let commit = ended.commit();
-    let env = ended.env().to_string();
-    let failed = ended
+    let failed = Outcome::new(env, commit)
         .finish(
             run_id,
             "plan",
@@ -714,7 +716,7 @@ fn merged_plan_failed(
     if attempt == 1 || policy == Policy::AwaitChange {
         failed.alert(Alert::new(
             AlertKind::ApplyFailed,
-            &env,
+            env,
             commit.as_str(),
             format!(
                 "the plan of {} failed, so nothing was applied{next}: {text}",

@@ -710,6 +710,21 @@ mod tests {
         }
     }
 
+    /// Run `id` ended with `result`, having planned one resource to add.
+    fn added_one(id: i64, result: &str) -> RunRecord {
+        RunRecord::Finish {
+            id,
+            result: result.into(),
+            summary: Summary {
+                add: 1,
+                change: 0,
+                destroy: 0,
+            },
+            resources: Vec::new(),
+            message: String::new(),
+        }
+    }
+
     fn alert_to(sink: &str) -> Delivery {
         Delivery {
             kind: OutboxKind::Alert,
@@ -776,17 +791,7 @@ mod tests {
         let applied = Journal {
             env: "prod".into(),
             commit: "abc".into(),
-            run: Some(RunRecord::Finish {
-                id: run,
-                result: "applied".into(),
-                summary: Summary {
-                    add: 1,
-                    change: 0,
-                    destroy: 0,
-                },
-                resources: Vec::new(),
-                message: String::new(),
-            }),
+            run: Some(added_one(run, "applied")),
             status: Some("in_sync".into()),
             last_applied: Some("fingerprint".into()),
             drift: Some(DriftRow {
@@ -889,17 +894,7 @@ mod tests {
                 .journal(&Journal {
                     env: "prod".into(),
                     commit: "abc".into(),
-                    run: Some(RunRecord::Finish {
-                        id: plan,
-                        result: "changes".into(),
-                        summary: Summary {
-                            add: 1,
-                            change: 0,
-                            destroy: 0,
-                        },
-                        resources: Vec::new(),
-                        message: String::new(),
-                    }),
+                    run: Some(added_one(plan, "changes")),
                     ..Journal::default()
                 })
                 .unwrap();

@@ -259,6 +259,19 @@ pub(crate) fn drifting_prod(drift: &str, trail: Option<&FakeCloudTrail>) -> (Fix
     (fixture, first)
 }
 
+/// Pushes to `main` a commit that moves prod's label from `v{round - 1}` to `v{round}`: a
+/// merged change that is no drift. Returns the commit.
+fn push_label(fixture: &Fixture, round: usize) -> String {
+    fixture.clone.replace(
+        "modules/prod-app/main.tf",
+        &format!("default = \"v{}\"", round - 1),
+        &format!("default = \"v{round}\""),
+    );
+    let head = fixture.clone.commit_all(&format!("label v{round}"));
+    fixture.push("main");
+    head
+}
+
 fn alerts(fixture: &Fixture, kind: &str) -> Vec<Value> {
     fixture.sink.all("prod", kind)
 }
@@ -441,13 +454,7 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
     );
 
     // A merge while drifted heals it the normal way.
-    fixture.clone.replace(
-        "modules/prod-app/main.tf",
-        "default = \"v1\"",
-        "default = \"v2\"",
-    );
-    let second = fixture.clone.commit_all("label v2");
-    fixture.push("main");
+    let second = push_label(&fixture, 2);
     fixture.wait_for("the merge applied", |f| f.applied("prod", &second));
     fixture.wait_for("drift cleared by the apply", |f| {
         count(f, "drift_cleared") == 2
@@ -472,13 +479,7 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
                 .first()
                 .is_some_and(|run| run["kind"] == "drift" && run["finished_at"].is_null())
         });
-        fixture.clone.replace(
-            "modules/prod-app/main.tf",
-            &format!("default = \"v{}\"", round - 1),
-            &format!("default = \"v{round}\""),
-        );
-        let head = fixture.clone.commit_all(&format!("label v{round}"));
-        fixture.push("main");
+        let head = push_label(&fixture, round);
         fixture.wait_for("the commit applied", |f| f.applied("prod", &head));
         if fixture.runs("prod").iter().any(|run| {
             run["kind"] == "drift"
@@ -512,13 +513,7 @@ fn a_merged_commit_cuts_short_the_search_for_who_changed_a_drifted_resource() {
         "while the search runs, the check is not shown finished: {check:#}"
     );
 
-    fixture.clone.replace(
-        "modules/prod-app/main.tf",
-        "default = \"v1\"",
-        "default = \"v2\"",
-    );
-    let second = fixture.clone.commit_all("label v2");
-    fixture.push("main");
+    let second = push_label(&fixture, 2);
     fixture.wait_for("the merge applied", |f| f.applied("prod", &second));
     let detected = &alerts(&fixture, "drift_detected")[0];
     let message = detected["message"].as_str().unwrap();
