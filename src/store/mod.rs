@@ -48,6 +48,14 @@ pub struct EnvironmentRow {
     pub applied_fingerprint: Option<String>,
 }
 
+/// A new head of an environment's branch, for [`StateStore::record_heads`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadRow {
+    pub env: String,
+    pub branch: String,
+    pub head: String,
+}
+
 /// One run as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RunRow {
@@ -176,15 +184,19 @@ pub struct Journal {
 pub trait StateStore: Send + Sync {
     fn environments(&self) -> Result<Vec<EnvironmentRow>, StoreError>;
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError>;
-    /// Records a new head of the environment's branch. An environment seen for the first time
-    /// is `planning`: its head is queued, and nothing has shown it in sync yet.
-    fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError>;
+    /// Records new heads of environments' branches, all in one transaction. An environment
+    /// seen for the first time is `planning`: its head is queued, and nothing has shown it in
+    /// sync yet.
+    fn record_heads(&self, heads: &[HeadRow]) -> Result<(), StoreError>;
     /// Records one outcome in one transaction: the run, the environment's status, where it
     /// now is, its drift, the audit entry and every delivery the outcome causes. Returns the
     /// run's id, when there is a run. When the database refuses (a full disk), nothing of it
     /// is written, but the status is still what the store reports for the environment, from
     /// memory, until [`StateStore::record_pending`] writes it.
     fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError>;
+    /// Records several outcomes in one transaction (a commit that many environments pass
+    /// over is one write, not one per environment): all of them, or none.
+    fn journal_all(&self, entries: &[Journal]) -> Result<Vec<Option<i64>>, StoreError>;
     /// Writes the statuses the database refused before; called on every poll.
     fn record_pending(&self) {}
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError>;
@@ -412,6 +424,105 @@ fn environment_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EnvironmentRow> 
     })
 }
 
+/// Writes one journal entry inside `transaction`; returns its run's id, when it has a run.
+fn write_journal(
+    transaction: &rusqlite::Transaction<'_>,
+    entry: &Journal,
+    now: &str,
+) -> rusqlite::Result<Option<i64>> {
+    let env = entry.env.as_str();
+    let run = match &entry.run {
+        Some(RunRecord::Finish {
+            id,
+            result,
+            summary,
+            resources,
+            message,
+        }) => {
+            let resources = serde_json::to_string(resources).unwrap_or_else(|_| "[]".into());
+            transaction
+                .prepare_cached(
+                    "UPDATE runs SET result = ?2, add_count = ?3, change_count = ?4,
+                     destroy_count = ?5, resources = ?6, finished_at = ?7, message = ?8
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    result,
+                    summary.add as i64,
+                    summary.change as i64,
+                    summary.destroy as i64,
+                    resources,
+                    now,
+                    message
+                ])?;
+            Some(*id)
+        }
+        Some(RunRecord::Decided {
+            kind,
+            result,
+            message,
+        }) => {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO runs (env, commit_id, kind, result, started_at, finished_at,
+                     message) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                )?
+                .execute(params![env, entry.commit, kind, result, now, message])?;
+            Some(transaction.last_insert_rowid())
+        }
+        None => None,
+    };
+    if let Some(status) = &entry.status {
+        transaction
+            .prepare_cached("UPDATE environments SET status = ?2 WHERE name = ?1")?
+            .execute(params![env, status])?;
+    }
+    if let Some(fingerprint) = &entry.last_applied {
+        transaction
+            .prepare_cached(
+                "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3
+                 WHERE name = ?1",
+            )?
+            .execute(params![env, entry.commit, fingerprint])?;
+    }
+    if let Some(drift) = &entry.drift {
+        let resources = serde_json::to_string(&drift.resources).unwrap_or_else(|_| "[]".into());
+        transaction
+            .prepare_cached(
+                "UPDATE environments SET drift_status = ?2, drift_checked_at = ?3,
+                 drift_in_sync_at = ?4, drift_resources = ?5, drift_message = ?6
+                 WHERE name = ?1",
+            )?
+            .execute(params![
+                env,
+                drift.status,
+                drift.checked_at,
+                drift.in_sync_at,
+                resources,
+                drift.message
+            ])?;
+    }
+    if let Some((decision, detail)) = &entry.audit {
+        transaction
+            .prepare_cached(
+                "INSERT INTO audit (at, env, commit_id, decision, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![now, env, entry.commit, decision, detail])?;
+    }
+    for delivery in &entry.outbox {
+        transaction
+            .prepare_cached("INSERT INTO outbox (kind, destination, body) VALUES (?1, ?2, ?3)")?
+            .execute(params![
+                delivery.kind.as_str(),
+                delivery.destination,
+                delivery.body
+            ])?;
+    }
+    Ok(run)
+}
+
 const ENVIRONMENT_COLUMNS: &str = "name, branch, head, last_applied, applied_fingerprint, status";
 
 impl StateStore for SqliteStore {
@@ -438,14 +549,19 @@ impl StateStore for SqliteStore {
         .map(|row| row.map(|row| self.known(row)))
     }
 
-    fn upsert_environment(&self, name: &str, branch: &str, head: &str) -> Result<(), StoreError> {
+    fn record_heads(&self, heads: &[HeadRow]) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO environments (name, branch, head, status) VALUES (?1, ?2, ?3, 'planning')
-                 ON CONFLICT (name) DO UPDATE SET branch = ?2, head = ?3",
-                params![name, branch, head],
-            )
-            .map(drop)
+            let transaction = c.unchecked_transaction()?;
+            {
+                let mut upsert = transaction.prepare_cached(
+                    "INSERT INTO environments (name, branch, head, status) VALUES (?1, ?2, ?3, 'planning')
+                     ON CONFLICT (name) DO UPDATE SET branch = ?2, head = ?3",
+                )?;
+                for head in heads {
+                    upsert.execute(params![head.env, head.branch, head.head])?;
+                }
+            }
+            transaction.commit()
         })
     }
 
@@ -516,99 +632,33 @@ impl StateStore for SqliteStore {
     }
 
     fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError> {
-        let env = entry.env.as_str();
         let written = self.with(|c| {
             let transaction = c.unchecked_transaction()?;
-            let now = now_rfc3339();
-            let run = match &entry.run {
-                Some(RunRecord::Finish {
-                    id,
-                    result,
-                    summary,
-                    resources,
-                    message,
-                }) => {
-                    let resources =
-                        serde_json::to_string(resources).unwrap_or_else(|_| "[]".into());
-                    transaction.execute(
-                        "UPDATE runs SET result = ?2, add_count = ?3, change_count = ?4,
-                         destroy_count = ?5, resources = ?6, finished_at = ?7, message = ?8
-                         WHERE id = ?1",
-                        params![
-                            id,
-                            result,
-                            summary.add as i64,
-                            summary.change as i64,
-                            summary.destroy as i64,
-                            resources,
-                            now,
-                            message
-                        ],
-                    )?;
-                    Some(*id)
-                }
-                Some(RunRecord::Decided {
-                    kind,
-                    result,
-                    message,
-                }) => {
-                    transaction.execute(
-                        "INSERT INTO runs (env, commit_id, kind, result, started_at, finished_at, message)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
-                        params![env, entry.commit, kind, result, now, message],
-                    )?;
-                    Some(transaction.last_insert_rowid())
-                }
-                None => None,
-            };
-            if let Some(status) = &entry.status {
-                transaction.execute(
-                    "UPDATE environments SET status = ?2 WHERE name = ?1",
-                    params![env, status],
-                )?;
-            }
-            if let Some(fingerprint) = &entry.last_applied {
-                transaction.execute(
-                    "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3
-                     WHERE name = ?1",
-                    params![env, entry.commit, fingerprint],
-                )?;
-            }
-            if let Some(drift) = &entry.drift {
-                let resources =
-                    serde_json::to_string(&drift.resources).unwrap_or_else(|_| "[]".into());
-                transaction.execute(
-                    "UPDATE environments SET drift_status = ?2, drift_checked_at = ?3,
-                     drift_in_sync_at = ?4, drift_resources = ?5, drift_message = ?6
-                     WHERE name = ?1",
-                    params![
-                        env,
-                        drift.status,
-                        drift.checked_at,
-                        drift.in_sync_at,
-                        resources,
-                        drift.message
-                    ],
-                )?;
-            }
-            if let Some((decision, detail)) = &entry.audit {
-                transaction.execute(
-                    "INSERT INTO audit (at, env, commit_id, decision, detail)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![now, env, entry.commit, decision, detail],
-                )?;
-            }
-            for delivery in &entry.outbox {
-                transaction.execute(
-                    "INSERT INTO outbox (kind, destination, body) VALUES (?1, ?2, ?3)",
-                    params![delivery.kind.as_str(), delivery.destination, delivery.body],
-                )?;
-            }
+            let run = write_journal(&transaction, entry, &now_rfc3339())?;
             transaction.commit()?;
             Ok(run)
         });
         if let Some(status) = &entry.status {
-            self.remember_status(env, status, written.is_ok());
+            self.remember_status(&entry.env, status, written.is_ok());
+        }
+        written
+    }
+
+    fn journal_all(&self, entries: &[Journal]) -> Result<Vec<Option<i64>>, StoreError> {
+        let written = self.with(|c| {
+            let transaction = c.unchecked_transaction()?;
+            let now = now_rfc3339();
+            let runs = entries
+                .iter()
+                .map(|entry| write_journal(&transaction, entry, &now))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            transaction.commit()?;
+            Ok(runs)
+        });
+        for entry in entries {
+            if let Some(status) = &entry.status {
+                self.remember_status(&entry.env, status, written.is_ok());
+            }
         }
         written
     }
@@ -701,6 +751,19 @@ impl StateStore for SqliteStore {
 mod tests {
     use super::*;
 
+    fn record_head(
+        store: &SqliteStore,
+        env: &str,
+        branch: &str,
+        head: &str,
+    ) -> Result<(), StoreError> {
+        store.record_heads(&[HeadRow {
+            env: env.into(),
+            branch: branch.into(),
+            head: head.into(),
+        }])
+    }
+
     fn status_only(env: &str, status: &str) -> Journal {
         Journal {
             env: env.into(),
@@ -750,7 +813,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
         let store = SqliteStore::open(&path).unwrap();
-        store.upsert_environment("prod", "main", "abc").unwrap();
+        record_head(&store, "prod", "main", "abc").unwrap();
         store.journal(&status_only("prod", "applying")).unwrap();
         let disk = fill_disk(&path, "UPDATE", "environments");
         assert!(store.journal(&status_only("prod", "in_sync")).is_err());
@@ -780,11 +843,65 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_recorded_together_are_all_written_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let heads: Vec<HeadRow> = ["a", "b", "c"]
+            .into_iter()
+            .map(|env| HeadRow {
+                env: env.into(),
+                branch: "main".into(),
+                head: "abc".into(),
+            })
+            .collect();
+        store.record_heads(&heads).unwrap();
+        let passed_over = |env: &str| Journal {
+            last_applied: Some("fingerprint".into()),
+            audit: Some(("unaffected".into(), "no input changed".into())),
+            ..status_only(env, "in_sync")
+        };
+        let entries: Vec<Journal> = ["a", "b", "c"].into_iter().map(passed_over).collect();
+        // The last environment's audit entry is refused: none of the three is written.
+        let disk = Connection::open(&path).unwrap();
+        disk.execute_batch(
+            "CREATE TRIGGER full_disk BEFORE INSERT ON audit WHEN NEW.env = 'c'
+             BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+        )
+        .unwrap();
+        assert!(store.journal_all(&entries).is_err());
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        for row in store.environments().unwrap() {
+            assert_eq!(
+                (row.status.as_str(), row.last_applied.as_deref()),
+                ("planning", None),
+                "{}",
+                row.name
+            );
+        }
+        disk.execute_batch("DROP TRIGGER full_disk;").unwrap();
+        assert_eq!(store.journal_all(&entries).unwrap(), vec![None; 3]);
+        for row in store.environments().unwrap() {
+            assert_eq!(
+                (row.status.as_str(), row.last_applied.as_deref()),
+                ("in_sync", Some("abc")),
+                "{}",
+                row.name
+            );
+        }
+        let audited: i64 = disk
+            .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(audited, 3);
+    }
+
+    #[test]
     fn an_outcome_is_recorded_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
         let store = SqliteStore::open(&path).unwrap();
-        store.upsert_environment("prod", "main", "abc").unwrap();
+        record_head(&store, "prod", "main", "abc").unwrap();
         let run = store
             .start_run("prod", "abc", "apply", Some("applying"))
             .unwrap();
@@ -886,7 +1003,7 @@ mod tests {
         let path = dir.path().join("karrots.db");
         {
             let store = SqliteStore::open(&path).unwrap();
-            store.upsert_environment("prod", "main", "abc").unwrap();
+            record_head(&store, "prod", "main", "abc").unwrap();
             let plan = store
                 .start_run("prod", "abc", "plan", Some("planning"))
                 .unwrap();
@@ -930,8 +1047,8 @@ mod tests {
         };
         {
             let store = SqliteStore::open(&path).unwrap();
-            store.upsert_environment("prod", "main", "abc").unwrap();
-            store.upsert_environment("dev", "dev", "abc").unwrap();
+            record_head(&store, "prod", "main", "abc").unwrap();
+            record_head(&store, "dev", "dev", "abc").unwrap();
             assert_eq!(store.drift("prod").unwrap(), DriftRow::default());
             store
                 .journal(&Journal {
