@@ -197,15 +197,27 @@ pub fn export_tree(
     include: &dyn Fn(&str, bool) -> bool,
     max_file_bytes: u64,
 ) -> Result<(), GitError> {
-    let read = |source| read_error(commit, source);
-    let export_error = |source| GitError::Export {
+    fs::create_dir(destination).map_err(|source| GitError::Export {
         commit: commit.to_string(),
         path: destination.to_path_buf(),
         source,
-    };
+    })?;
+    export_more(repo, commit, destination, include, max_file_bytes)
+}
+
+/// [`export_tree`] into a `destination` that an earlier export of the same commit wrote:
+/// what is already there is kept (the same commit has the same content at the same path),
+/// the rest of what `include` accepts is added.
+pub fn export_more(
+    repo: &Repository,
+    commit: &CommitId,
+    destination: &Path,
+    include: &dyn Fn(&str, bool) -> bool,
+    max_file_bytes: u64,
+) -> Result<(), GitError> {
+    let read = |source| read_error(commit, source);
     let tree = find_commit(repo, commit)?.tree().map_err(read)?;
     let odb = repo.odb().map_err(read)?;
-    fs::create_dir(destination).map_err(export_error)?;
     let mut failure: Option<GitError> = None;
     tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
         let name = match entry.name() {
@@ -245,7 +257,10 @@ pub fn export_tree(
             }
         }
         let target = destination.join(&relative);
+        // Written by an earlier export of this commit: the same entry.
+        let exported = target.symlink_metadata().is_ok();
         let written = match entry.kind() {
+            _ if exported => Ok(()),
             Some(ObjectType::Tree) => fs::create_dir(&target),
             Some(ObjectType::Blob) => entry
                 .to_object(repo)

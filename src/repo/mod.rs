@@ -151,6 +151,19 @@ pub fn check_environment(
     }
 }
 
+/// The local modules `module` calls, as the check reads them from the tree at `root`: how a
+/// stage finds the modules an environment reaches, to export only those.
+pub fn local_module_calls(root: &Path, module: &RepoPath) -> Vec<RepoPath> {
+    scan_module(root, module)
+        .calls
+        .into_iter()
+        .filter_map(|call| match call.source {
+            ModuleSource::Local(path) => Some(path),
+            ModuleSource::Remote(_) => None,
+        })
+        .collect()
+}
+
 /// Why an environment is refused, and the inputs known when it was (its folder at least).
 struct Refused {
     problems: Vec<Problem>,
