@@ -15,7 +15,7 @@ mod outcome;
 mod systemd;
 mod worker;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,11 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::{Alert, AlertKind};
 use crate::config::PreviewNetwork;
+use crate::config::RepoPath;
 use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
 use crate::engine::Lane;
+use crate::engine::reconcile::{HeadDecision, HeadFacts, MergedState, decide_head, touches_inputs};
 use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
-use crate::store::{SqliteStore, StateStore};
+use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
 use crate::terraform::Terraform;
 
 use outcome::Outcome;
@@ -52,6 +54,9 @@ pub enum DaemonError {
     Setup(String),
 }
 
+/// Blocking git tasks of the workers at once ([`Shared::git_work`]).
+const GIT_WORK_AT_ONCE: usize = 4;
+
 /// How long a wake waits for the rest of its burst before fetching.
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
 
@@ -65,6 +70,10 @@ pub struct Shared {
     pub wake: Notify,
     /// Terraform runs at once, across environments.
     permits: Semaphore,
+    /// Blocking git work of the workers at once (staging a commit, comparing it with the
+    /// last applied one): each holds the mirror open and a commit's closure in memory, and a
+    /// thousand environments staged at once took the daemon to 360 MB for good.
+    pub(crate) git_work: Semaphore,
     /// Merged runs waiting for a permit: previews wait while there are any.
     merged_waiting: AtomicUsize,
     /// The environments as the trust branch describes them, from the last fetch.
@@ -183,6 +192,7 @@ pub async fn run(
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
     let shared = Arc::new(Shared {
         permits: Semaphore::new(config.concurrency.get()),
+        git_work: Semaphore::new(GIT_WORK_AT_ONCE),
         config,
         store,
         terraform,
@@ -386,23 +396,26 @@ impl Poller {
         if let Ok(mut current) = shared.trusted.write() {
             *current = specs.clone();
         }
-        for (name, spec) in &specs {
-            let branch = spec.branch.as_str();
-            if let Some(head) = heads.get(branch)
-                && previous.get(branch) != Some(head)
-            {
-                if let Err(error) = shared.store.upsert_environment(name, branch, head.as_str()) {
-                    tracing::error!(%error, env = %name, "recording the head");
-                }
-                self.enqueue(shared, stop, name, Lane::Merged, branch, head);
-            }
-            if !shared.config.preview {
-                continue;
-            }
-            for (other, tip) in &heads {
-                let claimed = specs.values().any(|spec| spec.branch.as_str() == other);
-                if !claimed && previous.get(other) != Some(tip) {
-                    self.enqueue(shared, stop, name, Lane::Preview, other, tip);
+        let moved: Vec<HeadRow> = specs
+            .iter()
+            .filter_map(|(name, spec)| {
+                let branch = spec.branch.as_str();
+                let head = heads.get(branch)?;
+                (previous.get(branch) != Some(head)).then(|| HeadRow {
+                    env: name.clone(),
+                    branch: branch.to_string(),
+                    head: head.to_string(),
+                })
+            })
+            .collect();
+        self.merged_heads(shared, stop, moved).await;
+        if shared.config.preview {
+            let claimed: HashSet<&str> = specs.values().map(|spec| spec.branch.as_str()).collect();
+            for name in specs.keys() {
+                for (other, tip) in &heads {
+                    if !claimed.contains(other.as_str()) && previous.get(other) != Some(tip) {
+                        self.enqueue(shared, stop, name, Lane::Preview, other, tip);
+                    }
                 }
             }
         }
@@ -424,6 +437,133 @@ impl Poller {
                 }
             }
         }
+    }
+
+    /// New heads of environments' branches: all recorded in one write. A head that changes
+    /// no path of its environment's last applied input closure is passed over here, for all
+    /// such environments in one journal write, after the others are queued to their merged
+    /// workers: the cost of a commit does not grow with the environments it does not touch.
+    async fn merged_heads(
+        &mut self,
+        shared: &Arc<Shared>,
+        stop: &CancellationToken,
+        moved: Vec<HeadRow>,
+    ) {
+        if moved.is_empty() {
+            return;
+        }
+        if let Err(error) = shared.store.record_heads(&moved) {
+            tracing::error!(%error, "recording the new heads");
+        }
+        let (passed_over, _turns) = self.pass_over(shared, &moved).await;
+        let names: HashSet<String> = passed_over.iter().map(|(env, _)| env.clone()).collect();
+        for head in moved.iter().filter(|head| !names.contains(&head.env)) {
+            let commit = CommitId::from_hex(&head.head);
+            self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
+        }
+        let outcomes = passed_over.into_iter().filter_map(|(_, outcome)| outcome);
+        if shared.record_all(outcomes.collect()).is_err() {
+            // Each of their workers decides and records its own, then.
+            for head in moved.iter().filter(|head| names.contains(&head.env)) {
+                let commit = CommitId::from_hex(&head.head);
+                self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
+            }
+            return;
+        }
+        tracing::debug!(
+            passed_over = names.len(),
+            queued = moved.len() - names.len(),
+            "new heads of the environments' branches"
+        );
+    }
+
+    /// The environments among `moved` whose new head changes no path of their last applied
+    /// input closure (or is that commit), with what to record for each, and the turns of
+    /// their workers, held until it is recorded. Only an idle worker's environment is passed
+    /// over here: one that runs, waits or retries decides for itself.
+    async fn pass_over(
+        &self,
+        shared: &Arc<Shared>,
+        moved: &[HeadRow],
+    ) -> (PassedOver, Vec<tokio::sync::OwnedMutexGuard<()>>) {
+        let rows: HashMap<String, EnvironmentRow> = match shared.store.environments() {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|row| (row.name.clone(), row))
+                .collect(),
+            Err(_) => return Default::default(),
+        };
+        let mut turns = Vec::new();
+        let mut candidates = Vec::new();
+        for head in moved {
+            let (Some(worker), Some(row)) = (
+                self.workers.get(&(head.env.clone(), Lane::Merged)),
+                rows.get(&head.env),
+            ) else {
+                continue;
+            };
+            let (Some(last), Some(inputs)) = (&row.last_applied, shared.applied_inputs(&head.env))
+            else {
+                continue;
+            };
+            if row.applied_fingerprint.is_none() {
+                continue;
+            }
+            let Some(turn) = worker.queue.idle_turn() else {
+                continue;
+            };
+            turns.push(turn);
+            candidates.push(Candidate {
+                env: head.env.clone(),
+                last_applied: CommitId::from_hex(last),
+                head: CommitId::from_hex(&head.head),
+                inputs,
+            });
+        }
+        if candidates.is_empty() {
+            return (Vec::new(), turns);
+        }
+        let mirror = shared.mirror.path().to_path_buf();
+        let untouched = tokio::task::spawn_blocking(move || untouched(&mirror, candidates)).await;
+        let untouched = match untouched {
+            Ok(Ok(untouched)) => untouched,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "comparing the new heads with the last applied commits; each environment's worker does it");
+                return (Vec::new(), turns);
+            }
+            Err(error) => {
+                tracing::error!(%error, "the comparison of the new heads failed");
+                return (Vec::new(), turns);
+            }
+        };
+        let mut passed_over = Vec::new();
+        for (env, head) in untouched {
+            let row = &rows[&env];
+            let state = MergedState {
+                last_applied: row.last_applied.clone(),
+                applied_fingerprint: row.applied_fingerprint.clone(),
+            };
+            let facts = HeadFacts {
+                commit: head.to_string(),
+                descends_from_last_applied: true,
+                fingerprint: row.applied_fingerprint.clone().unwrap_or_default(),
+            };
+            match decide_head(&state, &facts) {
+                HeadDecision::AlreadyThere => passed_over.push((env, None)),
+                HeadDecision::Unaffected => {
+                    let outcome = worker::passed_over(
+                        &env,
+                        &row.status,
+                        &head,
+                        &facts.fingerprint,
+                        "the commit changes no path the environment is built from",
+                    );
+                    passed_over.push((env, Some(outcome)));
+                }
+                HeadDecision::Plan | HeadDecision::RefuseRewrittenHistory { .. } => {}
+            }
+        }
+        (passed_over, turns)
     }
 
     /// A moved branch claimed by one environment is never previewed for the others, so a
@@ -556,6 +696,49 @@ impl Poller {
             }
         }
     }
+}
+
+/// An environment whose new head may pass it over: what [`untouched`] compares.
+struct Candidate {
+    env: String,
+    last_applied: CommitId,
+    head: CommitId,
+    /// The input closure of `last_applied`.
+    inputs: BTreeSet<RepoPath>,
+}
+
+/// Environments their new head passes over, with the outcome to record for each (none when
+/// the head is already the last applied commit).
+type PassedOver = Vec<(String, Option<Outcome>)>;
+
+/// The candidates whose head is their last applied commit, or descends from it without
+/// touching their input closure, with that head. Each pair of commits is compared once, in
+/// one open of the mirror: a thousand environments applied at the same commit cost one diff.
+fn untouched(
+    mirror: &std::path::Path,
+    candidates: Vec<Candidate>,
+) -> Result<Vec<(String, CommitId)>, git::GitError> {
+    let repo = git::open(mirror)?;
+    let mut changes: HashMap<(CommitId, CommitId), Option<Vec<String>>> = HashMap::new();
+    let mut untouched = Vec::new();
+    for candidate in candidates {
+        let key = (candidate.last_applied, candidate.head);
+        if !changes.contains_key(&key) {
+            let (last, head) = &key;
+            let changed = if git::mirror::descends_from(&repo, head, last)? {
+                Some(git::mirror::changed_paths(&repo, last, head)?)
+            } else {
+                None
+            };
+            changes.insert(key.clone(), changed);
+        }
+        if let Some(changed) = &changes[&key]
+            && !touches_inputs(changed, &candidate.inputs)
+        {
+            untouched.push((candidate.env, key.1));
+        }
+    }
+    Ok(untouched)
 }
 
 type TrustedSpecs = Vec<(String, Result<EnvironmentSpec, crate::problem::Problems>)>;

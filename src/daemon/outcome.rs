@@ -119,16 +119,50 @@ impl Shared {
         let recorded = self
             .held_alerts
             .record(self.store.as_ref(), journal, deliveries);
-        if let Some((kind, result)) = counted {
-            self.metrics.run(&env, &kind, &result);
-        }
-        if let Some((status, drifted)) = drift_metric {
-            self.metrics.drift(&env, status, drifted);
-        }
+        self.count(&env, counted, drift_metric);
         if let Err(error) = &recorded {
             tracing::error!(%env, %commit, %error, "recording an outcome");
         }
         recorded
+    }
+
+    /// Records outcomes of several environments in one transaction (all of them or none),
+    /// then counts them: what one commit means for the many environments it passes over is
+    /// one write. Outcomes that raise alerts are recorded one by one, through
+    /// [`Shared::record`], which holds alerts a full disk refuses.
+    pub(super) fn record_all(&self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+        let (quiet, alerting): (Vec<Outcome>, Vec<Outcome>) = outcomes
+            .into_iter()
+            .partition(|outcome| outcome.alerts.is_empty());
+        let journals: Vec<Journal> = quiet
+            .iter()
+            .map(|outcome| outcome.journal.clone())
+            .collect();
+        if let Err(error) = self.store.journal_all(&journals) {
+            tracing::error!(%error, outcomes = journals.len(), "recording outcomes");
+            return Err(error);
+        }
+        for outcome in quiet {
+            self.count(&outcome.journal.env, outcome.counted, outcome.drift_metric);
+        }
+        for outcome in alerting {
+            self.record(outcome)?;
+        }
+        Ok(())
+    }
+
+    fn count(
+        &self,
+        env: &str,
+        counted: Option<(String, String)>,
+        drift_metric: Option<(DriftStatus, usize)>,
+    ) {
+        if let Some((kind, result)) = counted {
+            self.metrics.run(env, &kind, &result);
+        }
+        if let Some((status, drifted)) = drift_metric {
+            self.metrics.drift(env, status, drifted);
+        }
     }
 
     /// Records an alert that ends no run (a source error, a rewritten history).

@@ -1,6 +1,7 @@
 //! One worker per environment and lane: takes the newest queued commit and carries out what
 //! the engine decides for it. A commit queued while another waits supersedes it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -10,7 +11,7 @@ use tracing::Instrument;
 use crate::alert::{Alert, AlertKind};
 use crate::engine::reconcile::{
     AfterPlan, HeadDecision, HeadFacts, MergedState, PlanOutcome, decide_after_plan, decide_head,
-    decide_history, enqueue,
+    decide_history, enqueue, touches_inputs,
 };
 use crate::engine::retry::{ErrorClass, Policy, classify_terraform_output, error_policy};
 use crate::engine::{Lane, decide_lane};
@@ -32,6 +33,13 @@ pub struct Queue {
     drift_check: Mutex<CancellationToken>,
     /// Commits waiting across all queues (the `queue_depth` metric).
     depth: prometheus_client::metrics::gauge::Gauge,
+    /// Held by the worker while it runs anything (a commit, a drift check), and by the main
+    /// loop while it decides for the environment itself (a commit that passes it over): never
+    /// two deciders for one environment and lane at once.
+    pub(super) turn: Arc<tokio::sync::Mutex<()>>,
+    /// Whether the worker will try a failed commit again: a commit passed over meanwhile
+    /// would be older news than that retry, so the main loop leaves such a commit to it.
+    retry_pending: AtomicBool,
 }
 
 impl Queue {
@@ -41,6 +49,8 @@ impl Queue {
             ready: Notify::new(),
             drift_check: Mutex::new(CancellationToken::new()),
             depth,
+            turn: Arc::new(tokio::sync::Mutex::new(())),
+            retry_pending: AtomicBool::new(false),
         }
     }
 
@@ -52,6 +62,13 @@ impl Queue {
     pub(super) fn has_pending(&self) -> bool {
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         !pending.is_empty()
+    }
+
+    /// The worker's turn, when it is idle: nothing running, nothing queued, no retry
+    /// scheduled. While the guard lives the worker starts nothing.
+    pub(super) fn idle_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let turn = self.turn.clone().try_lock_owned().ok()?;
+        (!self.has_pending() && !self.retry_pending.load(Ordering::SeqCst)).then_some(turn)
     }
 
     /// Queues `commit` of `branch`; returns the commit of that branch it superseded.
@@ -87,6 +104,13 @@ impl Queue {
     }
 }
 
+/// What woke a worker.
+enum Wake {
+    Queued,
+    DriftDue,
+    RetryDue,
+}
+
 pub(super) async fn work(
     shared: Arc<Shared>,
     env: String,
@@ -115,33 +139,43 @@ pub(super) async fn work(
                 None => std::future::pending().await,
             }
         };
+        let wake = tokio::select! {
+            () = queue.ready.notified() => Wake::Queued,
+            () = drift_wait => Wake::DriftDue,
+            () = retry_wait => Wake::RetryDue,
+            () = stop.cancelled() => return,
+        };
+        let _turn = queue.turn.lock().await;
+        // The runs are boxed: an idle worker's task then holds only this loop's state, not
+        // room for the deepest run it could make (a thousand idle environments are a
+        // thousand tasks).
         let mut retry = None;
-        tokio::select! {
-            () = queue.ready.notified() => {}
-            () = drift_wait => {
+        match wake {
+            Wake::Queued => {}
+            Wake::DriftDue => {
                 let span = tracing::info_span!("drift", env = %env, lane = %lane);
-                if let Err(error) = super::drift::check(&shared, &env, &queue, &mut clock, &stop)
-                    .instrument(span.clone())
-                    .await
-                {
+                let check = super::drift::check(&shared, &env, &queue, &mut clock, &stop);
+                if let Err(error) = Box::pin(check).instrument(span.clone()).await {
                     let _enter = span.enter();
                     tracing::error!(%error, "the drift check failed");
                 }
             }
-            () = retry_wait => retry = streak.take_retry(),
-            () = stop.cancelled() => return,
+            Wake::RetryDue => retry = streak.take_retry(),
         }
         // A commit queued meanwhile is newer than the one to retry: it goes instead.
         if let Some(commit) = retry.filter(|_| !queue.has_pending()) {
-            run_one(&shared, &env, lane, &commit, &mut streak, &stop).await;
+            Box::pin(run_one(&shared, &env, lane, &commit, &mut streak, &stop)).await;
         }
         while let Some(commit) = queue.take() {
             if stop.is_cancelled() {
                 return;
             }
             let commit = CommitId::from_hex(&commit);
-            run_one(&shared, &env, lane, &commit, &mut streak, &stop).await;
+            Box::pin(run_one(&shared, &env, lane, &commit, &mut streak, &stop)).await;
         }
+        queue
+            .retry_pending
+            .store(streak.retry_at.is_some(), Ordering::SeqCst);
     }
 }
 
@@ -320,6 +354,7 @@ pub(super) async fn stage(
         providers: shared.config.terraform.providers.clone(),
         max_file_bytes: shared.config.max_file_bytes,
     };
+    let _git = shared.git_work.acquire().await;
     tokio::task::spawn_blocking(move || stage_commit(&workdir, &mirror, &commit, &options))
         .await
         .map_err(WorkError::from)
@@ -396,6 +431,7 @@ async fn merged(
         );
         let last = row.last_applied.as_deref().map(CommitId::from_hex);
         let inputs = shared.applied_inputs(env);
+        let _git = shared.git_work.acquire().await;
         tokio::task::spawn_blocking(move || {
             let repo = git::open(&mirror)?;
             let on_branch = match git::branch_tip(&repo, &branch) {
@@ -406,15 +442,10 @@ async fn merged(
                 return Ok::<_, git::GitError>((on_branch, true, false));
             };
             let descends = git::mirror::descends_from(&repo, &commit, &last)?;
-            // A file at the repository root is read by every environment's check (a
-            // committed `.terraformrc` there is refused for all of them), so a change there
-            // is never passed over.
             let untouched = match inputs {
-                Some(inputs) if descends => git::mirror::changed_paths(&repo, &last, &commit)?
-                    .iter()
-                    .all(|path| {
-                        path.contains('/') && !inputs.iter().any(|input| input.contains(path))
-                    }),
+                Some(inputs) if descends => {
+                    !touches_inputs(&git::mirror::changed_paths(&repo, &last, &commit)?, &inputs)
+                }
                 _ => false,
             };
             Ok((on_branch, descends, untouched))
@@ -573,11 +604,8 @@ async fn merged(
     }
 }
 
-/// Records a merged commit that leaves the environment's inputs as last applied: it becomes
-/// the last applied commit, and a refusal, a configuration error or a plan waiting for
-/// approval of a commit in between (now reverted) no longer stands, so the environment is in
-/// sync again. A failure or drift does
-/// stand: what is deployed is not known to be what was applied.
+/// Records a merged commit that leaves the environment's inputs as last applied
+/// ([`passed_over`]).
 fn unaffected(
     shared: &Shared,
     env: &str,
@@ -586,14 +614,30 @@ fn unaffected(
     fingerprint: &str,
     reason: &str,
 ) -> WorkResult {
-    let mut unaffected = Outcome::new(env, commit)
+    shared.record(passed_over(env, status, commit, fingerprint, reason))?;
+    Ok(())
+}
+
+/// The outcome of a merged commit that leaves the environment's inputs as last applied: it
+/// becomes the last applied commit, and a refusal, a configuration error or a plan waiting
+/// for approval of a commit in between (now reverted) no longer stands, so the environment
+/// is in sync again. A failure or drift does stand: what is deployed is not known to be what
+/// was applied.
+pub(super) fn passed_over(
+    env: &str,
+    status: &str,
+    commit: &CommitId,
+    fingerprint: &str,
+    reason: &str,
+) -> Outcome {
+    let unaffected = Outcome::new(env, commit)
         .last_applied(fingerprint)
         .audit("unaffected", reason);
     if matches!(status, "error" | "refused" | "awaiting_approval") {
-        unaffected = unaffected.status("in_sync");
+        unaffected.status("in_sync")
+    } else {
+        unaffected
     }
-    shared.record(unaffected)?;
-    Ok(())
 }
 
 /// A plan that succeeded, and the outcome that ends its run (`changes` or `no_changes`): the

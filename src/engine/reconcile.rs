@@ -1,7 +1,9 @@
 //! What the daemon does for an environment when its branch has a new head, and after a plan:
 //! a pure function of the recorded state and the facts gathered about the commit.
 
-use crate::config::ApplyPolicy;
+use std::collections::BTreeSet;
+
+use crate::config::{ApplyPolicy, RepoPath};
 
 /// What the daemon knows about an environment's merged lane.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,6 +67,16 @@ pub fn decide_head(state: &MergedState, head: &HeadFacts) -> HeadDecision {
         }
         _ => HeadDecision::Plan,
     }
+}
+
+/// Whether a commit that changed the files `changed` (`/` paths, from the last applied
+/// commit) may change an environment whose last applied input closure is `inputs`. A file at
+/// the repository root is read by every environment's check (a committed `.terraformrc` there
+/// is refused for all of them), so a change there always counts.
+pub fn touches_inputs(changed: &[String], inputs: &BTreeSet<RepoPath>) -> bool {
+    changed
+        .iter()
+        .any(|path| !path.contains('/') || inputs.iter().any(|input| input.contains(path)))
 }
 
 /// What a merged plan would do, as the decision after it needs it.
@@ -189,6 +201,40 @@ mod tests {
         ];
         for (what, state, facts, expected) in rows {
             assert_eq!(&decide_head(state, facts), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn which_changed_paths_touch_an_input_closure() {
+        let inputs: BTreeSet<RepoPath> = ["environments/prod", "modules/app", "policies"]
+            .into_iter()
+            .map(|path| RepoPath::parse(path).unwrap())
+            .collect();
+        let rows: &[(&str, &[&str], bool)] = &[
+            ("nothing changed", &[], false),
+            (
+                "another environment",
+                &["environments/dev/karrots.yaml"],
+                false,
+            ),
+            ("a module it reaches", &["modules/app/main.tf"], true),
+            (
+                "a module whose name extends one it reaches",
+                &["modules/application/main.tf"],
+                false,
+            ),
+            ("its own folder", &["environments/prod/karrots.yaml"], true),
+            ("a policy", &["policies/worker.json"], true),
+            ("a file at the root", &[".terraformrc"], true),
+            (
+                "one of several",
+                &["modules/other/x.tf", "modules/app/y.tf"],
+                true,
+            ),
+        ];
+        for (what, changed, touches) in rows {
+            let changed: Vec<String> = changed.iter().map(ToString::to_string).collect();
+            assert_eq!(touches_inputs(&changed, &inputs), *touches, "{what}");
         }
     }
 
