@@ -265,6 +265,50 @@ pub fn environment_names(repo: &Repository, commit: &CommitId) -> Result<Vec<Str
     Ok(names)
 }
 
+/// The id of a commit's `environments/` tree, if it has one: two commits with the same id
+/// define the same environments with the same files.
+pub fn environments_folder(
+    repo: &Repository,
+    commit: &CommitId,
+) -> Result<Option<git2::Oid>, GitError> {
+    let tree = super::find_commit(repo, commit)?
+        .tree()
+        .map_err(|source| super::read_error(commit, source))?;
+    Ok(tree
+        .get_name("environments")
+        .filter(|entry| entry.kind() == Some(git2::ObjectType::Tree))
+        .map(|entry| entry.id()))
+}
+
+/// The `karrots.yaml` blob of each environment folder in the `environments/` tree `folder`
+/// (of `commit`), by folder name, in name order. One tree read per environment.
+pub fn environment_files(
+    repo: &Repository,
+    commit: &CommitId,
+    folder: git2::Oid,
+) -> Result<Vec<(String, git2::Oid)>, GitError> {
+    let read = |source| super::read_error(commit, source);
+    let folder = repo.find_tree(folder).map_err(read)?;
+    let mut files = Vec::new();
+    for entry in folder.iter() {
+        let Ok(name) = entry.name() else {
+            continue;
+        };
+        if entry.kind() != Some(git2::ObjectType::Tree) {
+            continue;
+        }
+        let environment = repo.find_tree(entry.id()).map_err(read)?;
+        if let Some(file) = environment
+            .get_name("karrots.yaml")
+            .filter(|file| file.kind() == Some(git2::ObjectType::Blob))
+        {
+            files.push((name.to_string(), file.id()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// The paths (`/`-separated, old and new sides) that differ between two commits.
 pub fn changed_paths(
     repo: &Repository,
@@ -291,4 +335,49 @@ pub fn changed_paths(
     paths.sort();
     paths.dedup();
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::testing::{commit_all, git, write};
+
+    #[test]
+    fn environments_are_read_from_their_folder_tree_and_a_module_commit_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        git(dir.path(), &["init", "-q", "-b", "main"]);
+        write(dir.path(), "environments/prod/karrots.yaml", "name: prod\n");
+        write(dir.path(), "environments/dev/karrots.yaml", "name: dev\n");
+        write(
+            dir.path(),
+            "environments/notes/README.md",
+            "no karrots.yaml here\n",
+        );
+        write(dir.path(), "modules/app/main.tf", "# v1\n");
+        let first = commit_all(dir.path(), "two environments");
+        write(dir.path(), "modules/app/main.tf", "# v2\n");
+        let module_change = commit_all(dir.path(), "a module");
+        write(
+            dir.path(),
+            "environments/dev/karrots.yaml",
+            "name: dev # edited\n",
+        );
+        let dev_change = commit_all(dir.path(), "dev's file");
+
+        let repo = crate::git::open(dir.path()).unwrap();
+        let folder = |commit| environments_folder(&repo, commit).unwrap();
+        assert_eq!(folder(&first), folder(&module_change));
+        assert_ne!(folder(&module_change), folder(&dev_change));
+
+        let files = environment_files(&repo, &first, folder(&first).unwrap()).unwrap();
+        let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["dev", "prod"],
+            "a folder without karrots.yaml is none"
+        );
+        let edited = environment_files(&repo, &dev_change, folder(&dev_change).unwrap()).unwrap();
+        assert_ne!(files[0].1, edited[0].1, "dev's blob changed");
+        assert_eq!(files[1], edited[1], "prod's did not");
+    }
 }

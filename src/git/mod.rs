@@ -14,6 +14,8 @@ use git2::{ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use crate::repo::CONFIG_FOLDERS;
 
 pub mod mirror;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// A commit, by its full hex id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -208,28 +208,7 @@ impl Reached<'_> {
 mod tests {
     use super::*;
     use crate::engine::Lane;
-
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let output = std::process::Command::new("git")
-            .args([
-                "-c",
-                "user.name=test",
-                "-c",
-                "user.email=test@karrots.invalid",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("git is installed");
-        assert!(output.status.success(), "git {args:?}: {output:?}");
-        String::from_utf8(output.stdout).unwrap().trim().to_string()
-    }
-
-    fn write(dir: &Path, path: &str, text: &str) {
-        let path = dir.join(path);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, text).unwrap();
-    }
+    use crate::git::testing::{commit_all, git, write};
 
     /// prod's root module `app` calls `net`; `other` is dev's alone. `link`, when given, is a
     /// symlink `modules/app/linked.tf` to that target.
@@ -262,9 +241,7 @@ mod tests {
         if let Some(target) = link {
             std::os::unix::fs::symlink(target, dir.join("modules/app/linked.tf")).unwrap();
         }
-        git(dir, &["add", "-A"]);
-        git(dir, &["commit", "-qm", "three modules"]);
-        CommitId::from_hex(&git(dir, &["rev-parse", "HEAD"]))
+        commit_all(dir, "three modules")
     }
 
     fn exported_modules(repo_dir: &Path, commit: &CommitId) -> Vec<String> {
