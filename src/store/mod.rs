@@ -229,7 +229,12 @@ pub trait StateStore: Send + Sync {
 /// The SQLite store.
 pub struct SqliteStore {
     path: String,
+    /// Every write goes through this connection.
     connection: Mutex<Connection>,
+    /// Reads, on a connection of their own: in WAL mode they see every committed write and
+    /// never wait behind one (the outcomes of a thousand environments passed over at once
+    /// must not hold up the one environment that plans).
+    reader: Mutex<Connection>,
     /// Statuses the database refused, by environment: what the daemon knows, shown until
     /// they are written.
     unrecorded: Mutex<BTreeMap<String, String>>,
@@ -332,9 +337,23 @@ impl SqliteStore {
                 .map_err(error)?;
         }
         transaction.commit().map_err(error)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(error)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(error)?;
+        for connection in [&connection, &reader] {
+            connection
+                .pragma_update(None, "cache_size", -1024)
+                .map_err(error)?;
+        }
         Ok(SqliteStore {
             path: name,
             connection: Mutex::new(connection),
+            reader: Mutex::new(reader),
             unrecorded: Mutex::new(BTreeMap::new()),
         })
     }
@@ -376,12 +395,28 @@ impl SqliteStore {
         }
     }
 
+    /// Runs `work` on the writing connection.
     fn with<T>(
         &self,
         work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let connection = self
-            .connection
+        self.on(&self.connection, work)
+    }
+
+    /// Runs `work`, which only reads, on the reading connection.
+    fn read<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.on(&self.reader, work)
+    }
+
+    fn on<T>(
+        &self,
+        connection: &Mutex<Connection>,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let connection = connection
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         work(&connection).map_err(|source| StoreError::Sqlite {
@@ -527,7 +562,7 @@ const ENVIRONMENT_COLUMNS: &str = "name, branch, head, last_applied, applied_fin
 
 impl StateStore for SqliteStore {
     fn environments(&self) -> Result<Vec<EnvironmentRow>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare(&format!(
                 "SELECT {ENVIRONMENT_COLUMNS} FROM environments ORDER BY name"
             ))?
@@ -538,7 +573,7 @@ impl StateStore for SqliteStore {
     }
 
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 &format!("SELECT {ENVIRONMENT_COLUMNS} FROM environments WHERE name = ?1"),
                 [name],
@@ -581,7 +616,7 @@ impl StateStore for SqliteStore {
     }
 
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT drift_status, drift_checked_at, drift_in_sync_at, drift_resources, drift_message
                  FROM environments WHERE name = ?1",
@@ -665,7 +700,7 @@ impl StateStore for SqliteStore {
 
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.with(|c| match env {
+        self.read(|c| match env {
             Some(env) => c
                 .prepare(&format!(
                     "SELECT {RUN_COLUMNS} FROM runs WHERE env = ?1 ORDER BY id DESC LIMIT ?2"
@@ -682,7 +717,7 @@ impl StateStore for SqliteStore {
     }
 
     fn run(&self, id: i64) -> Result<Option<RunRow>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
                 [id],
@@ -693,7 +728,7 @@ impl StateStore for SqliteStore {
     }
 
     fn open_runs(&self) -> Result<Vec<RunRow>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare(&format!(
                 "SELECT {RUN_COLUMNS} FROM runs WHERE finished_at IS NULL ORDER BY id"
             ))?
@@ -703,7 +738,7 @@ impl StateStore for SqliteStore {
     }
 
     fn due(&self, kind: OutboxKind, now_unix: i64) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.prepare(
                 "SELECT id, destination, body, attempts FROM outbox
                  WHERE kind = ?1 AND delivered_at IS NULL AND next_attempt_at <= ?2
