@@ -11,6 +11,7 @@
 //! grace, kill), an apply in flight finishes, and the store is left consistent.
 
 mod drift;
+mod memory;
 mod outcome;
 mod systemd;
 mod worker;
@@ -255,6 +256,7 @@ pub async fn run(
     systemd::ready(&shared);
     let watchdog_stop = stop.child_token();
     let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), watchdog_stop.clone()));
+    let trim = tokio::spawn(memory::trim_periodically(stop.clone()));
 
     let _watcher = watch_file_remote(&shared);
     let mut poller = Poller::default();
@@ -284,6 +286,7 @@ pub async fn run(
     }
     let _ = http.await;
     let _ = alerts.await;
+    let _ = trim.await;
     shared
         .held_alerts
         .send_at_stop(shared.store.as_ref(), &reqwest::Client::new())
@@ -375,9 +378,9 @@ impl Poller {
         self.heads = heads.clone();
         let mut specs = BTreeMap::new();
         for (name, spec) in trusted {
-            match spec {
+            match spec.as_ref() {
                 Ok(spec) => {
-                    specs.insert(name, spec);
+                    specs.insert(name, spec.clone());
                 }
                 Err(problems) => {
                     if previous.get(shared.config.trust_branch.as_str()) != Some(&trust_tip) {
@@ -452,15 +455,18 @@ impl Poller {
         if moved.is_empty() {
             return;
         }
+        let started = Instant::now();
         if let Err(error) = shared.store.record_heads(&moved) {
             tracing::error!(%error, "recording the new heads");
         }
+        let heads_recorded = started.elapsed();
         let (passed_over, _turns) = self.pass_over(shared, &moved).await;
         let names: HashSet<String> = passed_over.iter().map(|(env, _)| env.clone()).collect();
         for head in moved.iter().filter(|head| !names.contains(&head.env)) {
             let commit = CommitId::from_hex(&head.head);
             self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
         }
+        let queued_at = started.elapsed();
         let outcomes = passed_over.into_iter().filter_map(|(_, outcome)| outcome);
         if shared.record_all(outcomes.collect()).is_err() {
             // Each of their workers decides and records its own, then.
@@ -473,6 +479,9 @@ impl Poller {
         tracing::debug!(
             passed_over = names.len(),
             queued = moved.len() - names.len(),
+            ?heads_recorded,
+            ?queued_at,
+            elapsed = ?started.elapsed(),
             "new heads of the environments' branches"
         );
     }
@@ -741,44 +750,65 @@ fn untouched(
     Ok(untouched)
 }
 
-type TrustedSpecs = Vec<(String, Result<EnvironmentSpec, crate::problem::Problems>)>;
+/// A trust-branch `karrots.yaml`, parsed (shared between the cache and a poll's reading).
+type ParsedSpec = Arc<Result<EnvironmentSpec, crate::problem::Problems>>;
 
-/// Parsed trust-branch `karrots.yaml` files by environment and blob id: a file that did not
-/// change between two trust-branch heads is not parsed again.
-type SpecCache = HashMap<(String, git2::Oid), Result<EnvironmentSpec, crate::problem::Problems>>;
+type TrustedSpecs = Vec<(String, ParsedSpec)>;
+
+/// What the trust branch's environments were at the last reading.
+#[derive(Default)]
+struct SpecCache {
+    /// The `environments/` tree read last (none: the branch had no such folder), and the
+    /// environments it held: a trust-branch head whose `environments/` tree is the same
+    /// (a commit to a module) is not read again, however many environments there are.
+    folder: Option<(Option<git2::Oid>, TrustedSpecs)>,
+    /// Parsed files by environment and blob id: a file that did not change between two
+    /// readings is not parsed again.
+    files: HashMap<(String, git2::Oid), ParsedSpec>,
+}
 
 /// Every environment's `karrots.yaml` on the trust branch tip, and the cache to keep.
 async fn read_trusted(
     shared: &Arc<Shared>,
     trust_tip: &CommitId,
-    cache: SpecCache,
+    mut cache: SpecCache,
 ) -> Result<(TrustedSpecs, SpecCache), crate::git::GitError> {
     let mirror = shared.mirror.path().to_path_buf();
     let tip = trust_tip.clone();
     tokio::task::spawn_blocking(move || {
         let repo = git::open(&mirror)?;
-        let read = |source| crate::git::read_error(&tip, source);
-        let tree = git::find_commit(&repo, &tip)?.tree().map_err(read)?;
+        let folder = git::mirror::environments_folder(&repo, &tip)?;
+        if let Some((last, specs)) = &cache.folder
+            && *last == folder
+        {
+            let specs = specs.clone();
+            return Ok((specs, cache));
+        }
+        let files = match folder {
+            Some(folder) => git::mirror::environment_files(&repo, &tip, folder)?,
+            None => Vec::new(),
+        };
         let mut specs = Vec::new();
-        let mut kept = SpecCache::new();
-        for name in git::mirror::environment_names(&repo, &tip)? {
-            let path = format!("environments/{name}/karrots.yaml");
-            let Ok(entry) = tree.get_path(std::path::Path::new(&path)) else {
-                continue;
-            };
-            let key = (name.clone(), entry.id());
-            let parsed = match cache.get(&key) {
-                Some(parsed) => parsed.clone(),
+        let mut kept = HashMap::new();
+        for (name, blob) in files {
+            let key = (name.clone(), blob);
+            let parsed = match cache.files.remove(&key) {
+                Some(parsed) => parsed,
                 None => {
-                    let blob = repo.find_blob(entry.id()).map_err(read)?;
+                    let path = format!("environments/{name}/karrots.yaml");
+                    let blob = repo
+                        .find_blob(blob)
+                        .map_err(|source| crate::git::read_error(&tip, source))?;
                     let text = String::from_utf8_lossy(blob.content());
-                    parse_environment(&text, path.as_ref(), &name)
+                    Arc::new(parse_environment(&text, path.as_ref(), &name))
                 }
             };
             kept.insert(key, parsed.clone());
             specs.push((name, parsed));
         }
-        Ok((specs, kept))
+        cache.files = kept;
+        cache.folder = Some((folder, specs.clone()));
+        Ok((specs, cache))
     })
     .await
     .map_err(|e| crate::git::GitError::Remote {
