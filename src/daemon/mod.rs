@@ -79,9 +79,6 @@ pub struct Shared {
     merged_waiting: AtomicUsize,
     /// The environments as the trust branch describes them, from the last fetch.
     trusted: RwLock<BTreeMap<String, EnvironmentSpec>>,
-    /// The input closure of each environment's last applied commit, as staged: a new head
-    /// that changes no path inside it has the same fingerprint, without staging it.
-    applied_inputs: Mutex<HashMap<String, std::collections::BTreeSet<crate::config::RepoPath>>>,
     pub metrics: crate::http::Metrics,
     /// When the last fetch succeeded.
     pub last_fetch: Mutex<Option<Instant>>,
@@ -141,23 +138,6 @@ impl Shared {
     pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
         self.trusted.read().ok()?.get(env).cloned()
     }
-
-    pub(crate) fn applied_inputs(
-        &self,
-        env: &str,
-    ) -> Option<std::collections::BTreeSet<crate::config::RepoPath>> {
-        self.applied_inputs.lock().ok()?.get(env).cloned()
-    }
-
-    pub(crate) fn remember_applied_inputs(
-        &self,
-        env: &str,
-        inputs: &std::collections::BTreeSet<crate::config::RepoPath>,
-    ) {
-        if let Ok(mut known) = self.applied_inputs.lock() {
-            known.insert(env.to_string(), inputs.clone());
-        }
-    }
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -201,7 +181,6 @@ pub async fn run(
         wake: Notify::new(),
         merged_waiting: AtomicUsize::new(0),
         trusted: RwLock::new(BTreeMap::new()),
-        applied_inputs: Mutex::new(HashMap::new()),
         metrics: crate::http::Metrics::default(),
         last_fetch: Mutex::new(None),
         cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
@@ -511,8 +490,7 @@ impl Poller {
             ) else {
                 continue;
             };
-            let (Some(last), Some(inputs)) = (&row.last_applied, shared.applied_inputs(&head.env))
-            else {
+            let (Some(last), Some(inputs)) = (&row.last_applied, row.applied_inputs.clone()) else {
                 continue;
             };
             if row.applied_fingerprint.is_none() {
@@ -546,7 +524,7 @@ impl Poller {
             }
         };
         let mut passed_over = Vec::new();
-        for (env, head) in untouched {
+        for (env, head, inputs) in untouched {
             let row = &rows[&env];
             let state = MergedState {
                 last_applied: row.last_applied.clone(),
@@ -565,6 +543,7 @@ impl Poller {
                         &row.status,
                         &head,
                         &facts.fingerprint,
+                        &inputs,
                         "the commit changes no path the environment is built from",
                     );
                     passed_over.push((env, Some(outcome)));
@@ -721,12 +700,12 @@ struct Candidate {
 type PassedOver = Vec<(String, Option<Outcome>)>;
 
 /// The candidates whose head is their last applied commit, or descends from it without
-/// touching their input closure, with that head. Each pair of commits is compared once, in
+/// touching their input closure, with that head and closure. Each pair of commits is compared once, in
 /// one open of the mirror: a thousand environments applied at the same commit cost one diff.
 fn untouched(
     mirror: &std::path::Path,
     candidates: Vec<Candidate>,
-) -> Result<Vec<(String, CommitId)>, git::GitError> {
+) -> Result<Vec<(String, CommitId, BTreeSet<RepoPath>)>, git::GitError> {
     let repo = git::open(mirror)?;
     let mut changes: HashMap<(CommitId, CommitId), Option<Vec<String>>> = HashMap::new();
     let mut untouched = Vec::new();
@@ -744,7 +723,7 @@ fn untouched(
         if let Some(changed) = &changes[&key]
             && !touches_inputs(changed, &candidate.inputs)
         {
-            untouched.push((candidate.env, key.1));
+            untouched.push((candidate.env, key.1, candidate.inputs));
         }
     }
     Ok(untouched)

@@ -8,7 +8,12 @@
 use crate::alert::Alert;
 use crate::engine::drift::DriftStatus;
 use crate::git::CommitId;
-use crate::store::{Delivery, DriftRow, Journal, OutboxKind, RunRecord, StoreError, Summary};
+use std::collections::BTreeSet;
+
+use crate::config::RepoPath;
+use crate::store::{
+    Applied, Delivery, DriftRow, Journal, OutboxKind, RunRecord, StoreError, Summary,
+};
 
 use super::Shared;
 
@@ -78,9 +83,12 @@ impl Outcome {
         self
     }
 
-    /// The environment is now at the commit, whose inputs have `fingerprint`.
-    pub fn last_applied(mut self, fingerprint: &str) -> Outcome {
-        self.journal.last_applied = Some(fingerprint.to_string());
+    /// The environment is now at the commit, whose inputs are `inputs` with `fingerprint`.
+    pub fn last_applied(mut self, fingerprint: &str, inputs: &BTreeSet<RepoPath>) -> Outcome {
+        self.journal.last_applied = Some(Applied {
+            fingerprint: fingerprint.to_string(),
+            inputs: inputs.clone(),
+        });
         self
     }
 

@@ -1,6 +1,7 @@
 //! One worker per environment and lane: takes the newest queued commit and carries out what
 //! the engine decides for it. A commit queued while another waits supersedes it.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::alert::{Alert, AlertKind};
+use crate::config::RepoPath;
 use crate::engine::reconcile::{
     AfterPlan, HeadDecision, HeadFacts, MergedState, PlanOutcome, decide_after_plan, decide_head,
     decide_history, enqueue, touches_inputs,
@@ -430,7 +432,7 @@ async fn merged(
             trusted.branch.to_string(),
         );
         let last = row.last_applied.as_deref().map(CommitId::from_hex);
-        let inputs = shared.applied_inputs(env);
+        let inputs = row.applied_inputs.clone();
         let _git = shared.git_work.acquire().await;
         tokio::task::spawn_blocking(move || {
             let repo = git::open(&mirror)?;
@@ -485,13 +487,15 @@ async fn merged(
             descends_from_last_applied: descends,
             fingerprint: applied.clone(),
         };
-        if decide_head(&state, &facts) == HeadDecision::Unaffected {
+        if decide_head(&state, &facts) == HeadDecision::Unaffected
+            && let Some(inputs) = &row.applied_inputs
+        {
             return unaffected(
                 shared,
                 env,
                 &row.status,
                 commit,
-                applied,
+                (applied, inputs),
                 "the commit changes no path the environment is built from",
             );
         }
@@ -528,13 +532,12 @@ async fn merged(
     };
     let fingerprint = checked.fingerprint.to_string();
     if decide_head(&state, &facts) == HeadDecision::Unaffected {
-        shared.remember_applied_inputs(env, &checked.inputs);
         return unaffected(
             shared,
             env,
             &row.status,
             commit,
-            &fingerprint,
+            (&fingerprint, &checked.inputs),
             "the commit does not change the environment's inputs",
         );
     }
@@ -562,11 +565,10 @@ async fn merged(
             let in_sync = super::drift::back_in_sync(shared, env, commit, false, planned)?;
             shared.record(
                 in_sync
-                    .last_applied(&fingerprint)
+                    .last_applied(&fingerprint, &checked.inputs)
                     .status("in_sync")
                     .audit("in_sync", "the plan has no changes"),
             )?;
-            shared.remember_applied_inputs(env, &checked.inputs);
             Ok(())
         }
         AfterPlan::AwaitApproval => {
@@ -611,10 +613,17 @@ fn unaffected(
     env: &str,
     status: &str,
     commit: &CommitId,
-    fingerprint: &str,
+    (fingerprint, inputs): (&str, &BTreeSet<RepoPath>),
     reason: &str,
 ) -> WorkResult {
-    shared.record(passed_over(env, status, commit, fingerprint, reason))?;
+    shared.record(passed_over(
+        env,
+        status,
+        commit,
+        fingerprint,
+        inputs,
+        reason,
+    ))?;
     Ok(())
 }
 
@@ -628,10 +637,11 @@ pub(super) fn passed_over(
     status: &str,
     commit: &CommitId,
     fingerprint: &str,
+    inputs: &BTreeSet<RepoPath>,
     reason: &str,
 ) -> Outcome {
     let unaffected = Outcome::new(env, commit)
-        .last_applied(fingerprint)
+        .last_applied(fingerprint, inputs)
         .audit("unaffected", reason);
     if matches!(status, "error" | "refused" | "awaiting_approval") {
         unaffected.status("in_sync")
@@ -896,7 +906,7 @@ pub(super) async fn apply(
             alert.resources = resources(record);
             let applied = Outcome::new(env, commit)
                 .finish(run_id, "apply", "applied", summary(record), resources(record), what)
-                .last_applied(fingerprint)
+                .last_applied(fingerprint, &record.inputs)
                 .status("in_sync")
                 .audit("applied", format!("run {run_id}"))
                 .alert(alert);
@@ -907,7 +917,6 @@ pub(super) async fn apply(
                 remediation,
                 applied,
             )?)?;
-            shared.remember_applied_inputs(env, &record.inputs);
         }
         Err(message) => {
             tracing::error!(error = %message, "apply failed");

@@ -365,6 +365,7 @@ mod tests {
                 last_applied: None,
                 status: "drifted".into(),
                 applied_fingerprint: None,
+                applied_inputs: None,
             },
             last_run: Some(run(7, "applied", "")),
             drift: DriftView {

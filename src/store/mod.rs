@@ -7,13 +7,15 @@
 //! kill at any moment leaves all of it or none; an apply is recorded as started before
 //! terraform runs, which is how a restart finds one that was cut off.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+
+use crate::config::RepoPath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,6 +48,20 @@ pub struct EnvironmentRow {
     /// The input fingerprint of `last_applied`.
     #[serde(skip)]
     pub applied_fingerprint: Option<String>,
+    /// The input closure of `last_applied`, when it was recorded with it: a head that changes
+    /// no path inside it has the same fingerprint. (Kept in the database rather than one
+    /// daemon's memory, so a restart does not stage every environment again.)
+    #[serde(skip)]
+    pub applied_inputs: Option<BTreeSet<RepoPath>>,
+}
+
+/// Where an environment now is, written with the commit it is at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The commit's input fingerprint.
+    pub fingerprint: String,
+    /// The commit's input closure.
+    pub inputs: BTreeSet<RepoPath>,
 }
 
 /// A new head of an environment's branch, for [`StateStore::record_heads`].
@@ -172,8 +188,8 @@ pub struct Journal {
     pub commit: String,
     pub run: Option<RunRecord>,
     pub status: Option<String>,
-    /// The input fingerprint of `commit`, when the environment is now at `commit`.
-    pub last_applied: Option<String>,
+    /// The input fingerprint and closure of `commit`, when the environment is now at `commit`.
+    pub last_applied: Option<Applied>,
     pub drift: Option<DriftRow>,
     /// The audit entry: decision and detail.
     pub audit: Option<(String, String)>,
@@ -240,7 +256,7 @@ pub struct SqliteStore {
     unrecorded: Mutex<BTreeMap<String, String>>,
 }
 
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "
 CREATE TABLE environments (
     name TEXT PRIMARY KEY,
@@ -294,6 +310,9 @@ ALTER TABLE environments ADD COLUMN drift_message TEXT NOT NULL DEFAULT '';
 ALTER TABLE outbox RENAME COLUMN sink TO destination;
 ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'alert';
 CREATE INDEX outbox_due ON outbox (kind, delivered_at, next_attempt_at);
+",
+    "
+ALTER TABLE environments ADD COLUMN applied_inputs TEXT;
 ",
 ];
 
@@ -456,7 +475,27 @@ fn environment_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EnvironmentRow> 
         last_applied: row.get(3)?,
         applied_fingerprint: row.get(4)?,
         status: row.get(5)?,
+        applied_inputs: row
+            .get::<_, Option<String>>(6)?
+            .map(|text| parse_inputs(&text))
+            .transpose()
+            .map_err(|error| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    6,
+                    rusqlite::types::Type::Text,
+                    error.into(),
+                )
+            })?,
     })
+}
+
+/// An input closure as stored: a JSON array of repository paths. A row that does not parse
+/// is an error, never taken as "unknown".
+fn parse_inputs(text: &str) -> Result<BTreeSet<RepoPath>, String> {
+    let paths: Vec<String> = serde_json::from_str(text).map_err(|error| {
+        format!("the applied input closure {text:?} is not a JSON array of paths: {error}")
+    })?;
+    paths.iter().map(|path| RepoPath::parse(path)).collect()
 }
 
 /// Writes one journal entry inside `transaction`; returns its run's id, when it has a run.
@@ -513,13 +552,15 @@ fn write_journal(
             .prepare_cached("UPDATE environments SET status = ?2 WHERE name = ?1")?
             .execute(params![env, status])?;
     }
-    if let Some(fingerprint) = &entry.last_applied {
+    if let Some(applied) = &entry.last_applied {
+        let inputs: Vec<&str> = applied.inputs.iter().map(RepoPath::as_str).collect();
+        let inputs = serde_json::to_string(&inputs).unwrap_or_else(|_| "[]".into());
         transaction
             .prepare_cached(
-                "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3
-                 WHERE name = ?1",
+                "UPDATE environments SET last_applied = ?2, applied_fingerprint = ?3,
+                 applied_inputs = ?4 WHERE name = ?1",
             )?
-            .execute(params![env, entry.commit, fingerprint])?;
+            .execute(params![env, entry.commit, applied.fingerprint, inputs])?;
     }
     if let Some(drift) = &entry.drift {
         let resources = serde_json::to_string(&drift.resources).unwrap_or_else(|_| "[]".into());
@@ -558,7 +599,8 @@ fn write_journal(
     Ok(run)
 }
 
-const ENVIRONMENT_COLUMNS: &str = "name, branch, head, last_applied, applied_fingerprint, status";
+const ENVIRONMENT_COLUMNS: &str =
+    "name, branch, head, last_applied, applied_fingerprint, status, applied_inputs";
 
 impl StateStore for SqliteStore {
     fn environments(&self) -> Result<Vec<EnvironmentRow>, StoreError> {
@@ -799,6 +841,17 @@ mod tests {
         }])
     }
 
+    /// At a commit with `fingerprint`, whose closure is prod's folder and one module.
+    fn applied(fingerprint: &str) -> Applied {
+        Applied {
+            fingerprint: fingerprint.into(),
+            inputs: ["environments/prod", "modules/app"]
+                .into_iter()
+                .map(|path| RepoPath::parse(path).unwrap())
+                .collect(),
+        }
+    }
+
     fn status_only(env: &str, status: &str) -> Journal {
         Journal {
             env: env.into(),
@@ -892,7 +945,7 @@ mod tests {
             .collect();
         store.record_heads(&heads).unwrap();
         let passed_over = |env: &str| Journal {
-            last_applied: Some("fingerprint".into()),
+            last_applied: Some(applied("fingerprint")),
             audit: Some(("unaffected".into(), "no input changed".into())),
             ..status_only(env, "in_sync")
         };
@@ -932,6 +985,35 @@ mod tests {
     }
 
     #[test]
+    fn the_applied_closure_is_kept_and_a_broken_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        let store = SqliteStore::open(&path).unwrap();
+        record_head(&store, "prod", "main", "abc").unwrap();
+        assert_eq!(
+            store.environment("prod").unwrap().unwrap().applied_inputs,
+            None
+        );
+        store
+            .journal(&Journal {
+                last_applied: Some(applied("fingerprint")),
+                ..status_only("prod", "in_sync")
+            })
+            .unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        let row = store.environment("prod").unwrap().unwrap();
+        assert_eq!(row.applied_fingerprint.as_deref(), Some("fingerprint"));
+        assert_eq!(row.applied_inputs, Some(applied("fingerprint").inputs));
+
+        let disk = Connection::open(&path).unwrap();
+        disk.execute_batch("UPDATE environments SET applied_inputs = '[\"../outside\"]'")
+            .unwrap();
+        let error = store.environment("prod").unwrap_err().to_string();
+        assert!(error.contains("leaves the repository"), "{error}");
+    }
+
+    #[test]
     fn an_outcome_is_recorded_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
@@ -945,7 +1027,7 @@ mod tests {
             commit: "abc".into(),
             run: Some(added_one(run, "applied")),
             status: Some("in_sync".into()),
-            last_applied: Some("fingerprint".into()),
+            last_applied: Some(applied("fingerprint")),
             drift: Some(DriftRow {
                 status: "in_sync".into(),
                 ..DriftRow::default()
