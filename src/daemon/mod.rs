@@ -84,6 +84,10 @@ pub struct Shared {
     pub last_fetch: Mutex<Option<Instant>>,
     /// CloudTrail `LookupEvents` requests, two a second per account.
     pub cloudtrail_limiter: crate::aws::cloudtrail::AccountLimiter,
+    /// The paths changed between the last applied commits and the new heads, as the main
+    /// loop found them when it passed environments over: the worker of an environment the
+    /// head touches needs the same comparison.
+    changes: Mutex<ChangedPaths>,
     /// The `drift:` settings of each environment's last applied commit, by that commit.
     applied_drift: Mutex<HashMap<String, (String, crate::config::DriftPolicy)>>,
     /// Alerts the outbox could not take (a full disk): (sinks, body), oldest first, queued
@@ -138,6 +142,20 @@ impl Shared {
     pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
         self.trusted.read().ok()?.get(env).cloned()
     }
+
+    /// Keeps the comparisons of the latest new heads (those of earlier heads are dropped).
+    fn remember_changes(&self, changes: ChangedPaths) {
+        if let Ok(mut known) = self.changes.lock() {
+            *known = changes;
+        }
+    }
+
+    /// The paths changed from `from` to `to`, when the main loop compared them and `to`
+    /// descends from `from`.
+    pub(crate) fn changed_paths(&self, from: &CommitId, to: &CommitId) -> Option<Vec<String>> {
+        let known = self.changes.lock().ok()?;
+        known.get(&(from.clone(), to.clone()))?.clone()
+    }
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -185,6 +203,7 @@ pub async fn run(
         last_fetch: Mutex::new(None),
         cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
         applied_drift: Mutex::new(HashMap::new()),
+        changes: Mutex::new(HashMap::new()),
         held_alerts: crate::alert::Held::default(),
     });
 
@@ -421,10 +440,11 @@ impl Poller {
         }
     }
 
-    /// New heads of environments' branches: all recorded in one write. A head that changes
-    /// no path of its environment's last applied input closure is passed over here, for all
-    /// such environments in one journal write, after the others are queued to their merged
-    /// workers: the cost of a commit does not grow with the environments it does not touch.
+    /// New heads of environments' branches. A head that changes no path of its environment's
+    /// last applied input closure is passed over here, and recorded with what that means for
+    /// all such environments in one transaction, after the other heads are recorded and
+    /// queued to their merged workers: the cost of a commit does not grow with the
+    /// environments it does not touch.
     async fn merged_heads(
         &mut self,
         shared: &Arc<Shared>,
@@ -435,30 +455,42 @@ impl Poller {
             return;
         }
         let started = Instant::now();
-        if let Err(error) = shared.store.record_heads(&moved) {
-            tracing::error!(%error, "recording the new heads");
-        }
-        let heads_recorded = started.elapsed();
         let (passed_over, _turns) = self.pass_over(shared, &moved).await;
         let names: HashSet<String> = passed_over.iter().map(|(env, _)| env.clone()).collect();
-        for head in moved.iter().filter(|head| !names.contains(&head.env)) {
+        let (quiet, queued): (Vec<HeadRow>, Vec<HeadRow>) = moved
+            .into_iter()
+            .partition(|head| names.contains(&head.env));
+        // The touched environments first: their heads, then their workers, which plan while
+        // the rest is written.
+        if let Err(error) = shared.store.record_heads(&queued) {
+            tracing::error!(%error, "recording the new heads");
+        }
+        for head in &queued {
             let commit = CommitId::from_hex(&head.head);
             self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
         }
         let queued_at = started.elapsed();
-        let outcomes = passed_over.into_iter().filter_map(|(_, outcome)| outcome);
-        if shared.record_all(outcomes.collect()).is_err() {
-            // Each of their workers decides and records its own, then.
-            for head in moved.iter().filter(|head| names.contains(&head.env)) {
+        let outcomes: Vec<Outcome> = passed_over
+            .into_iter()
+            .filter_map(|(_, outcome)| outcome)
+            .collect();
+        // A thousand rows are a long write: on a blocking thread, so the runtime threads run
+        // the queued workers meanwhile.
+        let (writer, heads) = (shared.clone(), quiet.clone());
+        let recorded =
+            tokio::task::spawn_blocking(move || writer.record_all(&heads, outcomes)).await;
+        if !matches!(recorded, Ok(Ok(()))) {
+            // Their heads, then each of their workers decides and records its own.
+            let _ = shared.store.record_heads(&quiet);
+            for head in &quiet {
                 let commit = CommitId::from_hex(&head.head);
                 self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
             }
             return;
         }
         tracing::debug!(
-            passed_over = names.len(),
-            queued = moved.len() - names.len(),
-            ?heads_recorded,
+            passed_over = quiet.len(),
+            queued = queued.len(),
             ?queued_at,
             elapsed = ?started.elapsed(),
             "new heads of the environments' branches"
@@ -481,7 +513,7 @@ impl Poller {
                 .collect(),
             Err(_) => return Default::default(),
         };
-        let mut turns = Vec::new();
+        let mut turns = HashMap::new();
         let mut candidates = Vec::new();
         for head in moved {
             let (Some(worker), Some(row)) = (
@@ -499,7 +531,7 @@ impl Poller {
             let Some(turn) = worker.queue.idle_turn() else {
                 continue;
             };
-            turns.push(turn);
+            turns.insert(head.env.clone(), turn);
             candidates.push(Candidate {
                 env: head.env.clone(),
                 last_applied: CommitId::from_hex(last),
@@ -508,19 +540,22 @@ impl Poller {
             });
         }
         if candidates.is_empty() {
-            return (Vec::new(), turns);
+            return (Vec::new(), Vec::new());
         }
         let mirror = shared.mirror.path().to_path_buf();
         let untouched = tokio::task::spawn_blocking(move || untouched(&mirror, candidates)).await;
         let untouched = match untouched {
-            Ok(Ok(untouched)) => untouched,
+            Ok(Ok((untouched, changes))) => {
+                shared.remember_changes(changes);
+                untouched
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "comparing the new heads with the last applied commits; each environment's worker does it");
-                return (Vec::new(), turns);
+                return (Vec::new(), Vec::new());
             }
             Err(error) => {
                 tracing::error!(%error, "the comparison of the new heads failed");
-                return (Vec::new(), turns);
+                return (Vec::new(), Vec::new());
             }
         };
         let mut passed_over = Vec::new();
@@ -551,7 +586,13 @@ impl Poller {
                 HeadDecision::Plan | HeadDecision::RefuseRewrittenHistory { .. } => {}
             }
         }
-        (passed_over, turns)
+        // The turns of the environments their head touches go back at once: their workers
+        // plan while the others are recorded.
+        let kept = passed_over
+            .iter()
+            .filter_map(|(env, _)| turns.remove(env))
+            .collect();
+        (passed_over, kept)
     }
 
     /// A moved branch claimed by one environment is never previewed for the others, so a
@@ -705,9 +746,9 @@ type PassedOver = Vec<(String, Option<Outcome>)>;
 fn untouched(
     mirror: &std::path::Path,
     candidates: Vec<Candidate>,
-) -> Result<Vec<(String, CommitId, BTreeSet<RepoPath>)>, git::GitError> {
+) -> Result<(Untouched, ChangedPaths), git::GitError> {
     let repo = git::open(mirror)?;
-    let mut changes: HashMap<(CommitId, CommitId), Option<Vec<String>>> = HashMap::new();
+    let mut changes = ChangedPaths::new();
     let mut untouched = Vec::new();
     for candidate in candidates {
         let key = (candidate.last_applied, candidate.head);
@@ -726,8 +767,15 @@ fn untouched(
             untouched.push((candidate.env, key.1, candidate.inputs));
         }
     }
-    Ok(untouched)
+    Ok((untouched, changes))
 }
+
+/// Environments their head passes over: name, head, the last applied input closure.
+type Untouched = Vec<(String, CommitId, BTreeSet<RepoPath>)>;
+
+/// The paths changed between pairs of commits (from, to), `None` where `to` does not descend
+/// from `from`.
+type ChangedPaths = HashMap<(CommitId, CommitId), Option<Vec<String>>>;
 
 /// A trust-branch `karrots.yaml`, parsed (shared between the cache and a poll's reading).
 type ParsedSpec = Arc<Result<EnvironmentSpec, crate::problem::Problems>>;

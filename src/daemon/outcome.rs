@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use crate::config::RepoPath;
 use crate::store::{
-    Applied, Delivery, DriftRow, Journal, OutboxKind, RunRecord, StoreError, Summary,
+    Applied, Delivery, DriftRow, HeadRow, Journal, OutboxKind, RunRecord, StoreError, Summary,
 };
 
 use super::Shared;
@@ -134,11 +134,15 @@ impl Shared {
         recorded
     }
 
-    /// Records outcomes of several environments in one transaction (all of them or none),
-    /// then counts them: what one commit means for the many environments it passes over is
-    /// one write. Outcomes that raise alerts are recorded one by one, through
-    /// [`Shared::record`], which holds alerts a full disk refuses.
-    pub(super) fn record_all(&self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+    /// Records new heads and the outcomes of several environments in one transaction (all
+    /// of it or none), then counts them: what one commit means for the many environments it
+    /// passes over is one write. Outcomes that raise alerts are recorded one by one, after,
+    /// through [`Shared::record`], which holds alerts a full disk refuses.
+    pub(super) fn record_all(
+        &self,
+        heads: &[HeadRow],
+        outcomes: Vec<Outcome>,
+    ) -> Result<(), StoreError> {
         let (quiet, alerting): (Vec<Outcome>, Vec<Outcome>) = outcomes
             .into_iter()
             .partition(|outcome| outcome.alerts.is_empty());
@@ -146,7 +150,7 @@ impl Shared {
             .iter()
             .map(|outcome| outcome.journal.clone())
             .collect();
-        if let Err(error) = self.store.journal_all(&journals) {
+        if let Err(error) = self.store.journal_all(heads, &journals) {
             tracing::error!(%error, outcomes = journals.len(), "recording outcomes");
             return Err(error);
         }

@@ -433,6 +433,9 @@ async fn merged(
         );
         let last = row.last_applied.as_deref().map(CommitId::from_hex);
         let inputs = row.applied_inputs.clone();
+        let compared = last
+            .as_ref()
+            .and_then(|last| shared.changed_paths(last, &commit));
         let _git = shared.git_work.acquire().await;
         tokio::task::spawn_blocking(move || {
             let repo = git::open(&mirror)?;
@@ -446,7 +449,11 @@ async fn merged(
             let descends = git::mirror::descends_from(&repo, &commit, &last)?;
             let untouched = match inputs {
                 Some(inputs) if descends => {
-                    !touches_inputs(&git::mirror::changed_paths(&repo, &last, &commit)?, &inputs)
+                    let changed = match compared {
+                        Some(changed) => changed,
+                        None => git::mirror::changed_paths(&repo, &last, &commit)?,
+                    };
+                    !touches_inputs(&changed, &inputs)
                 }
                 _ => false,
             };

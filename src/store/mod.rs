@@ -210,9 +210,13 @@ pub trait StateStore: Send + Sync {
     /// is written, but the status is still what the store reports for the environment, from
     /// memory, until [`StateStore::record_pending`] writes it.
     fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError>;
-    /// Records several outcomes in one transaction (a commit that many environments pass
-    /// over is one write, not one per environment): all of them, or none.
-    fn journal_all(&self, entries: &[Journal]) -> Result<Vec<Option<i64>>, StoreError>;
+    /// Records new heads and several outcomes in one transaction (a commit that many
+    /// environments pass over is one write, not one per environment): all of it, or none.
+    fn journal_all(
+        &self,
+        heads: &[HeadRow],
+        entries: &[Journal],
+    ) -> Result<Vec<Option<i64>>, StoreError>;
     /// Writes the statuses the database refused before; called on every poll.
     fn record_pending(&self) {}
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError>;
@@ -498,6 +502,19 @@ fn parse_inputs(text: &str) -> Result<BTreeSet<RepoPath>, String> {
     paths.iter().map(|path| RepoPath::parse(path)).collect()
 }
 
+/// Writes new heads inside `transaction`; an environment seen for the first time is
+/// `planning`.
+fn write_heads(transaction: &rusqlite::Transaction<'_>, heads: &[HeadRow]) -> rusqlite::Result<()> {
+    let mut upsert = transaction.prepare_cached(
+        "INSERT INTO environments (name, branch, head, status) VALUES (?1, ?2, ?3, 'planning')
+         ON CONFLICT (name) DO UPDATE SET branch = ?2, head = ?3",
+    )?;
+    for head in heads {
+        upsert.execute(params![head.env, head.branch, head.head])?;
+    }
+    Ok(())
+}
+
 /// Writes one journal entry inside `transaction`; returns its run's id, when it has a run.
 fn write_journal(
     transaction: &rusqlite::Transaction<'_>,
@@ -629,15 +646,7 @@ impl StateStore for SqliteStore {
     fn record_heads(&self, heads: &[HeadRow]) -> Result<(), StoreError> {
         self.with(|c| {
             let transaction = c.unchecked_transaction()?;
-            {
-                let mut upsert = transaction.prepare_cached(
-                    "INSERT INTO environments (name, branch, head, status) VALUES (?1, ?2, ?3, 'planning')
-                     ON CONFLICT (name) DO UPDATE SET branch = ?2, head = ?3",
-                )?;
-                for head in heads {
-                    upsert.execute(params![head.env, head.branch, head.head])?;
-                }
-            }
+            write_heads(&transaction, heads)?;
             transaction.commit()
         })
     }
@@ -721,9 +730,14 @@ impl StateStore for SqliteStore {
         written
     }
 
-    fn journal_all(&self, entries: &[Journal]) -> Result<Vec<Option<i64>>, StoreError> {
+    fn journal_all(
+        &self,
+        heads: &[HeadRow],
+        entries: &[Journal],
+    ) -> Result<Vec<Option<i64>>, StoreError> {
         let written = self.with(|c| {
             let transaction = c.unchecked_transaction()?;
+            write_heads(&transaction, heads)?;
             let now = now_rfc3339();
             let runs = entries
                 .iter()
@@ -957,7 +971,7 @@ mod tests {
              BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
         )
         .unwrap();
-        assert!(store.journal_all(&entries).is_err());
+        assert!(store.journal_all(&heads, &entries).is_err());
         drop(store);
         let store = SqliteStore::open(&path).unwrap();
         for row in store.environments().unwrap() {
@@ -969,7 +983,7 @@ mod tests {
             );
         }
         disk.execute_batch("DROP TRIGGER full_disk;").unwrap();
-        assert_eq!(store.journal_all(&entries).unwrap(), vec![None; 3]);
+        assert_eq!(store.journal_all(&heads, &entries).unwrap(), vec![None; 3]);
         for row in store.environments().unwrap() {
             assert_eq!(
                 (row.status.as_str(), row.last_applied.as_deref()),
