@@ -481,7 +481,9 @@ impl Poller {
             tokio::task::spawn_blocking(move || writer.record_all(&heads, outcomes)).await;
         if !matches!(recorded, Ok(Ok(()))) {
             // Their heads, then each of their workers decides and records its own.
-            let _ = shared.store.record_heads(&quiet);
+            if let Err(error) = shared.store.record_heads(&quiet) {
+                tracing::error!(%error, "recording the new heads");
+            }
             for head in &quiet {
                 let commit = CommitId::from_hex(&head.head);
                 self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
