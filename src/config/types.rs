@@ -214,6 +214,12 @@ impl RepoPath {
             .is_some_and(|rest| rest.starts_with('/'))
     }
 
+    /// Whether an export of this path writes the entry at `path` (a directory when `is_dir`):
+    /// the path itself, what lies under it, and the directories above it.
+    pub fn exported_with(&self, path: &str, is_dir: bool) -> bool {
+        self.contains(path) || (is_dir && self.is_below(path))
+    }
+
     /// `relative` resolved against `base` (a path inside the repository), if it stays inside.
     pub fn join(&self, relative: &str) -> Option<RepoPath> {
         let relative = Path::new(relative);

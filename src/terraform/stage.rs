@@ -11,11 +11,10 @@
 //!
 //! Blocking (libgit2 and file walks): async callers run it with `spawn_blocking`.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::Path;
-
-use std::collections::BTreeSet;
 
 use crate::config::{EnvName, RepoPath, parse_environment};
 use crate::git::{self, CommitId, GitError};
@@ -87,10 +86,8 @@ pub fn stage_commit(
     let checked =
         check_environment(&inspect, workdir.env(), options).map_err(StageError::Refused)?;
     let inputs = &checked.inputs;
-    let closure = |path: &str, is_dir: bool| {
-        inputs.iter().any(|input| input.contains(path))
-            || (is_dir && inputs.iter().any(|input| input.is_below(path)))
-    };
+    let closure =
+        |path: &str, is_dir: bool| inputs.iter().any(|input| input.exported_with(path, is_dir));
     git::export_tree(
         &repo,
         commit,
@@ -122,21 +119,18 @@ impl Reached<'_> {
             .ok()
             .and_then(|text| parse_environment(&text, yaml.as_ref(), env.as_str()).ok())
             .map(|spec| spec.terraform.root);
-        let mut called: Vec<RepoPath> = root_module.into_iter().collect();
-        let mut linked: Vec<RepoPath> = ["policies", &format!("environments/{env}")]
-            .iter()
-            .filter_map(|folder| RepoPath::parse(folder).ok())
-            .collect();
+        // Folders to read, each with whether its module calls are followed (the modules it
+        // reaches) or only its symlinks (the folders around it the check must see).
+        let mut queue: Vec<(RepoPath, bool)> =
+            root_module.into_iter().map(|root| (root, true)).collect();
+        queue.extend(
+            ["policies", &format!("environments/{env}")]
+                .iter()
+                .filter_map(|folder| RepoPath::parse(folder).ok())
+                .map(|folder| (folder, false)),
+        );
         let mut seen = BTreeSet::new();
-        loop {
-            let (folder, follow_calls) = match (called.pop(), linked.pop()) {
-                (Some(folder), other) => {
-                    linked.extend(other);
-                    (folder, true)
-                }
-                (None, Some(folder)) => (folder, false),
-                (None, None) => return Ok(()),
-            };
+        while let Some((folder, follow_calls)) = queue.pop() {
             if !seen.insert((folder.clone(), follow_calls)) {
                 continue;
             }
@@ -145,10 +139,13 @@ impl Reached<'_> {
                 continue;
             }
             if follow_calls {
-                called.extend(crate::repo::local_module_calls(self.inspect, &folder));
+                let calls = crate::repo::local_module_calls(self.inspect, &folder);
+                queue.extend(calls.into_iter().map(|call| (call, true)));
             }
-            linked.extend(self.linked_module_folders(&folder));
+            let links = self.linked_module_folders(&folder);
+            queue.extend(links.into_iter().map(|link| (link, false)));
         }
+        Ok(())
     }
 
     /// Exports `folder` when it is under `modules/` and not exported yet; the other folders
@@ -159,8 +156,7 @@ impl Reached<'_> {
         {
             return Ok(());
         }
-        let include =
-            |path: &str, is_dir: bool| folder.contains(path) || (is_dir && folder.is_below(path));
+        let include = |path: &str, is_dir: bool| folder.exported_with(path, is_dir);
         git::export_more(
             self.repo,
             self.commit,
