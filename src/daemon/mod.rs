@@ -743,8 +743,9 @@ struct Candidate {
 type PassedOver = Vec<(String, Option<Outcome>)>;
 
 /// The candidates whose head is their last applied commit, or descends from it without
-/// touching their input closure, with that head and closure. Each pair of commits is compared once, in
-/// one open of the mirror: a thousand environments applied at the same commit cost one diff.
+/// touching their input closure, with that head and closure. Each pair of commits is
+/// compared once, in one open of the mirror: a thousand environments applied at the same
+/// commit cost one diff.
 fn untouched(
     mirror: &std::path::Path,
     candidates: Vec<Candidate>,
@@ -755,12 +756,7 @@ fn untouched(
     for candidate in candidates {
         let key = (candidate.last_applied, candidate.head);
         if !changes.contains_key(&key) {
-            let (last, head) = &key;
-            let changed = if git::mirror::descends_from(&repo, head, last)? {
-                Some(git::mirror::changed_paths(&repo, last, head)?)
-            } else {
-                None
-            };
+            let changed = git::mirror::changes_since(&repo, &key.0, &key.1)?;
             changes.insert(key.clone(), changed);
         }
         if let Some(changed) = &changes[&key]

@@ -446,18 +446,15 @@ async fn merged(
             let Some(last) = last.filter(|_| on_branch) else {
                 return Ok::<_, git::GitError>((on_branch, true, false));
             };
-            let descends = git::mirror::descends_from(&repo, &commit, &last)?;
-            let untouched = match inputs {
-                Some(inputs) if descends => {
-                    let changed = match compared {
-                        Some(changed) => changed,
-                        None => git::mirror::changed_paths(&repo, &last, &commit)?,
-                    };
-                    !touches_inputs(&changed, &inputs)
-                }
+            let changes = match compared {
+                Some(changed) => Some(changed),
+                None => git::mirror::changes_since(&repo, &last, &commit)?,
+            };
+            let untouched = match (&inputs, &changes) {
+                (Some(inputs), Some(changed)) => !touches_inputs(changed, inputs),
                 _ => false,
             };
-            Ok((on_branch, descends, untouched))
+            Ok((on_branch, changes.is_some(), untouched))
         })
         .await??
     };
@@ -497,14 +494,15 @@ async fn merged(
         if decide_head(&state, &facts) == HeadDecision::Unaffected
             && let Some(inputs) = &row.applied_inputs
         {
-            return unaffected(
-                shared,
+            shared.record(passed_over(
                 env,
                 &row.status,
                 commit,
-                (applied, inputs),
+                applied,
+                inputs,
                 "the commit changes no path the environment is built from",
-            );
+            ))?;
+            return Ok(());
         }
     }
     let checked = match stage(shared, env, Lane::Merged, commit).await? {
@@ -539,14 +537,15 @@ async fn merged(
     };
     let fingerprint = checked.fingerprint.to_string();
     if decide_head(&state, &facts) == HeadDecision::Unaffected {
-        return unaffected(
-            shared,
+        shared.record(passed_over(
             env,
             &row.status,
             commit,
-            (&fingerprint, &checked.inputs),
+            &fingerprint,
+            &checked.inputs,
             "the commit does not change the environment's inputs",
-        );
+        ))?;
+        return Ok(());
     }
 
     let Some(_permit) = super::permit(shared, super::Priority::First).await else {
@@ -611,27 +610,6 @@ async fn merged(
             .await
         }
     }
-}
-
-/// Records a merged commit that leaves the environment's inputs as last applied
-/// ([`passed_over`]).
-fn unaffected(
-    shared: &Shared,
-    env: &str,
-    status: &str,
-    commit: &CommitId,
-    (fingerprint, inputs): (&str, &BTreeSet<RepoPath>),
-    reason: &str,
-) -> WorkResult {
-    shared.record(passed_over(
-        env,
-        status,
-        commit,
-        fingerprint,
-        inputs,
-        reason,
-    ))?;
-    Ok(())
 }
 
 /// The outcome of a merged commit that leaves the environment's inputs as last applied: it

@@ -309,6 +309,19 @@ pub fn environment_files(
     Ok(files)
 }
 
+/// The paths changed from `from` to `to` when `to` is `from` or descends from it; `None` when
+/// it does not (the history was rewritten).
+pub fn changes_since(
+    repo: &Repository,
+    from: &CommitId,
+    to: &CommitId,
+) -> Result<Option<Vec<String>>, GitError> {
+    if !descends_from(repo, to, from)? {
+        return Ok(None);
+    }
+    changed_paths(repo, from, to).map(Some)
+}
+
 /// The paths (`/`-separated, old and new sides) that differ between two commits.
 pub fn changed_paths(
     repo: &Repository,
