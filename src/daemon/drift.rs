@@ -13,8 +13,9 @@ use tracing::Instrument;
 
 use crate::alert::{Alert, AlertKind};
 use crate::aws::cloudtrail::{self, ChangedBy, DELIVERY_MARGIN, Lookup};
-use crate::engine::drift::{DriftAlert, DriftMemory, DriftStatus, Drifted, Finding, decide_drift};
+use crate::engine::drift::{DriftAlert, DriftMemory, Drifted, Finding, decide_drift};
 use crate::engine::reconcile::{AfterPlan, PlanOutcome, decide_after_plan};
+use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 use crate::engine::{Lane, decide_lane};
 use crate::git::CommitId;
 use crate::store::{DriftRow, Summary, now_rfc3339};
@@ -139,7 +140,10 @@ pub(super) async fn check(
         clock.checked(false);
         return Ok(());
     };
-    if matches!(row.status.as_str(), "failed" | "planning" | "applying") {
+    if matches!(
+        row.status,
+        EnvStatus::Failed | EnvStatus::Planning | EnvStatus::Applying
+    ) {
         tracing::debug!(status = %row.status, "no drift check: the state is not the last applied commit's");
         clock.checked(false);
         return Ok(());
@@ -157,7 +161,7 @@ pub(super) async fn check(
         return Ok(());
     }
     let started = Instant::now();
-    let run_id = store.start_run(env, commit.as_str(), "drift", None)?;
+    let run_id = store.start_run(env, commit.as_str(), RunKind::Drift, None)?;
     let span = super::worker::run_span(env, Lane::Merged, &commit, run_id);
     async {
     tracing::info!("checking for drift");
@@ -169,7 +173,7 @@ pub(super) async fn check(
 
     let previous = store.drift(env)?;
     let memory = DriftMemory {
-        status: Some(DriftStatus::parse(&previous.status)),
+        status: Some(previous.status),
         drifted: stored_resources(&previous)
             .iter()
             .map(DriftedResource::drifted)
@@ -189,10 +193,13 @@ pub(super) async fn check(
                 })
                 .collect();
             let (result, message) = if drifted.is_empty() {
-                ("no_changes", format!("no drift from {}", commit.short()))
+                (
+                    RunResult::NoChanges,
+                    format!("no drift from {}", commit.short()),
+                )
             } else {
                 (
-                    "changes",
+                    RunResult::Changes,
                     format!("{} resources differ from {}", drifted.len(), commit.short()),
                 )
             };
@@ -200,7 +207,7 @@ pub(super) async fn check(
             // what: the run is never shown finished while the drift is not yet known.
             let ended = ended.finish(
                 run_id,
-                "drift",
+                RunKind::Drift,
                 result,
                 super::worker::summary(&planned.record),
                 super::worker::resources(&planned.record),
@@ -216,17 +223,20 @@ pub(super) async fn check(
         Err(error) if cancel.is_cancelled() => {
             queue.preempt_with(CancellationToken::new());
             let (result, message) = if stop.is_cancelled() {
-                ("interrupted", "the daemon stopped during the drift check")
+                (
+                    RunResult::Interrupted,
+                    "the daemon stopped during the drift check",
+                )
             } else {
                 (
-                    "superseded",
+                    RunResult::Superseded,
                     "a merged commit arrived: it goes first, and drift is checked after it",
                 )
             };
             tracing::info!(%error, "drift check cancelled");
             shared.record(ended.finish(
                 run_id,
-                "drift",
+                RunKind::Drift,
                 result,
                 Summary::default(),
                 Vec::new(),
@@ -243,15 +253,15 @@ pub(super) async fn check(
             let mut failed = ended
                 .finish(
                     run_id,
-                    "drift",
-                    "failed",
+                    RunKind::Drift,
+                    RunResult::Failed,
                     Summary::default(),
                     Vec::new(),
                     message.clone(),
                 )
                 .drift(
                     DriftRow {
-                        status: decision.status.as_str().into(),
+                        status: decision.status,
                         checked_at: Some(now_rfc3339()),
                         message: message.clone(),
                         ..previous
@@ -320,7 +330,7 @@ pub(super) async fn check(
     let now = now_rfc3339();
     let mut checked = ended.drift(
         DriftRow {
-            status: decision.status.as_str().into(),
+            status: decision.status,
             checked_at: Some(now.clone()),
             in_sync_at: if decision.status == DriftStatus::InSync {
                 Some(now)
@@ -333,9 +343,13 @@ pub(super) async fn check(
         decision.status,
     );
     let env_status = store.environment(env)?.map(|row| row.status);
-    match (decision.status, env_status.as_deref()) {
-        (DriftStatus::Drifted, Some("in_sync")) => checked = checked.status("drifted"),
-        (DriftStatus::InSync, Some("drifted")) => checked = checked.status("in_sync"),
+    match (decision.status, env_status) {
+        (DriftStatus::Drifted, Some(EnvStatus::InSync)) => {
+            checked = checked.status(EnvStatus::Drifted);
+        }
+        (DriftStatus::InSync, Some(EnvStatus::Drifted)) => {
+            checked = checked.status(EnvStatus::InSync);
+        }
         _ => {}
     }
     match decision.alert {
@@ -591,7 +605,7 @@ async fn remediate(
             );
             let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
             alert.resources = super::worker::resources(record);
-            refuse(shared, commit, "apply", None, alert)
+            refuse(shared, commit, RunKind::Apply, None, alert)
         }
         AfterPlan::AwaitApproval | AfterPlan::InSync => {
             shared.record(Outcome::new(env, commit).audit(
@@ -614,13 +628,13 @@ pub(super) fn back_in_sync(
     outcome: Outcome,
 ) -> Result<Outcome, WorkError> {
     let previous = shared.store.drift(env)?;
-    let was_drifted = !previous.resources.is_empty() || previous.status == "drifted";
+    let was_drifted = !previous.resources.is_empty() || previous.status == DriftStatus::Drifted;
     let outcome = outcome.drift(
         DriftRow {
-            status: if previous.status == "unchecked" {
-                previous.status.clone()
+            status: if previous.status == DriftStatus::Unchecked {
+                previous.status
             } else {
-                DriftStatus::InSync.as_str().into()
+                DriftStatus::InSync
             },
             checked_at: previous.checked_at.clone(),
             in_sync_at: Some(now_rfc3339()),

@@ -31,6 +31,7 @@ use crate::config::RepoPath;
 use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
 use crate::engine::Lane;
 use crate::engine::reconcile::{HeadDecision, HeadFacts, MergedState, decide_head, touches_inputs};
+use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
@@ -213,14 +214,14 @@ pub async fn run(
         tracing::warn!(env = %run.env, commit = %run.commit, kind = %run.kind, run = run.id, "found a run cut off by a restart");
         let mut interrupted = Outcome::for_commit(&run.env, &run.commit).finish(
             run.id,
-            &run.kind,
-            "interrupted",
+            run.kind,
+            RunResult::Interrupted,
             run.summary,
             run.resources,
             "the daemon stopped while this run was in progress",
         );
-        if run.kind == "apply" {
-            interrupted = interrupted.status("failed").alert(Alert::new(
+        if run.kind == RunKind::Apply {
+            interrupted = interrupted.status(EnvStatus::Failed).alert(Alert::new(
                 AlertKind::ApplyInterrupted,
                 &run.env,
                 &run.commit,
@@ -388,8 +389,11 @@ impl Poller {
                             trust_tip.as_str(),
                             format!("the trust branch's karrots.yaml does not load:\n{problems}"),
                         );
-                        let _ = shared
-                            .record(Outcome::new(&name, &trust_tip).status("error").alert(alert));
+                        let _ = shared.record(
+                            Outcome::new(&name, &trust_tip)
+                                .status(EnvStatus::Error)
+                                .alert(alert),
+                        );
                     }
                 }
             }
@@ -577,7 +581,7 @@ impl Poller {
                 HeadDecision::Unaffected => {
                     let outcome = worker::passed_over(
                         &env,
-                        &row.status,
+                        row.status,
                         &head,
                         &facts.fingerprint,
                         &inputs,
@@ -675,7 +679,7 @@ impl Poller {
                 refusal.reason(trust)
             );
             let alert = Alert::new(AlertKind::ConfigError, &name, tip.as_str(), message);
-            if let Err(error) = worker::refuse(shared, &tip, "preview", None, alert) {
+            if let Err(error) = worker::refuse(shared, &tip, RunKind::Preview, None, alert) {
                 tracing::error!(%error, env = %name, "recording a refused identity change");
             }
         }
@@ -705,14 +709,13 @@ impl Poller {
                 WorkerHandle { queue, task }
             });
         if let Some(superseded) = handle.queue.push(branch, commit.as_str()) {
-            let kind = if lane == Lane::Merged {
-                "plan"
-            } else {
-                "preview"
+            let kind = match lane {
+                Lane::Merged => RunKind::Plan,
+                Lane::Preview => RunKind::Preview,
             };
             let recorded = shared.record(Outcome::for_commit(env, &superseded).decided(
                 kind,
-                "superseded",
+                RunResult::Superseded,
                 format!("{} arrived before this commit ran", commit.short()),
             ));
             match recorded {

@@ -6,7 +6,7 @@
 //! alert, or a status without its audit entry.
 
 use crate::alert::Alert;
-use crate::engine::drift::DriftStatus;
+use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 use crate::git::CommitId;
 use std::collections::BTreeSet;
 
@@ -23,7 +23,7 @@ pub(super) struct Outcome {
     journal: Journal,
     alerts: Vec<Alert>,
     /// The run's kind and result, counted in `karrots_runs_total`.
-    counted: Option<(String, String)>,
+    counted: Option<(RunKind, RunResult)>,
     /// The drift status and count shown by the metrics.
     drift_metric: Option<(DriftStatus, usize)>,
 }
@@ -50,36 +50,41 @@ impl Outcome {
     pub fn finish(
         mut self,
         id: i64,
-        kind: &str,
-        result: &str,
+        kind: RunKind,
+        result: RunResult,
         summary: Summary,
         resources: Vec<serde_json::Value>,
         message: impl Into<String>,
     ) -> Outcome {
         self.journal.run = Some(RunRecord::Finish {
             id,
-            result: result.to_string(),
+            result,
             summary,
             resources,
             message: message.into(),
         });
-        self.counted = Some((kind.to_string(), result.to_string()));
+        self.counted = Some((kind, result));
         self
     }
 
     /// A run of `kind` decided without terraform: refused, superseded.
-    pub fn decided(mut self, kind: &str, result: &str, message: impl Into<String>) -> Outcome {
+    pub fn decided(
+        mut self,
+        kind: RunKind,
+        result: RunResult,
+        message: impl Into<String>,
+    ) -> Outcome {
         self.journal.run = Some(RunRecord::Decided {
-            kind: kind.to_string(),
-            result: result.to_string(),
+            kind,
+            result,
             message: message.into(),
         });
-        self.counted = Some((kind.to_string(), result.to_string()));
+        self.counted = Some((kind, result));
         self
     }
 
-    pub fn status(mut self, status: &str) -> Outcome {
-        self.journal.status = Some(status.to_string());
+    pub fn status(mut self, status: EnvStatus) -> Outcome {
+        self.journal.status = Some(status);
         self
     }
 
@@ -166,11 +171,11 @@ impl Shared {
     fn count(
         &self,
         env: &str,
-        counted: Option<(String, String)>,
+        counted: Option<(RunKind, RunResult)>,
         drift_metric: Option<(DriftStatus, usize)>,
     ) {
         if let Some((kind, result)) = counted {
-            self.metrics.run(env, &kind, &result);
+            self.metrics.run(env, kind, result);
         }
         if let Some((status, drifted)) = drift_metric {
             self.metrics.drift(env, status, drifted);

@@ -16,6 +16,7 @@ use crate::engine::reconcile::{
     decide_history, enqueue, touches_inputs,
 };
 use crate::engine::retry::{ErrorClass, Policy, classify_terraform_output, error_policy};
+use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::engine::{Lane, decide_lane};
 use crate::git::{self, CommitId};
 use crate::process::ProcessError;
@@ -367,25 +368,20 @@ pub(super) async fn stage(
 pub(super) fn refuse(
     shared: &Shared,
     commit: &CommitId,
-    run_kind: &str,
-    status: Option<&str>,
+    run_kind: RunKind,
+    status: Option<EnvStatus>,
     alert: Alert,
 ) -> WorkResult {
     let env = alert.env.clone();
     let decision = alert.kind.name();
     let mut refused = Outcome::new(&env, commit)
-        .decided(run_kind, "refused", alert.message.clone())
+        .decided(run_kind, RunResult::Refused, alert.message.clone())
         .audit(&decision, alert.message.clone());
     if let Some(status) = status {
         refused = refused.status(status);
     }
     let run_id = shared.record(refused.alert(alert))?.unwrap_or_default();
-    let lane = if run_kind == "preview" {
-        Lane::Preview
-    } else {
-        Lane::Merged
-    };
-    let span = run_span(&env, lane, commit, run_id);
+    let span = run_span(&env, run_kind.lane(), commit, run_id);
     let _enter = span.enter();
     tracing::info!(decision = %decision, "refused");
     Ok(())
@@ -397,10 +393,10 @@ fn config_error(
     shared: &Shared,
     env: &str,
     commit: &CommitId,
-    kind: &str,
+    kind: RunKind,
     message: String,
 ) -> WorkResult {
-    let status = (kind != "preview").then_some("error");
+    let status = (kind != RunKind::Preview).then_some(EnvStatus::Error);
     let alert = Alert::new(AlertKind::ConfigError, env, commit.as_str(), message);
     refuse(shared, commit, kind, status, alert)
 }
@@ -465,7 +461,7 @@ async fn merged(
             trusted.branch
         );
         let alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
-        return refuse(shared, commit, "plan", None, alert);
+        return refuse(shared, commit, RunKind::Plan, None, alert);
     }
     match decide_history(&state, commit.as_str(), descends) {
         Some(HeadDecision::AlreadyThere) => return Ok(()),
@@ -476,7 +472,13 @@ async fn merged(
                 &last_applied[..7.min(last_applied.len())]
             );
             let alert = Alert::new(AlertKind::HistoryRewritten, env, commit.as_str(), message);
-            return refuse(shared, commit, "plan", Some("refused"), alert);
+            return refuse(
+                shared,
+                commit,
+                RunKind::Plan,
+                Some(EnvStatus::Refused),
+                alert,
+            );
         }
         _ => {}
     }
@@ -496,7 +498,7 @@ async fn merged(
         {
             shared.record(passed_over(
                 env,
-                &row.status,
+                row.status,
                 commit,
                 applied,
                 inputs,
@@ -512,7 +514,7 @@ async fn merged(
                 shared,
                 env,
                 commit,
-                "plan",
+                RunKind::Plan,
                 format!(
                     "the commit does not pass karrots check:\n{}",
                     problem_lines(&problems)
@@ -526,7 +528,7 @@ async fn merged(
             shared,
             env,
             commit,
-            "plan",
+            RunKind::Plan,
             refusal.reason(shared.config.trust_branch.as_str()),
         );
     }
@@ -539,7 +541,7 @@ async fn merged(
     if decide_head(&state, &facts) == HeadDecision::Unaffected {
         shared.record(passed_over(
             env,
-            &row.status,
+            row.status,
             commit,
             &fingerprint,
             &checked.inputs,
@@ -572,13 +574,13 @@ async fn merged(
             shared.record(
                 in_sync
                     .last_applied(&fingerprint, &checked.inputs)
-                    .status("in_sync")
+                    .status(EnvStatus::InSync)
                     .audit("in_sync", "the plan has no changes"),
             )?;
             Ok(())
         }
         AfterPlan::AwaitApproval => {
-            shared.record(planned.status("awaiting_approval").audit(
+            shared.record(planned.status(EnvStatus::AwaitingApproval).audit(
                 "awaiting_approval",
                 "apply.auto is false: the plan waits for an approval and is not applied",
             ))?;
@@ -594,7 +596,13 @@ async fn merged(
             );
             let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
             alert.resources = resources(&record);
-            refuse(shared, commit, "apply", Some("refused"), alert)
+            refuse(
+                shared,
+                commit,
+                RunKind::Apply,
+                Some(EnvStatus::Refused),
+                alert,
+            )
         }
         AfterPlan::Apply => {
             shared.record(planned)?;
@@ -619,7 +627,7 @@ async fn merged(
 /// was applied.
 pub(super) fn passed_over(
     env: &str,
-    status: &str,
+    status: EnvStatus,
     commit: &CommitId,
     fingerprint: &str,
     inputs: &BTreeSet<RepoPath>,
@@ -628,8 +636,8 @@ pub(super) fn passed_over(
     let unaffected = Outcome::new(env, commit)
         .last_applied(fingerprint, inputs)
         .audit("unaffected", reason);
-    if matches!(status, "error" | "refused" | "awaiting_approval") {
-        unaffected.status("in_sync")
+    if status.cleared_by_return() {
+        unaffected.status(EnvStatus::InSync)
     } else {
         unaffected
     }
@@ -654,8 +662,8 @@ async fn recorded_plan(
     stop: &CancellationToken,
 ) -> Result<Option<Planned>, WorkError> {
     let (lane, kind, status) = match streak {
-        Some(_) => (Lane::Merged, "plan", Some("planning")),
-        None => (Lane::Preview, "preview", None),
+        Some(_) => (Lane::Merged, RunKind::Plan, Some(EnvStatus::Planning)),
+        None => (Lane::Preview, RunKind::Preview, None),
     };
     let run_id = shared.store.start_run(env, commit.as_str(), kind, status)?;
     let span = run_span(env, lane, commit, run_id);
@@ -666,9 +674,9 @@ async fn recorded_plan(
     let error = match planned {
         Ok(record) => {
             let result = if record.summary.has_changes() {
-                "changes"
+                RunResult::Changes
             } else {
-                "no_changes"
+                RunResult::NoChanges
             };
             let outcome = Outcome::new(env, commit).finish(
                 run_id,
@@ -683,13 +691,13 @@ async fn recorded_plan(
         Err(error) => error,
     };
     let result = if stop.is_cancelled() {
-        "interrupted"
+        RunResult::Interrupted
     } else {
-        "failed"
+        RunResult::Failed
     };
-    tracing::warn!(%error, result, "the plan did not succeed");
+    tracing::warn!(%error, %result, "the plan did not succeed");
     match streak {
-        Some(streak) if result == "failed" => {
+        Some(streak) if result == RunResult::Failed => {
             shared.record(merged_plan_failed(env, commit, run_id, &error, streak))?;
         }
         _ => {
@@ -702,7 +710,7 @@ async fn recorded_plan(
                 error.to_string(),
             );
             if lane == Lane::Merged {
-                ended = ended.status("failed");
+                ended = ended.status(EnvStatus::Failed);
             }
             shared.record(ended)?;
         }
@@ -733,25 +741,25 @@ fn merged_plan_failed(
                 }
                 _ => format!("; tried once more at {at}, in case the failure passes"),
             };
-            ("error", next)
+            (EnvStatus::Error, next)
         }
         Policy::AwaitChange if attempt > 1 => (
-            "failed",
+            EnvStatus::Failed,
             format!("; failed the same way {attempt} times: not tried again until a new commit"),
         ),
-        Policy::AwaitChange => ("failed", String::new()),
+        Policy::AwaitChange => (EnvStatus::Failed, String::new()),
     };
     let failed = Outcome::new(env, commit)
         .finish(
             run_id,
-            "plan",
-            "failed",
+            RunKind::Plan,
+            RunResult::Failed,
             Summary::default(),
             Vec::new(),
             format!("{text}{next}"),
         )
         .status(status)
-        .audit(status, format!("run {run_id}{next}"));
+        .audit(status.as_str(), format!("run {run_id}{next}"));
     if attempt == 1 || policy == Policy::AwaitChange {
         failed.alert(Alert::new(
             AlertKind::ApplyFailed,
@@ -833,7 +841,12 @@ pub(super) async fn apply(
     let store = &shared.store;
     let name = crate::config::EnvName::parse(env)?;
     let endpoint = shared.endpoint();
-    let run_id = store.start_run(env, commit.as_str(), "apply", Some("applying"))?;
+    let run_id = store.start_run(
+        env,
+        commit.as_str(),
+        RunKind::Apply,
+        Some(EnvStatus::Applying),
+    )?;
     async {
     tracing::info!("applying");
     let started = std::time::Instant::now();
@@ -890,9 +903,16 @@ pub(super) async fn apply(
             let mut alert = Alert::new(AlertKind::Applied, env, commit.as_str(), message);
             alert.resources = resources(record);
             let applied = Outcome::new(env, commit)
-                .finish(run_id, "apply", "applied", summary(record), resources(record), what)
+                .finish(
+                    run_id,
+                    RunKind::Apply,
+                    RunResult::Applied,
+                    summary(record),
+                    resources(record),
+                    what,
+                )
                 .last_applied(fingerprint, &record.inputs)
-                .status("in_sync")
+                .status(EnvStatus::InSync)
                 .audit("applied", format!("run {run_id}"))
                 .alert(alert);
             shared.record(super::drift::back_in_sync(
@@ -908,8 +928,15 @@ pub(super) async fn apply(
             let alert = Alert::new(AlertKind::ApplyFailed, env, commit.as_str(), message.clone());
             shared.record(
                 Outcome::new(env, commit)
-                    .finish(run_id, "apply", "failed", summary(record), resources(record), message)
-                    .status("failed")
+                    .finish(
+                        run_id,
+                        RunKind::Apply,
+                        RunResult::Failed,
+                        summary(record),
+                        resources(record),
+                        message,
+                    )
+                    .status(EnvStatus::Failed)
                     .alert(alert),
             )?;
         }
@@ -947,7 +974,7 @@ async fn preview(
                 shared,
                 env,
                 commit,
-                "preview",
+                RunKind::Preview,
                 format!(
                     "the commit does not pass karrots check:\n{}",
                     problem_lines(&problems)
@@ -966,7 +993,7 @@ async fn preview(
             shared,
             env,
             commit,
-            "preview",
+            RunKind::Preview,
             refusal.reason(shared.config.trust_branch.as_str()),
         );
     }
@@ -997,7 +1024,11 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
                 .unwrap_or_default();
             let message = format!("passes karrots check; not planned: {reason}");
             let run_id = shared
-                .record(Outcome::new(env, commit).decided("preview", "refused", message))?
+                .record(Outcome::new(env, commit).decided(
+                    RunKind::Preview,
+                    RunResult::Refused,
+                    message,
+                ))?
                 .unwrap_or_default();
             let span = run_span(env, Lane::Preview, commit, run_id);
             let _enter = span.enter();
@@ -1008,7 +1039,7 @@ async fn static_check(shared: &Arc<Shared>, env: &str, commit: &CommitId) -> Wor
             shared,
             env,
             commit,
-            "preview",
+            RunKind::Preview,
             format!(
                 "the commit does not pass karrots check (the environment is not on the trust branch {trust} yet):\n{}",
                 problem_lines(&problems)

@@ -6,42 +6,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-/// An environment's drift status, as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DriftStatus {
-    /// `drift.interval` is not set: no drift checks.
-    Off,
-    /// Drift checks are on, but none has finished yet.
-    Unchecked,
-    /// The last check found the real infrastructure as the last applied commit describes it.
-    InSync,
-    /// The last check found resources that differ.
-    Drifted,
-    /// The last check failed: nothing is known about drift.
-    Error,
-}
-
-impl DriftStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DriftStatus::Off => "off",
-            DriftStatus::Unchecked => "unchecked",
-            DriftStatus::InSync => "in_sync",
-            DriftStatus::Drifted => "drifted",
-            DriftStatus::Error => "error",
-        }
-    }
-
-    pub fn parse(text: &str) -> DriftStatus {
-        match text {
-            "in_sync" => DriftStatus::InSync,
-            "drifted" => DriftStatus::Drifted,
-            "error" => DriftStatus::Error,
-            "off" => DriftStatus::Off,
-            _ => DriftStatus::Unchecked,
-        }
-    }
-}
+pub use super::state::DriftStatus;
 
 /// A drifted resource: its address and what applying the last applied commit would do to it
 /// (`["update"]` for a changed tag, `["create"]` for a resource deleted by hand).

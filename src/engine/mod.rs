@@ -10,8 +10,10 @@
 use crate::config::EnvironmentSpec;
 
 pub mod drift;
+
 pub mod reconcile;
 pub mod retry;
+pub mod state;
 
 /// The two workdirs of an environment. They share nothing: no checkout, no lock file, no
 /// plugin state, no plan.

@@ -39,6 +39,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::DaemonConfig;
 use crate::daemon::Shared;
+use crate::engine::state::{DriftStatus, RunKind, RunResult};
 use crate::store::{EnvironmentRow, RunRow, StoreError};
 
 /// The largest webhook body accepted.
@@ -155,8 +156,8 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Records an environment's drift status and how many resources drifted.
-    pub fn drift(&self, env: &str, status: crate::engine::drift::DriftStatus, drifted: usize) {
-        use crate::engine::drift::DriftStatus;
+    pub fn drift(&self, env: &str, status: DriftStatus, drifted: usize) {
+        use DriftStatus;
         for each in [
             DriftStatus::InSync,
             DriftStatus::Drifted,
@@ -176,12 +177,12 @@ impl Metrics {
             .set(drifted as i64);
     }
 
-    pub fn run(&self, env: &str, kind: &str, result: &str) {
+    pub fn run(&self, env: &str, kind: RunKind, result: RunResult) {
         self.runs
             .get_or_create(&RunLabels {
                 env: env.to_string(),
-                kind: kind.to_string(),
-                result: result.to_string(),
+                kind: kind.as_str().to_string(),
+                result: result.as_str().to_string(),
             })
             .inc();
     }
@@ -423,7 +424,7 @@ pub(crate) struct EnvironmentView {
 /// turn them on.
 #[derive(Debug, Serialize)]
 pub(crate) struct DriftView {
-    status: String,
+    status: DriftStatus,
     checked_at: Option<String>,
     /// The drifted addresses.
     resources: Vec<String>,
@@ -453,7 +454,7 @@ fn environment_views(shared: &Shared) -> Result<Vec<EnvironmentView>, StoreError
                 status: if checks_on {
                     drift.status
                 } else {
-                    "off".into()
+                    DriftStatus::Off
                 },
                 checked_at: drift.checked_at,
                 resources,

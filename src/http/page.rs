@@ -11,7 +11,7 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::{DriftView, EnvironmentView};
 use crate::daemon::DriftedResource;
-use crate::store::RunRow;
+use crate::store::{RunResult, RunRow};
 
 /// How often a page reloads itself, in seconds.
 const REFRESH_SECONDS: u32 = 10;
@@ -66,7 +66,7 @@ pub(crate) fn overview(
                             td { code { (env.row.branch) } }
                             td { (commit(env.row.head.as_deref())) }
                             td { (commit(env.row.last_applied.as_deref())) }
-                            td { (badge(&env.row.status)) }
+                            td { (badge(env.row.status.as_str())) }
                             td { (drift(&env.drift, now)) }
                             td {
                                 @match &env.last_run {
@@ -95,7 +95,7 @@ pub(crate) fn run_page(run: &RunRow, others: &[RunRow], now: SystemTime) -> Mark
             dt { "Environment" } dd { (run.env) }
             dt { "Commit" } dd { code { (run.commit) } }
             dt { "Kind" } dd { (run.kind) }
-            dt { "Result" } dd { (badge(run.result.as_deref().unwrap_or("running"))) }
+            dt { "Result" } dd { (badge(result(run))) }
             dt { "Started" } dd { (run.started_at) " (" (ago(&run.started_at, now)) ")" }
             dt { "Finished" } dd { (run.finished_at.as_deref().unwrap_or("—")) }
             dt { "Plan" } dd { (counts(run)) }
@@ -183,7 +183,7 @@ fn run_table(runs: &[RunRow], now: SystemTime) -> Markup {
                             td { (run.env) }
                             td { (run.kind) }
                             td { (commit(Some(&run.commit))) }
-                            td { (badge(run.result.as_deref().unwrap_or("running"))) }
+                            td { (badge(result(run))) }
                             td { (counts(run)) }
                             td { (ago(&run.started_at, now)) }
                         }
@@ -197,9 +197,9 @@ fn run_table(runs: &[RunRow], now: SystemTime) -> Markup {
 fn run_line(run: &RunRow, now: SystemTime) -> Markup {
     html! {
         a href=(run_href(run)) { "#" (run.id) } " " (run.kind) " "
-        (badge(run.result.as_deref().unwrap_or("running")))
+        (badge(result(run)))
         " " span class="sub" { (ago(&run.started_at, now)) }
-        @if matches!(run.result.as_deref(), Some("refused" | "failed" | "interrupted")) {
+        @if run.result.is_some_and(RunResult::is_failure) {
             div class="who reason" { (excerpt(&run.message, 160)) }
         }
     }
@@ -221,7 +221,7 @@ fn drift(view: &DriftView, now: SystemTime) -> Markup {
         .filter_map(|value| serde_json::from_value(value.clone()).ok())
         .collect();
     html! {
-        (badge(&view.status))
+        (badge(view.status.as_str()))
         @if let Some(at) = &view.checked_at { " " span class="sub" { "checked " (ago(at, now)) } }
         @if !resources.is_empty() {
             ul class="drifted" {
@@ -286,11 +286,16 @@ fn actions(actions: &serde_json::Value) -> String {
 }
 
 fn message_heading(run: &RunRow) -> &'static str {
-    match run.result.as_deref() {
-        Some("refused") => "Why it was refused",
-        Some("failed" | "interrupted") => "Error (last lines)",
+    match run.result {
+        Some(RunResult::Refused) => "Why it was refused",
+        Some(RunResult::Failed | RunResult::Interrupted) => "Error (last lines)",
         _ => "Message",
     }
+}
+
+/// A run's result as its badge shows it: `running` while it has none.
+fn result(run: &RunRow) -> &'static str {
+    run.result.map_or("running", RunResult::as_str)
 }
 
 fn run_href(run: &RunRow) -> String {
@@ -328,19 +333,19 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{EnvironmentRow, Summary};
+    use crate::store::{DriftStatus, EnvStatus, EnvironmentRow, RunKind, Summary};
 
     fn at(seconds: u64) -> SystemTime {
         humantime::parse_rfc3339("2026-11-24T10:00:00Z").unwrap() + Duration::from_secs(seconds)
     }
 
-    fn run(id: i64, result: &str, message: &str) -> RunRow {
+    fn run(id: i64, result: RunResult, message: &str) -> RunRow {
         RunRow {
             id,
             env: "prod".into(),
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
-            kind: "apply".into(),
-            result: Some(result.into()),
+            kind: RunKind::Apply,
+            result: Some(result),
             summary: Summary {
                 add: 1,
                 change: 0,
@@ -363,13 +368,13 @@ mod tests {
                 branch: "main".into(),
                 head: Some("0123456789abcdef".into()),
                 last_applied: None,
-                status: "drifted".into(),
+                status: EnvStatus::Drifted,
                 applied_fingerprint: None,
                 applied_inputs: None,
             },
-            last_run: Some(run(7, "applied", "")),
+            last_run: Some(run(7, RunResult::Applied, "")),
             drift: DriftView {
-                status: "drifted".into(),
+                status: DriftStatus::Drifted,
                 checked_at: Some("2026-11-24T10:00:30Z".into()),
                 resources: vec!["aws_vpc.main".into()],
                 details: vec![serde_json::json!({
@@ -380,7 +385,7 @@ mod tests {
                 message: String::new(),
             },
         };
-        let html = overview(&[env], &[run(7, "applied", "")], at(90)).into_string();
+        let html = overview(&[env], &[run(7, RunResult::Applied, "")], at(90)).into_string();
         assert!(
             html.contains("arn:aws:iam::1:role/&lt;b&gt;admin&lt;/b&gt;</code> (alice)"),
             "{html}"
@@ -407,8 +412,8 @@ mod tests {
     fn a_run_page_shows_addresses_actions_and_the_tail_of_its_error() {
         let long: Vec<String> = (1..=100).map(|n| format!("line {n}")).collect();
         let html = run_page(
-            &run(7, "failed", &long.join("\n")),
-            &[run(6, "applied", "")],
+            &run(7, RunResult::Failed, &long.join("\n")),
+            &[run(6, RunResult::Applied, "")],
             at(5),
         )
         .into_string();
@@ -422,7 +427,11 @@ mod tests {
 
     #[test]
     fn the_reason_of_a_refused_last_run_is_its_first_line_cut_short() {
-        let refused = run(3, "refused", &format!("{}\nsecond line", "x".repeat(200)));
+        let refused = run(
+            3,
+            RunResult::Refused,
+            &format!("{}\nsecond line", "x".repeat(200)),
+        );
         let html = run_line(&refused, at(1)).into_string();
         assert!(html.contains(&format!("{}…", "x".repeat(160))), "{html}");
         assert!(!html.contains("second line"));

@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::config::RepoPath;
+pub use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,9 +43,7 @@ pub struct EnvironmentRow {
     pub branch: String,
     pub head: Option<String>,
     pub last_applied: Option<String>,
-    /// `in_sync`, `planning`, `applying`, `awaiting_approval`, `drifted`, `refused`, `failed`,
-    /// `error`.
-    pub status: String,
+    pub status: EnvStatus,
     /// The input fingerprint of `last_applied`.
     #[serde(skip)]
     pub applied_fingerprint: Option<String>,
@@ -78,11 +77,9 @@ pub struct RunRow {
     pub id: i64,
     pub env: String,
     pub commit: String,
-    /// `plan`, `apply`, `drift`, `preview`.
-    pub kind: String,
-    /// `no_changes`, `changes`, `applied`, `failed`, `refused`, `superseded`, `interrupted`;
+    pub kind: RunKind,
     /// `None` while it runs.
-    pub result: Option<String>,
+    pub result: Option<RunResult>,
     pub summary: Summary,
     /// Addresses and actions of the planned changes (never values).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -95,8 +92,8 @@ pub struct RunRow {
 /// What the drift checks of an environment found last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DriftRow {
-    /// `unchecked`, `in_sync`, `drifted`, `error` (`off` is the API's, from the config).
-    pub status: String,
+    /// Never `off`: that is the API's, from the configuration.
+    pub status: DriftStatus,
     /// When the last check finished (RFC 3339).
     pub checked_at: Option<String>,
     /// The last moment the environment was known to match its last applied commit (a clean
@@ -111,7 +108,7 @@ pub struct DriftRow {
 impl Default for DriftRow {
     fn default() -> DriftRow {
         DriftRow {
-            status: "unchecked".into(),
+            status: DriftStatus::Unchecked,
             checked_at: None,
             in_sync_at: None,
             resources: Vec::new(),
@@ -167,15 +164,15 @@ pub enum RunRecord {
     /// Ends a run begun with [`StateStore::start_run`].
     Finish {
         id: i64,
-        result: String,
+        result: RunResult,
         summary: Summary,
         resources: Vec<serde_json::Value>,
         message: String,
     },
     /// A run decided without terraform (refused, superseded): begun and ended at once.
     Decided {
-        kind: String,
-        result: String,
+        kind: RunKind,
+        result: RunResult,
         message: String,
     },
 }
@@ -187,7 +184,7 @@ pub struct Journal {
     pub env: String,
     pub commit: String,
     pub run: Option<RunRecord>,
-    pub status: Option<String>,
+    pub status: Option<EnvStatus>,
     /// The input fingerprint and closure of `commit`, when the environment is now at `commit`.
     pub last_applied: Option<Applied>,
     pub drift: Option<DriftRow>,
@@ -226,8 +223,8 @@ pub trait StateStore: Send + Sync {
         &self,
         env: &str,
         commit: &str,
-        kind: &str,
-        status: Option<&str>,
+        kind: RunKind,
+        status: Option<EnvStatus>,
     ) -> Result<i64, StoreError>;
     /// The newest `limit` runs, of one environment or of all.
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError>;
@@ -257,7 +254,7 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     /// Statuses the database refused, by environment: what the daemon knows, shown until
     /// they are written.
-    unrecorded: Mutex<BTreeMap<String, String>>,
+    unrecorded: Mutex<BTreeMap<String, EnvStatus>>,
 }
 
 const MIGRATIONS: [&str; 4] = [
@@ -319,6 +316,44 @@ CREATE INDEX outbox_due ON outbox (kind, delivered_at, next_attempt_at);
 ALTER TABLE environments ADD COLUMN applied_inputs TEXT;
 ",
 ];
+
+/// The recorded states go into the database as their names, and come out only as one of
+/// them: a name this karrots does not know is an error naming it, never a default.
+macro_rules! stored_as_name {
+    ($($ty:ty),*) => {$(
+        impl rusqlite::ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $ty {
+            fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                let text = value.as_str()?;
+                text.parse().map_err(|_| {
+                    rusqlite::types::FromSqlError::Other(
+                        format!("{text:?} is not a known {}", stringify!($ty)).into(),
+                    )
+                })
+            }
+        }
+    )*};
+}
+
+stored_as_name!(EnvStatus, RunKind, RunResult, DriftStatus);
+
+/// A JSON column as `T`; one that does not parse is an error, never taken as empty.
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &rusqlite::Row<'_>,
+    index: usize,
+) -> rusqlite::Result<T> {
+    let text: String = row.get(index)?;
+    serde_json::from_str(&text).map_err(|error| {
+        let column = row.as_ref().column_name(index).unwrap_or("?");
+        let error = format!("column {column} holds {text:?}, which does not parse: {error}");
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, error.into())
+    })
+}
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -386,12 +421,12 @@ impl SqliteStore {
         if let Ok(unrecorded) = self.unrecorded.lock()
             && let Some(status) = unrecorded.get(&row.name)
         {
-            row.status = status.clone();
+            row.status = *status;
         }
         row
     }
 
-    fn write_status(&self, name: &str, status: &str) -> Result<(), StoreError> {
+    fn write_status(&self, name: &str, status: EnvStatus) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE environments SET status = ?2 WHERE name = ?1",
@@ -403,17 +438,17 @@ impl SqliteStore {
 
     /// Keeps a status the database refused in memory (shown, and written on the next
     /// [`StateStore::record_pending`]); forgets it once one is written.
-    fn remember_status(&self, name: &str, status: &str, written: bool) {
+    fn remember_status(&self, name: &str, status: EnvStatus, written: bool) {
         if let Ok(mut unrecorded) = self.unrecorded.lock() {
             if written {
                 unrecorded.remove(name);
             } else {
                 tracing::error!(
                     env = name,
-                    status,
+                    %status,
                     "the status could not be recorded; it is shown from memory and written again on the next poll"
                 );
-                unrecorded.insert(name.to_string(), status.to_string());
+                unrecorded.insert(name.to_string(), status);
             }
         }
     }
@@ -452,7 +487,6 @@ impl SqliteStore {
 const RUN_COLUMNS: &str = "id, env, commit_id, kind, result, add_count, change_count, destroy_count, resources, started_at, finished_at, message";
 
 fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
-    let resources: String = row.get(8)?;
     Ok(RunRow {
         id: row.get(0)?,
         env: row.get(1)?,
@@ -464,7 +498,7 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
             change: row.get::<_, i64>(6)? as usize,
             destroy: row.get::<_, i64>(7)? as usize,
         },
-        resources: serde_json::from_str(&resources).unwrap_or_default(),
+        resources: json_column(row, 8)?,
         started_at: row.get(9)?,
         finished_at: row.get(10)?,
         message: row.get(11)?,
@@ -652,12 +686,12 @@ impl StateStore for SqliteStore {
     }
 
     fn record_pending(&self) {
-        let pending: Vec<(String, String)> = match self.unrecorded.lock() {
+        let pending: Vec<(String, EnvStatus)> = match self.unrecorded.lock() {
             Ok(unrecorded) => unrecorded.clone().into_iter().collect(),
             Err(_) => return,
         };
         for (name, status) in pending {
-            if self.write_status(&name, &status).is_ok()
+            if self.write_status(&name, status).is_ok()
                 && let Ok(mut unrecorded) = self.unrecorded.lock()
                 && unrecorded.get(&name) == Some(&status)
             {
@@ -673,12 +707,11 @@ impl StateStore for SqliteStore {
                  FROM environments WHERE name = ?1",
                 [name],
                 |row| {
-                    let resources: String = row.get(3)?;
                     Ok(DriftRow {
                         status: row.get(0)?,
                         checked_at: row.get(1)?,
                         in_sync_at: row.get(2)?,
-                        resources: serde_json::from_str(&resources).unwrap_or_default(),
+                        resources: json_column(row, 3)?,
                         message: row.get(4)?,
                     })
                 },
@@ -692,8 +725,8 @@ impl StateStore for SqliteStore {
         &self,
         env: &str,
         commit: &str,
-        kind: &str,
-        status: Option<&str>,
+        kind: RunKind,
+        status: Option<EnvStatus>,
     ) -> Result<i64, StoreError> {
         let started = self.with(|c| {
             let transaction = c.unchecked_transaction()?;
@@ -724,7 +757,7 @@ impl StateStore for SqliteStore {
             transaction.commit()?;
             Ok(run)
         });
-        if let Some(status) = &entry.status {
+        if let Some(status) = entry.status {
             self.remember_status(&entry.env, status, written.is_ok());
         }
         written
@@ -747,7 +780,7 @@ impl StateStore for SqliteStore {
             Ok(runs)
         });
         for entry in entries {
-            if let Some(status) = &entry.status {
+            if let Some(status) = entry.status {
                 self.remember_status(&entry.env, status, written.is_ok());
             }
         }
@@ -866,20 +899,20 @@ mod tests {
         }
     }
 
-    fn status_only(env: &str, status: &str) -> Journal {
+    fn status_only(env: &str, status: EnvStatus) -> Journal {
         Journal {
             env: env.into(),
             commit: "abc".into(),
-            status: Some(status.into()),
+            status: Some(status),
             ..Journal::default()
         }
     }
 
     /// Run `id` ended with `result`, having planned one resource to add.
-    fn added_one(id: i64, result: &str) -> RunRecord {
+    fn added_one(id: i64, result: RunResult) -> RunRecord {
         RunRecord::Finish {
             id,
-            result: result.into(),
+            result,
             summary: Summary {
                 add: 1,
                 change: 0,
@@ -916,14 +949,20 @@ mod tests {
         let path = dir.path().join("karrots.db");
         let store = SqliteStore::open(&path).unwrap();
         record_head(&store, "prod", "main", "abc").unwrap();
-        store.journal(&status_only("prod", "applying")).unwrap();
+        store
+            .journal(&status_only("prod", EnvStatus::Applying))
+            .unwrap();
         let disk = fill_disk(&path, "UPDATE", "environments");
-        assert!(store.journal(&status_only("prod", "in_sync")).is_err());
+        assert!(
+            store
+                .journal(&status_only("prod", EnvStatus::InSync))
+                .is_err()
+        );
         assert_eq!(
             store.environment("prod").unwrap().unwrap().status,
-            "in_sync"
+            EnvStatus::InSync
         );
-        assert_eq!(store.environments().unwrap()[0].status, "in_sync");
+        assert_eq!(store.environments().unwrap()[0].status, EnvStatus::InSync);
         store.record_pending();
         let on_disk = |c: &Connection| -> String {
             c.query_row(
@@ -940,7 +979,7 @@ mod tests {
         assert_eq!(on_disk(&disk), "in_sync");
         assert_eq!(
             store.environment("prod").unwrap().unwrap().status,
-            "in_sync"
+            EnvStatus::InSync
         );
     }
 
@@ -961,7 +1000,7 @@ mod tests {
         let passed_over = |env: &str| Journal {
             last_applied: Some(applied("fingerprint")),
             audit: Some(("unaffected".into(), "no input changed".into())),
-            ..status_only(env, "in_sync")
+            ..status_only(env, EnvStatus::InSync)
         };
         let entries: Vec<Journal> = ["a", "b", "c"].into_iter().map(passed_over).collect();
         // The last environment's audit entry is refused: none of the three is written.
@@ -1011,7 +1050,7 @@ mod tests {
         store
             .journal(&Journal {
                 last_applied: Some(applied("fingerprint")),
-                ..status_only("prod", "in_sync")
+                ..status_only("prod", EnvStatus::InSync)
             })
             .unwrap();
         drop(store);
@@ -1034,16 +1073,16 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         record_head(&store, "prod", "main", "abc").unwrap();
         let run = store
-            .start_run("prod", "abc", "apply", Some("applying"))
+            .start_run("prod", "abc", RunKind::Apply, Some(EnvStatus::Applying))
             .unwrap();
         let applied = Journal {
             env: "prod".into(),
             commit: "abc".into(),
-            run: Some(added_one(run, "applied")),
-            status: Some("in_sync".into()),
+            run: Some(added_one(run, RunResult::Applied)),
+            status: Some(EnvStatus::InSync),
             last_applied: Some(applied("fingerprint")),
             drift: Some(DriftRow {
-                status: "in_sync".into(),
+                status: DriftStatus::InSync,
                 ..DriftRow::default()
             }),
             audit: Some(("applied".into(), format!("run {run}"))),
@@ -1063,9 +1102,9 @@ mod tests {
         // What a restart finds: none of it.
         let store = SqliteStore::open(&path).unwrap();
         let row = store.environment("prod").unwrap().unwrap();
-        assert_eq!(row.status, "applying");
+        assert_eq!(row.status, EnvStatus::Applying);
         assert_eq!(row.last_applied, None);
-        assert_eq!(store.drift("prod").unwrap().status, "unchecked");
+        assert_eq!(store.drift("prod").unwrap().status, DriftStatus::Unchecked);
         assert_eq!(store.run(run).unwrap().unwrap().result, None);
         assert!(store.due(OutboxKind::Alert, i64::MAX).unwrap().is_empty());
         let audited: i64 = disk
@@ -1080,10 +1119,10 @@ mod tests {
             (row.status.as_str(), row.last_applied.as_deref()),
             ("in_sync", Some("abc"))
         );
-        assert_eq!(store.drift("prod").unwrap().status, "in_sync");
+        assert_eq!(store.drift("prod").unwrap().status, DriftStatus::InSync);
         assert_eq!(
-            store.run(run).unwrap().unwrap().result.as_deref(),
-            Some("applied")
+            store.run(run).unwrap().unwrap().result,
+            Some(RunResult::Applied)
         );
         assert_eq!(store.due(OutboxKind::Alert, i64::MAX).unwrap().len(), 2);
     }
@@ -1103,6 +1142,61 @@ mod tests {
         };
         assert!(matches!(error, StoreError::Newer { found, .. } if found == MIGRATIONS.len() + 1));
         assert!(error.to_string().contains("restore the state_dir backup"));
+    }
+
+    #[test]
+    fn a_row_that_does_not_parse_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("karrots.db");
+        let store = SqliteStore::open(&path).unwrap();
+        record_head(&store, "prod", "main", "abc").unwrap();
+        let run = store.start_run("prod", "abc", RunKind::Plan, None).unwrap();
+        let hand = Connection::open(&path).unwrap();
+        let broken = [
+            (
+                "UPDATE environments SET status = 'sideways'",
+                "\"sideways\" is not a known EnvStatus",
+            ),
+            (
+                "UPDATE runs SET result = 'maybe'",
+                "\"maybe\" is not a known RunResult",
+            ),
+            (
+                "UPDATE environments SET drift_status = 'gone'",
+                "\"gone\" is not a known DriftStatus",
+            ),
+            (
+                "UPDATE environments SET drift_resources = '{'",
+                "column drift_resources holds \"{\", which does not parse",
+            ),
+            (
+                "UPDATE runs SET resources = 'null'",
+                "column resources holds \"null\", which does not parse",
+            ),
+        ];
+        for (statement, expected) in broken {
+            hand.execute_batch(statement).unwrap();
+            let read = [
+                store.environments().map(drop),
+                store.runs(None, 10).map(drop),
+                store.run(run).map(drop),
+                store.drift("prod").map(drop),
+            ];
+            let errors: Vec<String> = read
+                .into_iter()
+                .filter_map(|read| read.err().map(|error| error.to_string()))
+                .collect();
+            assert!(
+                errors.iter().any(|error| error.contains(expected)),
+                "{statement}: {errors:?}"
+            );
+            // Put it back, so that the next row breaks alone.
+            hand.execute_batch(
+                "UPDATE environments SET status = 'planning', drift_status = 'unchecked',
+                 drift_resources = '[]'; UPDATE runs SET result = NULL, resources = '[]';",
+            )
+            .unwrap();
+        }
     }
 
     #[test]
@@ -1136,32 +1230,32 @@ mod tests {
             let store = SqliteStore::open(&path).unwrap();
             record_head(&store, "prod", "main", "abc").unwrap();
             let plan = store
-                .start_run("prod", "abc", "plan", Some("planning"))
+                .start_run("prod", "abc", RunKind::Plan, Some(EnvStatus::Planning))
                 .unwrap();
             store
                 .journal(&Journal {
                     env: "prod".into(),
                     commit: "abc".into(),
-                    run: Some(added_one(plan, "changes")),
+                    run: Some(added_one(plan, RunResult::Changes)),
                     ..Journal::default()
                 })
                 .unwrap();
             store
-                .start_run("prod", "abc", "apply", Some("applying"))
+                .start_run("prod", "abc", RunKind::Apply, Some(EnvStatus::Applying))
                 .unwrap();
             // The daemon dies here, mid-apply.
         }
         let store = SqliteStore::open(&path).unwrap();
         let open = store.open_runs().unwrap();
         assert_eq!(open.len(), 1);
-        assert_eq!(open[0].kind, "apply");
+        assert_eq!(open[0].kind, RunKind::Apply);
         assert_eq!(
             store.environment("prod").unwrap().unwrap().status,
-            "applying"
+            EnvStatus::Applying
         );
         let runs = store.runs(Some("prod"), 200).unwrap();
         assert_eq!(runs[0].result, None);
-        assert_eq!(runs[1].result.as_deref(), Some("changes"));
+        assert_eq!(runs[1].result, Some(RunResult::Changes));
         assert_eq!(runs[1].summary.add, 1);
     }
 
@@ -1170,7 +1264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("karrots.db");
         let found = DriftRow {
-            status: "drifted".into(),
+            status: DriftStatus::Drifted,
             checked_at: Some("2026-11-23T10:00:00Z".into()),
             in_sync_at: Some("2026-11-23T09:00:00Z".into()),
             resources: vec![serde_json::json!({"address": "aws_vpc.main", "actions": ["update"]})],
@@ -1191,7 +1285,7 @@ mod tests {
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.drift("prod").unwrap(), found);
-        assert_eq!(store.drift("dev").unwrap().status, "unchecked");
+        assert_eq!(store.drift("dev").unwrap().status, DriftStatus::Unchecked);
         assert_eq!(store.drift("nowhere").unwrap(), DriftRow::default());
     }
 
