@@ -591,7 +591,6 @@ async fn remediate(
                 commit,
                 record,
                 trusted,
-                &record.fingerprint,
                 ApplyReason::Remediation { drift_run },
             )
             .await

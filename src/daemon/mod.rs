@@ -12,6 +12,7 @@
 
 mod drift;
 mod memory;
+mod merged;
 mod outcome;
 mod systemd;
 mod worker;
@@ -30,7 +31,7 @@ use crate::config::PreviewNetwork;
 use crate::config::RepoPath;
 use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
 use crate::engine::Lane;
-use crate::engine::reconcile::{HeadDecision, HeadFacts, MergedState, decide_head, touches_inputs};
+use crate::engine::reconcile::touches_inputs;
 use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
@@ -566,30 +567,11 @@ impl Poller {
         };
         let mut passed_over = Vec::new();
         for (env, head, inputs) in untouched {
-            let row = &rows[&env];
-            let state = MergedState {
-                last_applied: row.last_applied.clone(),
-                applied_fingerprint: row.applied_fingerprint.clone(),
+            let (row, Some(trusted)) = (&rows[&env], shared.trusted(&env)) else {
+                continue;
             };
-            let facts = HeadFacts {
-                commit: head.to_string(),
-                descends_from_last_applied: true,
-                fingerprint: row.applied_fingerprint.clone().unwrap_or_default(),
-            };
-            match decide_head(&state, &facts) {
-                HeadDecision::AlreadyThere => passed_over.push((env, None)),
-                HeadDecision::Unaffected => {
-                    let outcome = worker::passed_over(
-                        &env,
-                        row.status,
-                        &head,
-                        &facts.fingerprint,
-                        &inputs,
-                        "the commit changes no path the environment is built from",
-                    );
-                    passed_over.push((env, Some(outcome)));
-                }
-                HeadDecision::Plan | HeadDecision::RefuseRewrittenHistory { .. } => {}
+            if let Some(outcome) = merged::pass_over(row, trusted.apply, &head, &inputs) {
+                passed_over.push((env, outcome));
             }
         }
         // The turns of the environments their head touches go back at once: their workers

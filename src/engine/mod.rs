@@ -10,6 +10,7 @@
 use crate::config::EnvironmentSpec;
 
 pub mod drift;
+pub mod machine;
 
 pub mod reconcile;
 pub mod retry;

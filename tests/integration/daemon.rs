@@ -583,7 +583,8 @@ fn merges_apply_to_their_own_environment_and_branches_only_preview() {
     assert_eq!(
         fixture.runs("prod").len(),
         prod_runs,
-        "no plan for an unaffected commit"
+        "no plan for an unaffected commit: {:#?}",
+        fixture.runs("prod")
     );
     let prod_commit = readme;
 

@@ -585,6 +585,20 @@ fn remediation_puts_it_back_and_a_throttling_cloudtrail_does_not_hold_the_alert(
         f.environment("prod")["drift"]["status"] == "in_sync"
             && f.environment("prod")["status"] == "in_sync"
     });
+
+    // The remediation left prod where it was: a commit that changes none of its inputs is
+    // passed over with the fingerprint of its last applied commit, not planned.
+    let plans = count_runs(&fixture, "plan");
+    fixture.clone.write("README.md", "# the config repository\n");
+    let readme = fixture.clone.commit_all("a README");
+    fixture.push("main");
+    fixture.wait_for("prod at the README commit", |f| f.applied("prod", &readme));
+    assert_eq!(count_runs(&fixture, "plan"), plans, "{:#?}", fixture.runs("prod"));
+}
+
+fn count_runs(fixture: &Fixture, kind: &str) -> usize {
+    let runs = fixture.runs("prod");
+    runs.iter().filter(|run| run["kind"] == kind).count()
 }
 
 #[test]

@@ -1,0 +1,614 @@
+//! The merged lane's worker: carries out the effects [`crate::engine::machine::step`] decides
+//! for one commit of an environment's branch (inspect, stage, plan, apply, record, wait) and
+//! feeds what they found back as events. Nothing here decides: each outcome is the record
+//! the machine asked for, worded and written as one journal entry.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::alert::{Alert, AlertKind};
+use crate::config::{ApplyPolicy, EnvironmentSpec, RepoPath};
+use crate::engine::machine::{
+    self, Effect, EnvState, Event, Inspection, Phase, Record, Staging, Streak,
+};
+use crate::engine::reconcile::{MergedState, PlanOutcome, touches_inputs};
+use crate::engine::retry::ErrorClass;
+use crate::engine::state::{EnvStatus, RunKind, RunResult};
+use crate::engine::{Lane, decide_lane};
+use crate::git::{self, CommitId};
+use crate::repo::CheckedEnvironment;
+use crate::store::{EnvironmentRow, Summary};
+use crate::terraform::{PlanRecord, StageError};
+
+use super::Shared;
+use super::outcome::Outcome;
+use super::worker::{
+    ApplyReason, WorkError, WorkResult, config_error, doomed, plan, problem_lines, record_apply,
+    refuse, resources, run_span, stage, start_apply, summary,
+};
+
+/// What the merged lane keeps between commits: the machine's streak and phase (a commit
+/// waiting to be tried again), and when that retry is due.
+#[derive(Debug, Default)]
+pub(super) struct MergedLane {
+    streak: Streak,
+    phase: Phase,
+    pub(super) retry_at: Option<tokio::time::Instant>,
+}
+
+impl MergedLane {
+    /// The retry's event, once its time has come.
+    pub(super) fn take_retry(&mut self) -> Option<Event> {
+        self.retry_at.take().map(|_| Event::RetryDue)
+    }
+}
+
+/// Drives the machine from `event` until it asks for nothing more.
+pub(super) async fn merged(
+    shared: &Arc<Shared>,
+    env: &str,
+    lane: &mut MergedLane,
+    event: Event,
+    stop: &CancellationToken,
+) -> WorkResult {
+    let Some(trusted) = shared.trusted(env) else {
+        return Ok(());
+    };
+    let row = shared.store.environment(env)?.unwrap_or_default();
+    let mut state = EnvState {
+        status: row.status,
+        merged: MergedState {
+            last_applied: row.last_applied.clone(),
+            applied_fingerprint: row.applied_fingerprint.clone(),
+        },
+        apply: trusted.apply,
+        streak: std::mem::take(&mut lane.streak),
+        phase: std::mem::take(&mut lane.phase),
+    };
+    let mut run = Run {
+        shared,
+        env,
+        trusted: &trusted,
+        row: &row,
+        stop,
+        checked: None,
+        plan: None,
+        apply_run: None,
+        permit: None,
+        retry_at: None,
+    };
+    let mut events = VecDeque::from([event]);
+    let mut result = Ok(());
+    'events: while let Some(event) = events.pop_front() {
+        let effects;
+        (state, effects) = machine::step(state, event);
+        for effect in effects {
+            match run.carry_out(effect).await {
+                Ok(Some(event)) => events.push_back(event),
+                Ok(None) => {}
+                Err(error) => {
+                    result = Err(error);
+                    break 'events;
+                }
+            }
+        }
+    }
+    lane.streak = state.streak;
+    lane.phase = state.phase;
+    lane.retry_at = run.retry_at;
+    result
+}
+
+/// One commit's way through the lane: what its effects found so far.
+struct Run<'a> {
+    shared: &'a Arc<Shared>,
+    env: &'a str,
+    trusted: &'a EnvironmentSpec,
+    row: &'a EnvironmentRow,
+    stop: &'a CancellationToken,
+    /// The staged commit, once staging passed.
+    checked: Option<CheckedEnvironment>,
+    /// The plan's run, and the plan (or why it failed).
+    plan: Option<(i64, Result<PlanRecord, String>)>,
+    /// The apply's run, once it started.
+    apply_run: Option<i64>,
+    /// Held from the plan through the apply.
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Run<'_> {
+    async fn carry_out(&mut self, effect: Effect) -> Result<Option<Event>, WorkError> {
+        match effect {
+            Effect::Inspect { commit } => {
+                let found = self.inspect(&CommitId::from_hex(&commit)).await?;
+                Ok(Some(Event::Inspected(found)))
+            }
+            Effect::Stage { commit } => {
+                let staged = self.stage(&CommitId::from_hex(&commit)).await?;
+                Ok(Some(Event::Staged(staged)))
+            }
+            Effect::Plan { commit } => self.plan(&CommitId::from_hex(&commit)).await,
+            Effect::Apply { commit } => {
+                let commit = CommitId::from_hex(&commit);
+                let Some((_, Ok(record))) = &self.plan else {
+                    return Err(WorkError::Other("an apply without its plan".into()));
+                };
+                let (run_id, ended) =
+                    start_apply(self.shared, self.env, &commit, record, self.trusted).await?;
+                self.apply_run = Some(run_id);
+                Ok(Some(Event::ApplyEnded(ended)))
+            }
+            Effect::Record(record) => {
+                self.record(record)?;
+                Ok(None)
+            }
+            Effect::RetryAfter(after) => {
+                self.retry_at = Some(tokio::time::Instant::now() + after);
+                Ok(None)
+            }
+        }
+    }
+
+    /// From git, on one blocking thread: whether the commit is on the first-parent chain of
+    /// exactly `refs/remotes/origin/<branch>` (whatever name the queue was given it under),
+    /// its ancestry, and whether it changed any path of the last applied commit's input
+    /// closure (when that closure is known).
+    async fn inspect(&self, commit: &CommitId) -> Result<Inspection, WorkError> {
+        let shared = self.shared;
+        let (mirror, commit, branch) = (
+            shared.mirror.path().to_path_buf(),
+            commit.clone(),
+            self.trusted.branch.to_string(),
+        );
+        let last = self.row.last_applied.as_deref().map(CommitId::from_hex);
+        let inputs = self.row.applied_inputs.clone();
+        let compared = last
+            .as_ref()
+            .and_then(|last| shared.changed_paths(last, &commit));
+        let _git = shared.git_work.acquire().await;
+        let found = tokio::task::spawn_blocking(move || {
+            let repo = git::open(&mirror)?;
+            let on_branch = match git::branch_tip(&repo, &branch) {
+                Some(tip) => git::on_first_parent_chain(&repo, &tip, &commit)?,
+                None => false,
+            };
+            let Some(last) = last.filter(|_| on_branch) else {
+                return Ok::<_, git::GitError>(Inspection {
+                    on_branch,
+                    descends: true,
+                    untouched: false,
+                });
+            };
+            let changes = match compared {
+                Some(changed) => Some(changed),
+                None => git::mirror::changes_since(&repo, &last, &commit)?,
+            };
+            let untouched = match (&inputs, &changes) {
+                (Some(inputs), Some(changed)) => !touches_inputs(changed, inputs),
+                _ => false,
+            };
+            Ok(Inspection {
+                on_branch,
+                descends: changes.is_some(),
+                untouched,
+            })
+        })
+        .await??;
+        Ok(found)
+    }
+
+    async fn stage(&mut self, commit: &CommitId) -> Result<Staging, WorkError> {
+        let checked = match stage(self.shared, self.env, Lane::Merged, commit).await? {
+            Ok(checked) => checked,
+            Err(StageError::Refused(problems)) => {
+                return Ok(Staging::Refused {
+                    message: format!(
+                        "the commit does not pass karrots check:\n{}",
+                        problem_lines(&problems)
+                    ),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if let Err(refusal) = decide_lane(Some(self.trusted), &checked.spec, true) {
+            let trust = self.shared.config.trust_branch.as_str();
+            return Ok(Staging::Refused {
+                message: refusal.reason(trust),
+            });
+        }
+        let fingerprint = checked.fingerprint.to_string();
+        self.checked = Some(checked);
+        Ok(Staging::Checked { fingerprint })
+    }
+
+    /// Plans the staged commit as a `plan` run (the environment `planning`), with a permit
+    /// that merged runs get first. `None` when the daemon stops before it starts.
+    async fn plan(&mut self, commit: &CommitId) -> Result<Option<Event>, WorkError> {
+        let (shared, env, stop) = (self.shared, self.env, self.stop);
+        let Some(permit) = super::permit(shared, super::Priority::First).await else {
+            return Ok(None);
+        };
+        self.permit = Some(permit);
+        if stop.is_cancelled() {
+            return Ok(None);
+        }
+        let Some(checked) = &self.checked else {
+            return Err(WorkError::Other("a plan without a staged commit".into()));
+        };
+        let run_id = shared.store.start_run(
+            env,
+            commit.as_str(),
+            RunKind::Plan,
+            Some(EnvStatus::Planning),
+        )?;
+        let span = run_span(env, Lane::Merged, commit, run_id);
+        let planned = plan(shared, env, Lane::Merged, commit, checked, run_id, stop)
+            .instrument(span.clone())
+            .await;
+        let event = match &planned {
+            Ok(record) => Event::Planned(PlanOutcome {
+                has_changes: record.summary.has_changes(),
+                destroys: record.summary.destroys(),
+            }),
+            Err(error) => {
+                let _enter = span.enter();
+                tracing::warn!(%error, "the plan did not succeed");
+                if stop.is_cancelled() {
+                    Event::Interrupted
+                } else {
+                    Event::PlanFailed {
+                        class: error.class(),
+                        message: error.to_string(),
+                        jitter: fastrand::f64(),
+                    }
+                }
+            }
+        };
+        self.plan = Some((run_id, planned.map_err(|error| error.to_string())));
+        Ok(Some(event))
+    }
+
+    /// The outcome that ends the plan's run with its result: the caller adds what was
+    /// decided after it and records them together.
+    fn planned(&self, commit: &CommitId) -> Result<(Outcome, &PlanRecord), WorkError> {
+        let Some((run_id, Ok(record))) = &self.plan else {
+            return Err(WorkError::Other("no plan to record".into()));
+        };
+        let result = if record.summary.has_changes() {
+            RunResult::Changes
+        } else {
+            RunResult::NoChanges
+        };
+        let outcome = Outcome::new(self.env, commit).finish(
+            *run_id,
+            RunKind::Plan,
+            result,
+            summary(record),
+            resources(record),
+            "",
+        );
+        Ok((outcome, record))
+    }
+
+    /// The input closure of the commit the environment is now at: the staged one, or (when
+    /// it was passed over unstaged) the last applied one's, which it shares.
+    fn inputs(&self) -> BTreeSet<RepoPath> {
+        match &self.checked {
+            Some(checked) => checked.inputs.clone(),
+            None => self.row.applied_inputs.clone().unwrap_or_default(),
+        }
+    }
+
+    fn record(&self, record: Record) -> WorkResult {
+        let (shared, env) = (self.shared, self.env);
+        match record {
+            Record::NotOnBranch { commit } => {
+                let commit = CommitId::from_hex(&commit);
+                let message = format!(
+                    "{} is not on the first-parent chain of branch {}: only commits merged there are planned and applied",
+                    commit.short(),
+                    self.trusted.branch
+                );
+                let alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
+                refuse(shared, &commit, RunKind::Plan, None, alert)
+            }
+            Record::HistoryRewritten {
+                commit,
+                last_applied,
+            } => {
+                let commit = CommitId::from_hex(&commit);
+                let message = format!(
+                    "{} does not descend from the last applied commit {}: history was rewritten (force-push or rewind); nothing is applied until the branch descends from it again",
+                    commit.short(),
+                    &last_applied[..7.min(last_applied.len())]
+                );
+                let alert = Alert::new(AlertKind::HistoryRewritten, env, commit.as_str(), message);
+                refuse(
+                    shared,
+                    &commit,
+                    RunKind::Plan,
+                    Some(EnvStatus::Refused),
+                    alert,
+                )
+            }
+            Record::PassedOver {
+                commit,
+                fingerprint,
+                staged,
+                status,
+            } => {
+                let reason = if staged {
+                    "the commit does not change the environment's inputs"
+                } else {
+                    UNTOUCHED
+                };
+                let commit = CommitId::from_hex(&commit);
+                let outcome =
+                    passed_over(env, &commit, &fingerprint, &self.inputs(), reason, status);
+                shared.record(outcome).map(drop).map_err(Into::into)
+            }
+            Record::ConfigError { commit, message } => config_error(
+                shared,
+                env,
+                &CommitId::from_hex(&commit),
+                RunKind::Plan,
+                message,
+            ),
+            Record::Planned { commit } => {
+                let (planned, _) = self.planned(&CommitId::from_hex(&commit))?;
+                shared.record(planned).map(drop).map_err(Into::into)
+            }
+            Record::InSync {
+                commit,
+                fingerprint,
+            } => {
+                let commit = CommitId::from_hex(&commit);
+                let (planned, _) = self.planned(&commit)?;
+                let in_sync = super::drift::back_in_sync(shared, env, &commit, false, planned)?;
+                shared.record(
+                    in_sync
+                        .last_applied(&fingerprint, &self.inputs())
+                        .status(EnvStatus::InSync)
+                        .audit("in_sync", "the plan has no changes"),
+                )?;
+                Ok(())
+            }
+            Record::AwaitingApproval { commit } => {
+                let (planned, _) = self.planned(&CommitId::from_hex(&commit))?;
+                shared.record(planned.status(EnvStatus::AwaitingApproval).audit(
+                    "awaiting_approval",
+                    "apply.auto is false: the plan waits for an approval and is not applied",
+                ))?;
+                Ok(())
+            }
+            Record::RefusedDestroy { commit } => {
+                let commit = CommitId::from_hex(&commit);
+                let (planned, record) = self.planned(&commit)?;
+                shared.record(planned)?;
+                let doomed = doomed(record);
+                let message = format!(
+                    "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
+                    doomed.len(),
+                    doomed.join(", ")
+                );
+                let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
+                alert.resources = resources(record);
+                refuse(
+                    shared,
+                    &commit,
+                    RunKind::Apply,
+                    Some(EnvStatus::Refused),
+                    alert,
+                )
+            }
+            Record::PlanFailed {
+                commit,
+                message,
+                class,
+                attempt,
+                status,
+                retry_after,
+                alert,
+            } => {
+                let run_id = self.plan.as_ref().map(|(id, _)| *id).unwrap_or_default();
+                let failure = Failure {
+                    class,
+                    attempt,
+                    status,
+                    retry_after,
+                    alert,
+                };
+                let outcome = plan_failed(
+                    env,
+                    &CommitId::from_hex(&commit),
+                    run_id,
+                    &message,
+                    &failure,
+                );
+                shared.record(outcome).map(drop).map_err(Into::into)
+            }
+            Record::PlanInterrupted { commit } => {
+                let Some((run_id, Err(error))) = &self.plan else {
+                    return Ok(());
+                };
+                let ended = Outcome::new(env, &CommitId::from_hex(&commit))
+                    .finish(
+                        *run_id,
+                        RunKind::Plan,
+                        RunResult::Interrupted,
+                        Summary::default(),
+                        Vec::new(),
+                        error.clone(),
+                    )
+                    .status(EnvStatus::Failed);
+                shared.record(ended).map(drop).map_err(Into::into)
+            }
+            Record::Applied {
+                commit,
+                fingerprint,
+            } => self.applied(&commit, fingerprint, Ok(())),
+            Record::ApplyFailed { commit, message } => {
+                self.applied(&commit, String::new(), Err(message))
+            }
+        }
+    }
+
+    fn applied(&self, commit: &str, fingerprint: String, ended: Result<(), String>) -> WorkResult {
+        let (Some((_, Ok(record))), Some(run_id)) = (&self.plan, self.apply_run) else {
+            return Err(WorkError::Other(
+                "an apply's outcome without its run".into(),
+            ));
+        };
+        let commit = CommitId::from_hex(commit);
+        let span = run_span(self.env, Lane::Merged, &commit, run_id);
+        let _enter = span.enter();
+        record_apply(
+            self.shared,
+            self.env,
+            &commit,
+            run_id,
+            record,
+            ApplyReason::Commit { fingerprint },
+            ended,
+        )
+    }
+}
+
+/// What the machine decides for the new head of an idle environment, a descendant of its
+/// last applied commit that changes no path of that commit's input closure: `Some(None)`
+/// when it is where the environment already is, `Some(outcome)` when it is passed over, and
+/// `None` when it is for the environment's worker to decide.
+pub(super) fn pass_over(
+    row: &EnvironmentRow,
+    apply: ApplyPolicy,
+    head: &CommitId,
+    inputs: &BTreeSet<RepoPath>,
+) -> Option<Option<Outcome>> {
+    let state = EnvState {
+        status: row.status,
+        merged: MergedState {
+            last_applied: row.last_applied.clone(),
+            applied_fingerprint: row.applied_fingerprint.clone(),
+        },
+        apply,
+        streak: Streak::default(),
+        phase: Phase::Idle,
+    };
+    let head_event = Event::Head {
+        commit: head.to_string(),
+    };
+    let (state, _) = machine::step(state, head_event);
+    let found = Inspection {
+        on_branch: true,
+        descends: true,
+        untouched: true,
+    };
+    match machine::step(state, Event::Inspected(found)).1.as_slice() {
+        [] => Some(None),
+        [
+            Effect::Record(Record::PassedOver {
+                fingerprint,
+                staged: false,
+                status,
+                ..
+            }),
+        ] => Some(Some(passed_over(
+            &row.name,
+            head,
+            fingerprint,
+            inputs,
+            UNTOUCHED,
+            *status,
+        ))),
+        _ => None,
+    }
+}
+
+/// Why a commit whose changed paths miss the applied closure is passed over.
+const UNTOUCHED: &str = "the commit changes no path the environment is built from";
+
+/// The outcome of a merged commit that leaves the environment's inputs as last applied: it
+/// becomes the last applied commit, with the status the machine decided (in sync again,
+/// when a refusal or a wait no longer stands).
+pub(super) fn passed_over(
+    env: &str,
+    commit: &CommitId,
+    fingerprint: &str,
+    inputs: &BTreeSet<RepoPath>,
+    reason: &str,
+    status: Option<EnvStatus>,
+) -> Outcome {
+    let unaffected = Outcome::new(env, commit)
+        .last_applied(fingerprint, inputs)
+        .audit("unaffected", reason);
+    match status {
+        Some(status) => unaffected.status(status),
+        None => unaffected,
+    }
+}
+
+/// How a merged plan failed, as the machine decided it.
+struct Failure {
+    class: ErrorClass,
+    attempt: u32,
+    status: EnvStatus,
+    retry_after: Option<Duration>,
+    alert: bool,
+}
+
+/// The outcome of a merged plan that failed, and whether and when its commit is tried again:
+/// a passing failure leaves the environment `error` until the next attempt, any other
+/// `failed` until a new commit. A merged commit is there to be applied, so a failed plan is
+/// an `apply_failed` alert: on the first failure of a streak, and when the retries give up.
+fn plan_failed(
+    env: &str,
+    commit: &CommitId,
+    run_id: i64,
+    text: &str,
+    failure: &Failure,
+) -> Outcome {
+    let attempt = failure.attempt;
+    let next = match failure.retry_after {
+        Some(after) => {
+            let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + after);
+            match failure.class {
+                ErrorClass::Transient => {
+                    format!("; a passing failure (attempt {attempt}): tried again at {at}")
+                }
+                _ => format!("; tried once more at {at}, in case the failure passes"),
+            }
+        }
+        None if attempt > 1 => {
+            format!("; failed the same way {attempt} times: not tried again until a new commit")
+        }
+        None => String::new(),
+    };
+    let failed = Outcome::new(env, commit)
+        .finish(
+            run_id,
+            RunKind::Plan,
+            RunResult::Failed,
+            Summary::default(),
+            Vec::new(),
+            format!("{text}{next}"),
+        )
+        .status(failure.status)
+        .audit(failure.status.as_str(), format!("run {run_id}{next}"));
+    if !failure.alert {
+        return failed;
+    }
+    failed.alert(Alert::new(
+        AlertKind::ApplyFailed,
+        env,
+        commit.as_str(),
+        format!(
+            "the plan of {} failed, so nothing was applied{next}: {text}",
+            commit.short()
+        ),
+    ))
+}
