@@ -11,7 +11,6 @@ use crate::config::EnvironmentSpec;
 
 pub mod drift;
 pub mod machine;
-
 pub mod reconcile;
 pub mod retry;
 pub mod state;
