@@ -143,7 +143,29 @@ impl Mirror {
             });
         }
         self.fetch()?;
+        self.prune(&remote_heads)?;
         Ok((self.heads()?, true))
+    }
+
+    /// Deletes the branches `listed` (what the remote listed before the fetch) no longer
+    /// has. Not `git fetch --prune`: a remote emptied between the listing and the fetch would
+    /// take every branch of the mirror with it, and the next poll would find nothing to say
+    /// was lost.
+    fn prune(&self, listed: &Heads) -> Result<(), GitError> {
+        let repo = self.open()?;
+        for branch in self
+            .heads()?
+            .keys()
+            .filter(|branch| !listed.contains_key(*branch))
+        {
+            let name = format!("refs/remotes/origin/{branch}");
+            if let Ok(mut reference) = repo.find_reference(&name) {
+                reference
+                    .delete()
+                    .map_err(|source| remote_error(&name, source))?;
+            }
+        }
+        Ok(())
     }
 
     fn origin_url(&self) -> Result<String, GitError> {
@@ -154,7 +176,7 @@ impl Mirror {
         Ok(remote.url().unwrap_or_default().to_string())
     }
 
-    /// `git fetch --prune origin` into the mirror, with an environment of its own: no user or
+    /// `git fetch origin` into the mirror, with an environment of its own: no user or
     /// system git configuration, no prompt, a bounded time.
     fn fetch(&self) -> Result<(), GitError> {
         let url = self.origin_url()?;
@@ -167,13 +189,7 @@ impl Mirror {
             .arg(&self.path)
             // Objects over 16 MiB are streamed, never inflated whole in memory.
             .args(["-c", "core.bigFileThreshold=16m"])
-            .args([
-                "fetch",
-                "--quiet",
-                "--prune",
-                "--no-tags",
-                "--no-write-fetch-head",
-            ])
+            .args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"])
             .args(["--no-recurse-submodules", "origin", REFSPEC])
             .env_clear()
             .env(
@@ -354,6 +370,50 @@ pub fn changed_paths(
 mod tests {
     use super::*;
     use crate::git::testing::{commit_all, git, write};
+
+    #[test]
+    fn a_remote_emptied_during_a_fetch_leaves_the_mirror_its_branches() {
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &["init", "-q", "-b", "main"]);
+        write(
+            work.path(),
+            "environments/prod/karrots.yaml",
+            "name: prod\n",
+        );
+        let first = commit_all(work.path(), "prod");
+        let remote = tempfile::tempdir().unwrap();
+        let url = remote.path().to_str().unwrap();
+        git(remote.path(), &["init", "-q", "--bare", "-b", "main"]);
+        git(
+            work.path(),
+            &["push", "-q", url, "main", "main:dev", "main:gone"],
+        );
+        let state = tempfile::tempdir().unwrap();
+        let mirror = Mirror::open_or_create(&state.path().join("mirror.git"), url).unwrap();
+        mirror.update().unwrap();
+        assert_eq!(mirror.heads().unwrap().len(), 3);
+
+        // The listing sees main and dev; then both go before the fetch runs.
+        let delete = |branch: &str| {
+            git(
+                remote.path(),
+                &["update-ref", "-d", &format!("refs/heads/{branch}")],
+            )
+        };
+        delete("gone");
+        let listed = mirror.remote_heads().unwrap();
+        delete("main");
+        delete("dev");
+        mirror.fetch().unwrap();
+        mirror.prune(&listed).unwrap();
+        let kept: Vec<String> = mirror.heads().unwrap().into_keys().collect();
+        assert_eq!(kept, ["dev", "main"], "only what the listing said was gone");
+        let Err(error) = mirror.update() else {
+            panic!("an emptied remote must be an error");
+        };
+        assert!(error.to_string().contains("lists no branches"), "{error}");
+        assert_eq!(mirror.heads().unwrap()["main"], first);
+    }
 
     #[test]
     fn environments_are_read_from_their_folder_tree_and_a_module_commit_keeps_it() {
