@@ -35,6 +35,8 @@ pub mod git;
 #[cfg(feature = "runtime")]
 pub mod http;
 pub mod limits;
+#[cfg(feature = "runtime")]
+pub mod metrics;
 pub mod problem;
 #[cfg(feature = "runtime")]
 pub mod process;

@@ -24,7 +24,16 @@ pub fn exec(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        crate::daemon::run(config, shutdown_signal()).await?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "listening on {} (listen: in {}): is another karrots or service on that port?",
+                    config.listen,
+                    args.config.display()
+                )
+            })?;
+        crate::daemon::run(config, listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -7,22 +7,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::alert::{Alert, AlertKind};
-use crate::aws::cloudtrail::{self, ChangedBy, DELIVERY_MARGIN, Lookup};
-use crate::engine::drift::{DriftAlert, DriftMemory, Drifted, Finding, decide_drift};
+use crate::aws::cloudtrail::{self, DELIVERY_MARGIN, Lookup};
+use crate::engine::drift::{
+    DriftAlert, DriftDecision, DriftMemory, Drifted, Finding, decide_drift,
+};
 use crate::engine::reconcile::{AfterPlan, PlanOutcome, decide_after_plan};
 use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 use crate::engine::{Lane, decide_lane};
 use crate::git::CommitId;
-use crate::store::{DriftRow, Summary, now_rfc3339};
+use crate::store::{DriftRow, DriftedResource, Summary, now_rfc3339};
 use crate::terraform::{PlanRecord, RunId, StageError};
 
 use super::Shared;
 use super::outcome::Outcome;
+use super::scheduler::Priority;
 use super::worker::{ApplyReason, Queue, WorkError, WorkResult, apply, refuse, stage};
 
 /// How long the search for who changed the drifted resources may take before the alert goes
@@ -32,21 +34,6 @@ const ATTRIBUTION_BOUND: Duration = Duration::from_secs(90);
 /// Why a drift alert does not say who changed the resources when the search was cancelled.
 const CUT_SHORT: &str =
     "who changed them is unknown: the search was cut short, as a merged commit goes first";
-
-/// A drifted resource as the API and the alerts show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DriftedResource {
-    pub address: String,
-    /// What applying the last applied commit would do to it.
-    pub actions: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// Names of the attributes that differ (never their values).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub changed_attributes: Vec<String>,
-    #[serde(default)]
-    pub changed_by: Vec<ChangedBy>,
-}
 
 impl DriftedResource {
     /// A drifted resource not yet explained (no id, attributes or `changed_by`).
@@ -149,10 +136,9 @@ pub(super) async fn check(
         return Ok(());
     }
     let commit = CommitId::from_hex(&last_applied);
-    let Some(permit) = super::permit(shared, super::Priority::AfterMerges).await else {
+    let Some(permit) = shared.scheduler.permit(Priority::AfterMerges).await else {
         return Ok(());
     };
-    let mut permit = Some(permit);
     // A merged commit that arrives during the check cancels it: it goes first.
     let cancel = stop.child_token();
     queue.preempt_with(cancel.clone());
@@ -160,161 +146,222 @@ pub(super) async fn check(
         // One is already waiting: the check runs after it.
         return Ok(());
     }
-    let started = Instant::now();
     let run_id = store.start_run(env, commit.as_str(), RunKind::Drift, None)?;
     let span = super::worker::run_span(env, Lane::Merged, &commit, run_id);
-    async {
-    tracing::info!("checking for drift");
-    let planned = drift_plan(shared, env, &commit, &trusted, run_id, &cancel).await;
-    shared
-        .metrics
-        .drift_check_seconds
-        .observe(started.elapsed().as_secs_f64());
-
-    let previous = store.drift(env)?;
-    let memory = DriftMemory {
-        status: Some(previous.status),
-        drifted: stored_resources(&previous)
-            .iter()
-            .map(DriftedResource::drifted)
-            .collect(),
+    let check = Check {
+        shared,
+        env,
+        commit,
+        trusted,
+        run_id,
+        queue,
+        cancel,
+        stop,
     };
-    let ended = Outcome::new(env, &commit);
-    let (finding, planned, ended) = match planned {
-        Ok(planned) => {
-            let drifted: Vec<Drifted> = planned
-                .record
-                .summary
-                .resources
-                .iter()
-                .map(|change| Drifted {
-                    address: change.address.clone(),
-                    actions: change.actions.clone(),
-                })
-                .collect();
-            let (result, message) = if drifted.is_empty() {
-                (
-                    RunResult::NoChanges,
-                    format!("no drift from {}", commit.short()),
-                )
-            } else {
-                (
-                    RunResult::Changes,
-                    format!("{} resources differ from {}", drifted.len(), commit.short()),
-                )
-            };
-            // Recorded with what the check concludes, after the search for who changed
-            // what: the run is never shown finished while the drift is not yet known.
-            let ended = ended.finish(
-                run_id,
-                RunKind::Drift,
-                result,
-                super::worker::summary(&planned.record),
-                super::worker::resources(&planned.record),
-                message,
-            );
-            let finding = if drifted.is_empty() {
-                Finding::Clean
-            } else {
-                Finding::Drift(drifted)
-            };
-            (finding, planned, ended)
-        }
-        Err(error) if cancel.is_cancelled() => {
-            queue.preempt_with(CancellationToken::new());
-            let (result, message) = if stop.is_cancelled() {
-                (
-                    RunResult::Interrupted,
-                    "the daemon stopped during the drift check",
-                )
-            } else {
-                (
-                    RunResult::Superseded,
-                    "a merged commit arrived: it goes first, and drift is checked after it",
-                )
-            };
-            tracing::info!(%error, "drift check cancelled");
-            shared.record(ended.finish(
-                run_id,
-                RunKind::Drift,
-                result,
-                Summary::default(),
-                Vec::new(),
-                message,
-            ))?;
-            return Ok(());
-        }
-        Err(error) => {
-            queue.preempt_with(CancellationToken::new());
-            let message = error.to_string();
-            tracing::warn!(error = %message, "the drift check failed");
-            let decision = decide_drift(&memory, &Finding::Failed, false);
-            clock.checked(true);
-            let mut failed = ended
-                .finish(
-                    run_id,
-                    RunKind::Drift,
-                    RunResult::Failed,
-                    Summary::default(),
-                    Vec::new(),
-                    message.clone(),
-                )
-                .drift(
-                    DriftRow {
-                        status: decision.status,
-                        checked_at: Some(now_rfc3339()),
-                        message: message.clone(),
-                        ..previous
-                    },
-                    decision.status,
-                );
-            if decision.alert == Some(DriftAlert::Error) {
-                failed = failed.alert(Alert::new(
-                    AlertKind::DriftError,
-                    env,
-                    commit.as_str(),
-                    format!(
-                        "the drift check of {} failed; drift is unknown until a check succeeds (retried with backoff): {message}",
-                        commit.short()
-                    ),
-                ));
-            }
-            shared.record(failed)?;
-            return Ok(());
-        }
-    };
-    clock.checked(false);
-    let remediation_on = shared
-        .drift_policy_at(env, Some(&last_applied))
-        .is_some_and(|policy| policy.remediate);
-    let decision = decide_drift(&memory, &finding, remediation_on);
-    tracing::info!(
-        status = decision.status.as_str(),
-        drifted = decision.drifted.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "drift checked"
-    );
+    check.run(clock, Some(permit)).instrument(span).await
+}
 
-    // Who changed what: only when the drift is news (an alert goes out), from `show -json`
-    // (ids, attribute names) and CloudTrail. Otherwise what was found before still holds. A
-    // merged commit arriving meanwhile cuts the search short: it goes first.
-    let mut note = String::new();
-    let resources: Vec<DriftedResource> = if decision.alert == Some(DriftAlert::Detected) {
-        let (resources, trail_note) = explain(
+/// One drift check of the last applied commit, as it goes.
+struct Check<'a> {
+    shared: &'a Arc<Shared>,
+    env: &'a str,
+    commit: CommitId,
+    trusted: crate::config::EnvironmentSpec,
+    run_id: i64,
+    queue: &'a Queue,
+    /// Cancelled by a merged commit (or the stop): it goes first.
+    cancel: CancellationToken,
+    stop: &'a CancellationToken,
+}
+
+impl<'a> Check<'a> {
+    async fn run(
+        &self,
+        clock: &mut DriftClock,
+        mut permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    ) -> WorkResult {
+        tracing::info!("checking for drift");
+        let started = Instant::now();
+        let (shared, env) = (self.shared, self.env);
+        let planned = drift_plan(
             shared,
             env,
-            &planned,
-            &decision.drifted,
-            &previous,
-            &cancel,
-            &mut permit,
+            &self.commit,
+            &self.trusted,
+            self.run_id,
+            &self.cancel,
         )
         .await;
-        note = trail_note;
-        resources
-    } else {
-        let known = stored_resources(&previous);
-        decision
+        shared
+            .metrics
+            .drift_check_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let previous = shared.store.drift(env)?;
+        let planned = match planned {
+            Ok(planned) => planned,
+            Err(error) if self.cancel.is_cancelled() => return self.cut_short(&error),
+            Err(error) => {
+                clock.checked(true);
+                return self.failed(&error, previous);
+            }
+        };
+        clock.checked(false);
+        let (finding, ended) = self.finding(&planned.record);
+        let remediation_on = shared
+            .drift_policy_at(env, Some(self.commit.as_str()))
+            .is_some_and(|policy| policy.remediate);
+        let decision = decide_drift(&memory(&previous), &finding, remediation_on);
+        tracing::info!(
+            status = decision.status.as_str(),
+            drifted = decision.drifted.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drift checked"
+        );
+        let (resources, note) = self
+            .explained(&planned, &decision, &previous, &mut permit)
+            .await;
+        self.queue.preempt_with(CancellationToken::new());
+        let found = Found {
+            decision: &decision,
+            resources: &resources,
+            note: &note,
+        };
+        self.record(ended, &found, &previous)?;
+        self.remediate(&decision, &planned, permit).await?;
+        shared.terraform.discard_plan(&planned.record)?;
+        Ok(())
+    }
+
+    /// What the plan found, and the outcome that ends the check's run with it. The run is
+    /// recorded with what the check concludes, after the search for who changed what: it is
+    /// never shown finished while the drift is not yet known.
+    fn finding(&self, record: &PlanRecord) -> (Finding, Outcome) {
+        let drifted: Vec<Drifted> = record
+            .summary
+            .resources
+            .iter()
+            .map(|change| Drifted {
+                address: change.address.clone(),
+                actions: change.actions.clone(),
+            })
+            .collect();
+        let short = self.commit.short();
+        let (result, message) = if drifted.is_empty() {
+            (RunResult::NoChanges, format!("no drift from {short}"))
+        } else {
+            let count = drifted.len();
+            (
+                RunResult::Changes,
+                format!("{count} resources differ from {short}"),
+            )
+        };
+        let ended = Outcome::new(self.env, &self.commit).finish(
+            self.run_id,
+            RunKind::Drift,
+            result,
+            super::worker::summary(record),
+            super::worker::resources(record),
+            message,
+        );
+        let finding = if drifted.is_empty() {
+            Finding::Clean
+        } else {
+            Finding::Drift(drifted)
+        };
+        (finding, ended)
+    }
+
+    /// A check cut off by a merged commit (`superseded`) or the stop (`interrupted`).
+    fn cut_short(&self, error: &WorkError) -> WorkResult {
+        self.queue.preempt_with(CancellationToken::new());
+        let (result, message) = if self.stop.is_cancelled() {
+            (
+                RunResult::Interrupted,
+                "the daemon stopped during the drift check",
+            )
+        } else {
+            (
+                RunResult::Superseded,
+                "a merged commit arrived: it goes first, and drift is checked after it",
+            )
+        };
+        tracing::info!(%error, "drift check cancelled");
+        let ended = Outcome::new(self.env, &self.commit).finish(
+            self.run_id,
+            RunKind::Drift,
+            result,
+            Summary::default(),
+            Vec::new(),
+            message,
+        );
+        self.shared.record(ended)?;
+        Ok(())
+    }
+
+    /// A check that failed: drift is `error`, never drift; alerted once.
+    fn failed(&self, error: &WorkError, previous: DriftRow) -> WorkResult {
+        self.queue.preempt_with(CancellationToken::new());
+        let message = error.to_string();
+        tracing::warn!(error = %message, "the drift check failed");
+        let decision = decide_drift(&memory(&previous), &Finding::Failed, false);
+        let row = DriftRow {
+            status: decision.status,
+            checked_at: Some(now_rfc3339()),
+            message: message.clone(),
+            ..previous
+        };
+        let mut failed = Outcome::new(self.env, &self.commit)
+            .finish(
+                self.run_id,
+                RunKind::Drift,
+                RunResult::Failed,
+                Summary::default(),
+                Vec::new(),
+                message.clone(),
+            )
+            .drift(row, decision.status);
+        if decision.alert == Some(DriftAlert::Error) {
+            failed = failed.alert(Alert::new(
+                AlertKind::DriftError,
+                self.env,
+                self.commit.as_str(),
+                format!(
+                    "the drift check of {} failed; drift is unknown until a check succeeds (retried with backoff): {message}",
+                    self.commit.short()
+                ),
+            ));
+        }
+        self.shared.record(failed)?;
+        Ok(())
+    }
+
+    /// Who changed what: only when the drift is news (an alert goes out), from `show -json`
+    /// (ids, attribute names) and CloudTrail, with a note when that is not known. Otherwise
+    /// what was found before still holds. A merged commit arriving meanwhile cuts the search
+    /// short: it goes first.
+    async fn explained(
+        &self,
+        planned: &DriftPlan,
+        decision: &DriftDecision,
+        previous: &DriftRow,
+        permit: &mut Option<tokio::sync::SemaphorePermit<'a>>,
+    ) -> (Vec<DriftedResource>, String) {
+        if decision.alert == Some(DriftAlert::Detected) {
+            let (shared, env) = (self.shared, self.env);
+            let drifted = &decision.drifted;
+            return explain(
+                shared,
+                env,
+                planned,
+                drifted,
+                previous,
+                &self.cancel,
+                permit,
+            )
+            .await;
+        }
+        let known = &previous.resources;
+        let resources = decision
             .drifted
             .iter()
             .map(|drifted| {
@@ -324,12 +371,16 @@ pub(super) async fn check(
                     .cloned()
                     .unwrap_or_else(|| DriftedResource::unexplained(drifted))
             })
-            .collect()
-    };
-    queue.preempt_with(CancellationToken::new());
-    let now = now_rfc3339();
-    let mut checked = ended.drift(
-        DriftRow {
+            .collect();
+        (resources, String::new())
+    }
+
+    /// Records the check's run with what it found, the environment's status when drift
+    /// comes or goes, and the alert.
+    fn record(&self, ended: Outcome, found: &Found<'_>, previous: &DriftRow) -> WorkResult {
+        let decision = found.decision;
+        let now = now_rfc3339();
+        let row = DriftRow {
             status: decision.status,
             checked_at: Some(now.clone()),
             in_sync_at: if decision.status == DriftStatus::InSync {
@@ -337,46 +388,115 @@ pub(super) async fn check(
             } else {
                 previous.in_sync_at.clone()
             },
-            resources: resources.iter().map(to_value).collect(),
-            message: note.clone(),
-        },
-        decision.status,
-    );
-    let env_status = store.environment(env)?.map(|row| row.status);
-    match (decision.status, env_status) {
-        (DriftStatus::Drifted, Some(EnvStatus::InSync)) => {
-            checked = checked.status(EnvStatus::Drifted);
-        }
-        (DriftStatus::InSync, Some(EnvStatus::Drifted)) => {
-            checked = checked.status(EnvStatus::InSync);
-        }
-        _ => {}
-    }
-    match decision.alert {
-        Some(DriftAlert::Detected) => {
-            let addresses: Vec<String> = resources
-                .iter()
-                .map(|r| format!("{} ({})", r.address, r.actions.join(", ")))
-                .collect();
-            let mut message = format!(
-                "{} resources differ from the last applied commit {}: {}",
-                resources.len(),
-                commit.short(),
-                addresses.join(", ")
-            );
-            if !note.is_empty() {
-                message.push_str(". ");
-                message.push_str(&note);
+            resources: found.resources.to_vec(),
+            message: found.note.to_string(),
+        };
+        let mut checked = ended.drift(row, decision.status);
+        let env_status = self
+            .shared
+            .store
+            .environment(self.env)?
+            .map(|row| row.status);
+        match (decision.status, env_status) {
+            (DriftStatus::Drifted, Some(EnvStatus::InSync)) => {
+                checked = checked.status(EnvStatus::Drifted);
             }
-            if decision.remediate {
-                message.push_str(". drift.remediate is on: re-applying it");
+            (DriftStatus::InSync, Some(EnvStatus::Drifted)) => {
+                checked = checked.status(EnvStatus::InSync);
             }
-            let mut alert = Alert::new(AlertKind::DriftDetected, env, commit.as_str(), message);
-            alert.resources = resources.iter().map(to_value).collect();
+            _ => {}
+        }
+        if let Some(alert) = found.alert(self.env, &self.commit) {
             checked = checked.alert(alert);
         }
-        Some(DriftAlert::Cleared) => {
-            checked = checked.alert(Alert::new(
+        self.shared.record(checked)?;
+        Ok(())
+    }
+
+    /// `drift.remediate`: applies this check's plan, unless a merged commit waits (it heals
+    /// the drift instead).
+    async fn remediate(
+        &self,
+        decision: &DriftDecision,
+        planned: &DriftPlan,
+        mut permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    ) -> WorkResult {
+        if !decision.remediate {
+            return Ok(());
+        }
+        if self.queue.has_pending() {
+            tracing::info!(
+                "a merged commit is waiting: it heals the drift instead of a remediation"
+            );
+            return Ok(());
+        }
+        if permit.is_none() {
+            permit = self.shared.scheduler.permit(Priority::AfterMerges).await;
+        }
+        if permit.is_some() && !self.stop.is_cancelled() {
+            let (shared, env, commit) = (self.shared, self.env, &self.commit);
+            remediate(
+                shared,
+                env,
+                commit,
+                &self.trusted,
+                &planned.record,
+                self.run_id,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the previous checks left: the status and the drift last alerted.
+fn memory(previous: &DriftRow) -> DriftMemory {
+    DriftMemory {
+        status: Some(previous.status),
+        drifted: previous
+            .resources
+            .iter()
+            .map(DriftedResource::drifted)
+            .collect(),
+    }
+}
+
+/// What a check concluded: the engine's decision, the drifted resources as explained, and a
+/// note on what could not be found out.
+struct Found<'a> {
+    decision: &'a DriftDecision,
+    resources: &'a [DriftedResource],
+    note: &'a str,
+}
+
+impl Found<'_> {
+    /// The alert the decision raises, if any.
+    fn alert(&self, env: &str, commit: &CommitId) -> Option<Alert> {
+        match self.decision.alert? {
+            DriftAlert::Detected => {
+                let resources = self.resources;
+                let addresses: Vec<String> = resources
+                    .iter()
+                    .map(|r| format!("{} ({})", r.address, r.actions.join(", ")))
+                    .collect();
+                let mut message = format!(
+                    "{} resources differ from the last applied commit {}: {}",
+                    resources.len(),
+                    commit.short(),
+                    addresses.join(", ")
+                );
+                if !self.note.is_empty() {
+                    message.push_str(". ");
+                    message.push_str(self.note);
+                }
+                if self.decision.remediate {
+                    message.push_str(". drift.remediate is on: re-applying it");
+                }
+                let mut alert = Alert::new(AlertKind::DriftDetected, env, commit.as_str(), message);
+                alert.resources = resources.iter().map(to_value).collect();
+                Some(alert)
+            }
+            DriftAlert::Cleared => Some(Alert::new(
                 AlertKind::DriftCleared,
                 env,
                 commit.as_str(),
@@ -384,28 +504,10 @@ pub(super) async fn check(
                     "the infrastructure matches the last applied commit {} again",
                     commit.short()
                 ),
-            ));
-        }
-        _ => {}
-    }
-    shared.record(checked)?;
-
-    if decision.remediate && queue.has_pending() {
-        tracing::info!("a merged commit is waiting: it heals the drift instead of a remediation");
-    } else if decision.remediate {
-        if permit.is_none() {
-            permit = super::permit(shared, super::Priority::AfterMerges).await;
-        }
-        if permit.is_some() && !stop.is_cancelled() {
-            remediate(shared, env, &commit, &trusted, &planned.record, run_id).await?;
+            )),
+            DriftAlert::Error => None,
         }
     }
-    drop(permit);
-    shared.terraform.discard_plan(&planned.record)?;
-    Ok(())
-    }
-    .instrument(span)
-    .await
 }
 
 /// A drift check's plan and the identity it ran with.
@@ -468,38 +570,14 @@ async fn explain(
     cancel: &CancellationToken,
     permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> (Vec<DriftedResource>, String) {
-    let mut resources: Vec<DriftedResource> =
-        drifted.iter().map(DriftedResource::unexplained).collect();
-    let Ok(name) = crate::config::EnvName::parse(env) else {
-        return (resources, String::new());
+    let mut resources = match identified(shared, env, planned, drifted, cancel).await {
+        Ok(resources) => resources,
+        Err(unexplained) => {
+            *permit = None;
+            return unexplained;
+        }
     };
-    let workdir = shared.terraform.workdir(&name, Lane::Merged);
-    let shown = shared
-        .terraform
-        .show_json(&workdir, &planned.record, &planned.identity.run_env, cancel)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|json| {
-            crate::terraform::plan::resource_details(&json).map_err(|e| e.to_string())
-        });
     *permit = None;
-    let details = match shown {
-        _ if cancel.is_cancelled() => return (resources, CUT_SHORT.to_string()),
-        Ok(details) => details,
-        Err(error) => {
-            tracing::warn!(%error, "reading the drifted resources' ids");
-            return (
-                resources,
-                format!("who changed them is unknown: terraform show failed: {error}"),
-            );
-        }
-    };
-    for resource in &mut resources {
-        if let Some(detail) = details.get(&resource.address) {
-            resource.id = detail.id.clone();
-            resource.changed_attributes = detail.changed_attributes.clone();
-        }
-    }
     let Some(trusted) = shared.trusted(env) else {
         return (resources, String::new());
     };
@@ -535,13 +613,65 @@ async fn explain(
         start,
         end,
     };
+    let note = who_changed(&lookup, &mut resources, cancel).await;
+    (resources, note)
+}
+
+/// The drifted resources with their ids and changed attributes, from the plan's
+/// `show -json`; when that fails, the resources as they are and a note saying why.
+async fn identified(
+    shared: &Arc<Shared>,
+    env: &str,
+    planned: &DriftPlan,
+    drifted: &[Drifted],
+    cancel: &CancellationToken,
+) -> Result<Vec<DriftedResource>, (Vec<DriftedResource>, String)> {
+    let mut resources: Vec<DriftedResource> =
+        drifted.iter().map(DriftedResource::unexplained).collect();
+    let Ok(name) = crate::config::EnvName::parse(env) else {
+        return Err((resources, String::new()));
+    };
+    let workdir = shared.terraform.workdir(&name, Lane::Merged);
+    let shown = shared
+        .terraform
+        .show_json(&workdir, &planned.record, &planned.identity.run_env, cancel)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|json| {
+            crate::terraform::plan::resource_details(&json).map_err(|e| e.to_string())
+        });
+    let details = match shown {
+        _ if cancel.is_cancelled() => return Err((resources, CUT_SHORT.to_string())),
+        Ok(details) => details,
+        Err(error) => {
+            tracing::warn!(%error, "reading the drifted resources' ids");
+            let note = format!("who changed them is unknown: terraform show failed: {error}");
+            return Err((resources, note));
+        }
+    };
+    for resource in &mut resources {
+        if let Some(detail) = details.get(&resource.address) {
+            resource.id = detail.id.clone();
+            resource.changed_attributes = detail.changed_attributes.clone();
+        }
+    }
+    Ok(resources)
+}
+
+/// Asks CloudTrail who changed each resource with an id, within [`ATTRIBUTION_BOUND`] and
+/// until `cancel`; returns a note on what stays unknown (empty when nothing does).
+async fn who_changed(
+    lookup: &Lookup<'_>,
+    resources: &mut [DriftedResource],
+    cancel: &CancellationToken,
+) -> String {
     let search = async {
         let mut problems = Vec::new();
-        for resource in &mut resources {
+        for resource in resources.iter_mut() {
             let Some(id) = resource.id.clone() else {
                 continue;
             };
-            match cloudtrail::changes_to(&lookup, &id).await {
+            match cloudtrail::changes_to(lookup, &id).await {
                 Ok(changes) => resource.changed_by = changes,
                 Err(error) => {
                     tracing::warn!(%error, resource = %resource.address, "CloudTrail lookup");
@@ -551,7 +681,7 @@ async fn explain(
         }
         problems
     };
-    let note = tokio::select! {
+    tokio::select! {
         searched = tokio::time::timeout(ATTRIBUTION_BOUND, search) => match searched {
             Ok(problems) if problems.is_empty() => String::new(),
             Ok(problems) => format!("who changed them is unknown for {}", problems.join("; ")),
@@ -564,8 +694,7 @@ async fn explain(
             tracing::info!("the search for who changed the drifted resources is cut short");
             CUT_SHORT.to_string()
         }
-    };
-    (resources, note)
+    }
 }
 
 /// `drift.remediate`: applies the drift check's own plan of the last applied commit, through
@@ -654,13 +783,6 @@ pub(super) fn back_in_sync(
         )));
     }
     Ok(outcome)
-}
-
-fn stored_resources(row: &DriftRow) -> Vec<DriftedResource> {
-    row.resources
-        .iter()
-        .filter_map(|value| serde_json::from_value(value.clone()).ok())
-        .collect()
 }
 
 fn to_value(resource: &DriftedResource) -> serde_json::Value {

@@ -26,6 +26,7 @@ use crate::terraform::{PlanRecord, StageError};
 
 use super::Shared;
 use super::outcome::Outcome;
+use super::scheduler::Priority;
 use super::worker::{
     ApplyReason, WorkError, WorkResult, config_error, doomed, plan, problem_lines, record_apply,
     refuse, resources, run_span, stage, start_apply, summary,
@@ -230,7 +231,7 @@ impl Run<'_> {
     /// that merged runs get first. `None` when the daemon stops before it starts.
     async fn plan(&mut self, commit: &CommitId) -> Result<Option<Event>, WorkError> {
         let (shared, env, stop) = (self.shared, self.env, self.stop);
-        let Some(permit) = super::permit(shared, super::Priority::First).await else {
+        let Some(permit) = shared.scheduler.permit(Priority::First).await else {
             return Ok(None);
         };
         self.permit = Some(permit);
@@ -305,107 +306,35 @@ impl Run<'_> {
     }
 
     fn record(&self, record: Record) -> WorkResult {
-        let (shared, env) = (self.shared, self.env);
+        let hex = |commit: &str| CommitId::from_hex(commit);
         match record {
-            Record::NotOnBranch { commit } => {
-                let commit = CommitId::from_hex(&commit);
-                let message = format!(
-                    "{} is not on the first-parent chain of branch {}: only commits merged there are planned and applied",
-                    commit.short(),
-                    self.trusted.branch
-                );
-                let alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
-                refuse(shared, &commit, RunKind::Plan, None, alert)
-            }
+            Record::NotOnBranch { commit } => self.not_on_branch(&hex(&commit)),
             Record::HistoryRewritten {
                 commit,
                 last_applied,
-            } => {
-                let commit = CommitId::from_hex(&commit);
-                let message = format!(
-                    "{} does not descend from the last applied commit {}: history was rewritten (force-push or rewind); nothing is applied until the branch descends from it again",
-                    commit.short(),
-                    &last_applied[..7.min(last_applied.len())]
-                );
-                let alert = Alert::new(AlertKind::HistoryRewritten, env, commit.as_str(), message);
-                refuse(
-                    shared,
-                    &commit,
-                    RunKind::Plan,
-                    Some(EnvStatus::Refused),
-                    alert,
-                )
-            }
+            } => self.history_rewritten(&hex(&commit), &last_applied),
             Record::PassedOver {
                 commit,
                 fingerprint,
                 staged,
                 status,
-            } => {
-                let reason = if staged {
-                    "the commit does not change the environment's inputs"
-                } else {
-                    UNTOUCHED
-                };
-                let commit = CommitId::from_hex(&commit);
-                let outcome =
-                    passed_over(env, &commit, &fingerprint, &self.inputs(), reason, status);
-                shared.record(outcome).map(drop).map_err(Into::into)
+            } => self.passed_over(&hex(&commit), &fingerprint, staged, status),
+            Record::ConfigError { commit, message } => {
+                config_error(self.shared, self.env, &hex(&commit), RunKind::Plan, message)
             }
-            Record::ConfigError { commit, message } => config_error(
-                shared,
-                env,
-                &CommitId::from_hex(&commit),
-                RunKind::Plan,
-                message,
-            ),
-            Record::Planned { commit } => {
-                let (planned, _) = self.planned(&CommitId::from_hex(&commit))?;
-                shared.record(planned).map(drop).map_err(Into::into)
-            }
+            Record::Planned { commit } => self.write(self.planned(&hex(&commit))?.0),
             Record::InSync {
                 commit,
                 fingerprint,
-            } => {
-                let commit = CommitId::from_hex(&commit);
-                let (planned, _) = self.planned(&commit)?;
-                let in_sync = super::drift::back_in_sync(shared, env, &commit, false, planned)?;
-                shared.record(
-                    in_sync
-                        .last_applied(&fingerprint, &self.inputs())
-                        .status(EnvStatus::InSync)
-                        .audit("in_sync", "the plan has no changes"),
-                )?;
-                Ok(())
-            }
+            } => self.in_sync(&hex(&commit), &fingerprint),
             Record::AwaitingApproval { commit } => {
-                let (planned, _) = self.planned(&CommitId::from_hex(&commit))?;
-                shared.record(planned.status(EnvStatus::AwaitingApproval).audit(
+                let (planned, _) = self.planned(&hex(&commit))?;
+                self.write(planned.status(EnvStatus::AwaitingApproval).audit(
                     "awaiting_approval",
                     "apply.auto is false: the plan waits for an approval and is not applied",
-                ))?;
-                Ok(())
+                ))
             }
-            Record::RefusedDestroy { commit } => {
-                let commit = CommitId::from_hex(&commit);
-                let (planned, record) = self.planned(&commit)?;
-                shared.record(planned)?;
-                let doomed = doomed(record);
-                let message = format!(
-                    "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
-                    doomed.len(),
-                    doomed.join(", ")
-                );
-                let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
-                alert.resources = resources(record);
-                refuse(
-                    shared,
-                    &commit,
-                    RunKind::Apply,
-                    Some(EnvStatus::Refused),
-                    alert,
-                )
-            }
+            Record::RefusedDestroy { commit } => self.refused_destroy(&hex(&commit)),
             Record::PlanFailed {
                 commit,
                 message,
@@ -415,7 +344,6 @@ impl Run<'_> {
                 retry_after,
                 alert,
             } => {
-                let run_id = self.plan.as_ref().map(|(id, _)| *id).unwrap_or_default();
                 let failure = Failure {
                     class,
                     attempt,
@@ -423,31 +351,9 @@ impl Run<'_> {
                     retry_after,
                     alert,
                 };
-                let outcome = plan_failed(
-                    env,
-                    &CommitId::from_hex(&commit),
-                    run_id,
-                    &message,
-                    &failure,
-                );
-                shared.record(outcome).map(drop).map_err(Into::into)
+                self.plan_failed(&hex(&commit), &message, &failure)
             }
-            Record::PlanInterrupted { commit } => {
-                let Some((run_id, Err(error))) = &self.plan else {
-                    return Ok(());
-                };
-                let ended = Outcome::new(env, &CommitId::from_hex(&commit))
-                    .finish(
-                        *run_id,
-                        RunKind::Plan,
-                        RunResult::Interrupted,
-                        Summary::default(),
-                        Vec::new(),
-                        error.clone(),
-                    )
-                    .status(EnvStatus::Failed);
-                shared.record(ended).map(drop).map_err(Into::into)
-            }
+            Record::PlanInterrupted { commit } => self.plan_interrupted(&hex(&commit)),
             Record::Applied {
                 commit,
                 fingerprint,
@@ -456,6 +362,107 @@ impl Run<'_> {
                 self.applied(&commit, String::new(), Err(message))
             }
         }
+    }
+
+    fn write(&self, outcome: Outcome) -> WorkResult {
+        self.shared.record(outcome).map(drop).map_err(Into::into)
+    }
+
+    fn passed_over(
+        &self,
+        commit: &CommitId,
+        fingerprint: &str,
+        staged: bool,
+        status: Option<EnvStatus>,
+    ) -> WorkResult {
+        let reason = if staged {
+            "the commit does not change the environment's inputs"
+        } else {
+            UNTOUCHED
+        };
+        let inputs = self.inputs();
+        self.write(passed_over(
+            self.env,
+            commit,
+            fingerprint,
+            &inputs,
+            reason,
+            status,
+        ))
+    }
+
+    fn plan_failed(&self, commit: &CommitId, message: &str, failure: &Failure) -> WorkResult {
+        let run_id = self.plan.as_ref().map(|(id, _)| *id).unwrap_or_default();
+        self.write(plan_failed(self.env, commit, run_id, message, failure))
+    }
+
+    fn not_on_branch(&self, commit: &CommitId) -> WorkResult {
+        let message = format!(
+            "{} is not on the first-parent chain of branch {}: only commits merged there are planned and applied",
+            commit.short(),
+            self.trusted.branch
+        );
+        let alert = Alert::new(AlertKind::Refused, self.env, commit.as_str(), message);
+        refuse(self.shared, commit, RunKind::Plan, None, alert)
+    }
+
+    fn history_rewritten(&self, commit: &CommitId, last_applied: &str) -> WorkResult {
+        let message = format!(
+            "{} does not descend from the last applied commit {}: history was rewritten (force-push or rewind); nothing is applied until the branch descends from it again",
+            commit.short(),
+            &last_applied[..7.min(last_applied.len())]
+        );
+        let alert = Alert::new(
+            AlertKind::HistoryRewritten,
+            self.env,
+            commit.as_str(),
+            message,
+        );
+        let refused = Some(EnvStatus::Refused);
+        refuse(self.shared, commit, RunKind::Plan, refused, alert)
+    }
+
+    fn in_sync(&self, commit: &CommitId, fingerprint: &str) -> WorkResult {
+        let (planned, _) = self.planned(commit)?;
+        let in_sync = super::drift::back_in_sync(self.shared, self.env, commit, false, planned)?;
+        self.write(
+            in_sync
+                .last_applied(fingerprint, &self.inputs())
+                .status(EnvStatus::InSync)
+                .audit("in_sync", "the plan has no changes"),
+        )
+    }
+
+    fn refused_destroy(&self, commit: &CommitId) -> WorkResult {
+        let (planned, record) = self.planned(commit)?;
+        self.write(planned)?;
+        let doomed = doomed(record);
+        let message = format!(
+            "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
+            doomed.len(),
+            doomed.join(", ")
+        );
+        let mut alert = Alert::new(AlertKind::Refused, self.env, commit.as_str(), message);
+        alert.resources = resources(record);
+        let refused = Some(EnvStatus::Refused);
+        refuse(self.shared, commit, RunKind::Apply, refused, alert)
+    }
+
+    fn plan_interrupted(&self, commit: &CommitId) -> WorkResult {
+        let Some((run_id, Err(error))) = &self.plan else {
+            return Ok(());
+        };
+        let ended = Outcome::new(self.env, commit)
+            .finish(
+                *run_id,
+                RunKind::Plan,
+                RunResult::Interrupted,
+                Summary::default(),
+                Vec::new(),
+                error.clone(),
+            )
+            .status(EnvStatus::Failed);
+        self.write(ended)
     }
 
     fn applied(&self, commit: &str, fingerprint: String, ended: Result<(), String>) -> WorkResult {

@@ -14,12 +14,12 @@ mod drift;
 mod memory;
 mod merged;
 mod outcome;
+mod scheduler;
 mod systemd;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,10 +37,10 @@ use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
 use crate::terraform::Terraform;
+use scheduler::{InProcess, Key, Scheduler};
 
 use outcome::Outcome;
 
-pub use drift::DriftedResource;
 pub use worker::Queue;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,20 +70,18 @@ pub struct Shared {
     pub terraform: Terraform,
     pub mirror: Mirror,
     /// Wakes the main loop for an immediate fetch; a burst of wakes is one fetch.
-    pub wake: Notify,
-    /// Terraform runs at once, across environments.
-    permits: Semaphore,
+    pub wake: Arc<Notify>,
+    /// The workers, the terraform permits and their order.
+    pub(crate) scheduler: Box<dyn Scheduler>,
     /// Blocking git work of the workers at once (staging a commit, comparing it with the
     /// last applied one): each holds the mirror open and a commit's closure in memory, and a
     /// thousand environments staged at once took the daemon to 360 MB for good.
     pub(crate) git_work: Semaphore,
-    /// Merged runs waiting for a permit: previews wait while there are any.
-    merged_waiting: AtomicUsize,
     /// The environments as the trust branch describes them, from the last fetch.
     trusted: RwLock<BTreeMap<String, EnvironmentSpec>>,
-    pub metrics: crate::http::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// When the last fetch succeeded.
-    pub last_fetch: Mutex<Option<Instant>>,
+    pub last_fetch: Arc<Mutex<Option<Instant>>>,
     /// CloudTrail `LookupEvents` requests, two a second per account.
     pub cloudtrail_limiter: crate::aws::cloudtrail::AccountLimiter,
     /// The paths changed between the last applied commits and the new heads, as the main
@@ -124,12 +122,12 @@ impl Shared {
         let Some(applied) = last_applied.map(str::to_string) else {
             return Some(trusted.drift);
         };
-        let mut known = self.applied_drift.lock().ok()?;
-        if let Some((commit, policy)) = known.get(env)
+        if let Some((commit, policy)) = self.applied_drift.lock().ok()?.get(env)
             && *commit == applied
         {
             return Some(*policy);
         }
+        // Read without the lock held: nobody waits for this environment's read of git.
         let path = format!("environments/{env}/karrots.yaml");
         let policy = git::open(self.mirror.path())
             .and_then(|repo| git::read_file(&repo, &CommitId::from_hex(&applied), &path))
@@ -137,7 +135,9 @@ impl Shared {
             .flatten()
             .and_then(|text| parse_environment(&text, path.as_ref(), env).ok())
             .map_or(trusted.drift, |spec| spec.drift);
-        known.insert(env.to_string(), (applied, policy));
+        if let Ok(mut known) = self.applied_drift.lock() {
+            known.insert(env.to_string(), (applied, policy));
+        }
         Some(policy)
     }
 
@@ -160,11 +160,93 @@ impl Shared {
     }
 }
 
-/// Runs the daemon until `shutdown` completes.
+impl crate::http::DriftChecks for Shared {
+    fn on(&self, env: &str, last_applied: Option<&str>) -> bool {
+        self.drift_policy_at(env, last_applied)
+            .is_some_and(|policy| policy.interval.is_some())
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, serving HTTP on `listener` (bound by the
+/// caller: `karrots serve` binds `listen:`; a test binds port 0 and reads the port back).
 pub async fn run(
     config: DaemonConfig,
+    listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    preflight(&config).await?;
+    let secret = crate::http::load_webhook_secret(&config).map_err(DaemonError::Setup)?;
+    let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
+    let stop = CancellationToken::new();
+    let shared = open(config, &stop)?;
+    interrupt_open_runs(&shared)?;
+
+    let http = serve_http(&shared, listener, secret, api_token, &stop)?;
+    let alerts = tokio::spawn(crate::alert::deliver(
+        shared.store.clone(),
+        reqwest::Client::new(),
+        Duration::from_millis(500),
+        stop.clone(),
+    ));
+    // READY=1 before the first ping; the pings have their own token so that they end, and are
+    // seen to end, before STOPPING=1 is sent.
+    systemd::ready(&shared);
+    let watchdog_stop = stop.child_token();
+    let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), watchdog_stop.clone()));
+    let trim = tokio::spawn(memory::trim_periodically(stop.clone()));
+
+    main_loop(&shared, shutdown).await;
+
+    tracing::info!("shutting down: no new work; plans are cancelled, an apply in flight finishes");
+    watchdog_stop.cancel();
+    let _ = watchdog.await;
+    systemd::stopping();
+    stop.cancel();
+    shared.scheduler.drain().await;
+    let _ = http.await;
+    let _ = alerts.await;
+    let _ = trim.await;
+    let client = reqwest::Client::new();
+    shared
+        .held_alerts
+        .send_at_stop(shared.store.as_ref(), &client)
+        .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves the HTTP routes on `listener` until `stop`, with a narrow view of the daemon.
+fn serve_http(
+    shared: &Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    secret: Option<Vec<u8>>,
+    api_token: Option<Vec<u8>>,
+    stop: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let listen = listener
+        .local_addr()
+        .map_err(|e| DaemonError::Setup(format!("the listening socket: {e}")))?;
+    tracing::info!(%listen, repo = %shared.config.repo, "karrots serve is up");
+    let backend = crate::http::Backend {
+        store: shared.store.clone(),
+        wake: shared.wake.clone(),
+        metrics: shared.metrics.clone(),
+        last_fetch: shared.last_fetch.clone(),
+        drift_checks: shared.clone(),
+    };
+    let router = crate::http::router(backend, shared.config.metrics_public, secret, api_token);
+    let cap = crate::http::serve::connection_cap();
+    Ok(tokio::spawn(crate::http::serve::serve(
+        listener,
+        router,
+        cap,
+        stop.clone(),
+    )))
+}
+
+/// What the machine must allow before anything starts: the Landlock sandbox, and a private
+/// network for previews.
+async fn preflight(config: &DaemonConfig) -> Result<(), DaemonError> {
     if config.sandbox == SandboxMode::Landlock {
         crate::sandbox::probe()?;
     } else {
@@ -181,36 +263,41 @@ pub async fn run(
         ),
         (false, _) => {}
     }
+    Ok(())
+}
+
+/// Opens what the daemon keeps under `state_dir` (the store, the mirror, the workdirs) and
+/// puts it together; `stop` ends the workers.
+fn open(config: DaemonConfig, stop: &CancellationToken) -> Result<Arc<Shared>, DaemonError> {
     crate::terraform::create_private_dir(&config.state_dir)
         .map_err(|e| DaemonError::Setup(format!("creating {}: {e}", config.state_dir.display())))?;
-    let secret = crate::http::load_webhook_secret(&config).map_err(DaemonError::Setup)?;
-    let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
     let store: Arc<dyn StateStore> =
         Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
     let terraform = Terraform::new(&config.terraform, &config.state_dir, config.sandbox)?
         .with_preview_network(config.preview_network, config.aws_endpoint_url.as_ref());
     let mirror =
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
-    let shared = Arc::new(Shared {
-        permits: Semaphore::new(config.concurrency.get()),
+    Ok(Arc::new(Shared {
+        scheduler: Box::new(InProcess::new(config.concurrency.get(), stop.clone())),
         git_work: Semaphore::new(GIT_WORK_AT_ONCE),
         config,
         store,
         terraform,
         mirror,
-        wake: Notify::new(),
-        merged_waiting: AtomicUsize::new(0),
+        wake: Arc::new(Notify::new()),
         trusted: RwLock::new(BTreeMap::new()),
-        metrics: crate::http::Metrics::default(),
-        last_fetch: Mutex::new(None),
+        metrics: Arc::default(),
+        last_fetch: Arc::default(),
         cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
         applied_drift: Mutex::new(HashMap::new()),
         changes: Mutex::new(HashMap::new()),
         held_alerts: crate::alert::Held::default(),
-    });
+    }))
+}
 
-    // Runs cut off by a kill: each is ended `interrupted`; an apply is alerted, never
-    // re-applied from its old plan, and the next head re-plans.
+/// Runs cut off by a kill: each is ended `interrupted`; an apply is alerted, never
+/// re-applied from its old plan, and the next head re-plans.
+fn interrupt_open_runs(shared: &Shared) -> Result<(), DaemonError> {
     for run in shared.store.open_runs()? {
         tracing::warn!(env = %run.env, commit = %run.commit, kind = %run.kind, run = run.id, "found a run cut off by a restart");
         let mut interrupted = Outcome::for_commit(&run.env, &run.commit).finish(
@@ -231,40 +318,19 @@ pub async fn run(
         }
         shared.record(interrupted)?;
     }
+    Ok(())
+}
 
-    let stop = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind(shared.config.listen)
-        .await
-        .map_err(|e| DaemonError::Setup(format!("listening on {}: {e}", shared.config.listen)))?;
-    tracing::info!(listen = %shared.config.listen, repo = %shared.config.repo, "karrots serve is up");
-    let router = crate::http::router(shared.clone(), secret, api_token);
-    let http = tokio::spawn(crate::http::serve::serve(
-        listener,
-        router,
-        crate::http::serve::connection_cap(),
-        stop.clone(),
-    ));
-    let alerts = tokio::spawn(crate::alert::deliver(
-        shared.store.clone(),
-        reqwest::Client::new(),
-        Duration::from_millis(500),
-        stop.clone(),
-    ));
-
-    // READY=1 before the first ping; the pings have their own token so that they end, and are
-    // seen to end, before STOPPING=1 is sent.
-    systemd::ready(&shared);
-    let watchdog_stop = stop.child_token();
-    let watchdog = tokio::spawn(systemd::watchdog(shared.clone(), watchdog_stop.clone()));
-    let trim = tokio::spawn(memory::trim_periodically(stop.clone()));
-
-    let _watcher = watch_file_remote(&shared);
+/// Polls on the interval, or at once when woken (a verified hook, a watched ref), until
+/// `shutdown` completes.
+async fn main_loop(shared: &Arc<Shared>, shutdown: impl Future<Output = ()>) {
+    let _watcher = watch_file_remote(shared);
     let mut poller = Poller::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         shared.held_alerts.flush(shared.store.as_ref());
         shared.store.record_pending();
-        poller.poll(&shared, &stop).await;
+        poller.poll(shared).await;
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}
             () = shared.wake.notified() => {
@@ -276,29 +342,6 @@ pub async fn run(
             () = &mut shutdown => break,
         }
     }
-    tracing::info!("shutting down: no new work; plans are cancelled, an apply in flight finishes");
-    watchdog_stop.cancel();
-    let _ = watchdog.await;
-    systemd::stopping();
-    stop.cancel();
-    for worker in poller.workers.into_values() {
-        let _ = worker.task.await;
-    }
-    let _ = http.await;
-    let _ = alerts.await;
-    let _ = trim.await;
-    shared
-        .held_alerts
-        .send_at_stop(shared.store.as_ref(), &reqwest::Client::new())
-        .await;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// One worker task per environment and lane.
-struct WorkerHandle {
-    queue: Arc<Queue>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 /// The main loop's memory between polls.
@@ -308,7 +351,6 @@ struct Poller {
     heads: Heads,
     /// Whether the last fetch failed (a `source_error` was alerted for it).
     failing: bool,
-    workers: HashMap<(String, Lane), WorkerHandle>,
     /// The trust branch's parsed environments, by blob.
     spec_cache: SpecCache,
     /// Whether the last poll found no trust branch (warned once per absence).
@@ -316,89 +358,20 @@ struct Poller {
 }
 
 impl Poller {
-    async fn poll(&mut self, shared: &Arc<Shared>, stop: &CancellationToken) {
-        let started = Instant::now();
-        let mirror_path = shared.mirror.path().to_path_buf();
-        let url = shared.config.repo.to_string();
-        let updated = tokio::task::spawn_blocking(move || {
-            Mirror::open_or_create(&mirror_path, &url).and_then(|mirror| mirror.update())
-        })
-        .await;
-        let (heads, fetched) = match updated {
-            Ok(Ok(update)) => update,
-            Ok(Err(error)) => {
-                shared.metrics.fetch_errors.inc();
-                tracing::warn!(%error, "fetch failed; keeping the last good revision");
-                if !self.failing {
-                    self.failing = true;
-                    shared.alert(Alert::new(
-                        AlertKind::SourceError,
-                        "",
-                        "",
-                        error.to_string(),
-                    ));
-                }
-                return;
-            }
-            Err(error) => {
-                tracing::error!(%error, "the fetch task failed");
-                return;
-            }
+    async fn poll(&mut self, shared: &Arc<Shared>) {
+        let Some(heads) = self.fetch(shared).await else {
+            return;
         };
-        self.failing = false;
-        if let Ok(mut last) = shared.last_fetch.lock() {
-            *last = Some(Instant::now());
-        }
-        tracing::debug!(elapsed = ?started.elapsed(), fetched, "polled the config repository");
         if heads == self.heads {
             return;
         }
         // The heads are taken as seen only once the trust branch is read: a poll that cannot
         // read it leaves them, so the moved branches are queued by the next poll that can.
         let previous = self.heads.clone();
-        let Some(trust_tip) = heads.get(shared.config.trust_branch.as_str()).cloned() else {
-            if !self.trust_missing {
-                self.trust_missing = true;
-                tracing::warn!(branch = %shared.config.trust_branch, "the trust branch does not exist in the repository; nothing runs until it does");
-            }
+        let Some(specs) = self.trusted_specs(shared, &heads, &previous).await else {
             return;
         };
-        self.trust_missing = false;
-        let cache = std::mem::take(&mut self.spec_cache);
-        let trusted = match read_trusted(shared, &trust_tip, cache).await {
-            Ok((trusted, cache)) => {
-                self.spec_cache = cache;
-                trusted
-            }
-            Err(error) => {
-                tracing::error!(%error, "reading the environments of the trust branch; the moved branches are queued once it can be read");
-                return;
-            }
-        };
         self.heads = heads.clone();
-        let mut specs = BTreeMap::new();
-        for (name, spec) in trusted {
-            match spec.as_ref() {
-                Ok(spec) => {
-                    specs.insert(name, spec.clone());
-                }
-                Err(problems) => {
-                    if previous.get(shared.config.trust_branch.as_str()) != Some(&trust_tip) {
-                        let alert = Alert::new(
-                            AlertKind::ConfigError,
-                            &name,
-                            trust_tip.as_str(),
-                            format!("the trust branch's karrots.yaml does not load:\n{problems}"),
-                        );
-                        let _ = shared.record(
-                            Outcome::new(&name, &trust_tip)
-                                .status(EnvStatus::Error)
-                                .alert(alert),
-                        );
-                    }
-                }
-            }
-        }
         if let Ok(mut current) = shared.trusted.write() {
             *current = specs.clone();
         }
@@ -414,21 +387,117 @@ impl Poller {
                 })
             })
             .collect();
-        self.merged_heads(shared, stop, moved).await;
+        self.merged_heads(shared, moved).await;
         if shared.config.preview {
             let claimed: HashSet<&str> = specs.values().map(|spec| spec.branch.as_str()).collect();
             for name in specs.keys() {
                 for (other, tip) in &heads {
                     if !claimed.contains(other.as_str()) && previous.get(other) != Some(tip) {
-                        self.enqueue(shared, stop, name, Lane::Preview, other, tip);
+                        self.enqueue(shared, name, Lane::Preview, other, tip);
                     }
                 }
             }
         }
         self.alert_identity_changes(shared, &heads, &previous, &specs)
             .await;
-        // Environments a moved branch defines that the trust branch does not: checked only.
-        for (branch, tip) in &heads {
+        self.check_untrusted(shared, &heads, &previous, &specs)
+            .await;
+    }
+
+    /// Fetches the remote's branches into the mirror; `None` when that failed (a
+    /// `source_error` is alerted once per failure streak, and the last good revision kept).
+    async fn fetch(&mut self, shared: &Arc<Shared>) -> Option<Heads> {
+        let started = Instant::now();
+        let mirror_path = shared.mirror.path().to_path_buf();
+        let url = shared.config.repo.to_string();
+        let updated = tokio::task::spawn_blocking(move || {
+            Mirror::open_or_create(&mirror_path, &url).and_then(|mirror| mirror.update())
+        })
+        .await;
+        let (heads, fetched) = match updated {
+            Ok(Ok(update)) => update,
+            Ok(Err(error)) => {
+                shared.metrics.fetch_errors.inc();
+                tracing::warn!(%error, "fetch failed; keeping the last good revision");
+                if !self.failing {
+                    self.failing = true;
+                    let alert = Alert::new(AlertKind::SourceError, "", "", error.to_string());
+                    shared.alert(alert);
+                }
+                return None;
+            }
+            Err(error) => {
+                tracing::error!(%error, "the fetch task failed");
+                return None;
+            }
+        };
+        self.failing = false;
+        if let Ok(mut last) = shared.last_fetch.lock() {
+            *last = Some(Instant::now());
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), fetched, "polled the config repository");
+        Some(heads)
+    }
+
+    /// The environments of the trust branch at `heads`, those that load; one that does not
+    /// is `error`, alerted once per trust-branch head. `None` when the trust branch is
+    /// missing or cannot be read.
+    async fn trusted_specs(
+        &mut self,
+        shared: &Arc<Shared>,
+        heads: &Heads,
+        previous: &Heads,
+    ) -> Option<BTreeMap<String, EnvironmentSpec>> {
+        let trust = shared.config.trust_branch.as_str();
+        let Some(trust_tip) = heads.get(trust).cloned() else {
+            if !self.trust_missing {
+                self.trust_missing = true;
+                tracing::warn!(branch = %trust, "the trust branch does not exist in the repository; nothing runs until it does");
+            }
+            return None;
+        };
+        self.trust_missing = false;
+        let cache = std::mem::take(&mut self.spec_cache);
+        let trusted = match read_trusted(shared, &trust_tip, cache).await {
+            Ok((trusted, cache)) => {
+                self.spec_cache = cache;
+                trusted
+            }
+            Err(error) => {
+                tracing::error!(%error, "reading the environments of the trust branch; the moved branches are queued once it can be read");
+                return None;
+            }
+        };
+        let moved = previous.get(trust) != Some(&trust_tip);
+        let mut specs = BTreeMap::new();
+        for (name, spec) in trusted {
+            match spec.as_ref() {
+                Ok(spec) => {
+                    specs.insert(name, spec.clone());
+                }
+                Err(problems) if moved => {
+                    let message =
+                        format!("the trust branch's karrots.yaml does not load:\n{problems}");
+                    let alert =
+                        Alert::new(AlertKind::ConfigError, &name, trust_tip.as_str(), message);
+                    let error = Outcome::new(&name, &trust_tip).status(EnvStatus::Error);
+                    let _ = shared.record(error.alert(alert));
+                }
+                Err(_) => {}
+            }
+        }
+        Some(specs)
+    }
+
+    /// Environments a moved branch defines that the trust branch does not: checked only.
+    async fn check_untrusted(
+        &self,
+        shared: &Arc<Shared>,
+        heads: &Heads,
+        previous: &Heads,
+        specs: &BTreeMap<String, EnvironmentSpec>,
+    ) {
+        for (branch, tip) in heads {
             if previous.get(branch) == Some(tip) || branch == shared.config.trust_branch.as_str() {
                 continue;
             }
@@ -439,7 +508,7 @@ impl Poller {
             .await;
             for name in names.ok().and_then(Result::ok).unwrap_or_default() {
                 if !specs.contains_key(&name) {
-                    self.enqueue(shared, stop, &name, Lane::Preview, branch, tip);
+                    self.enqueue(shared, &name, Lane::Preview, branch, tip);
                 }
             }
         }
@@ -450,12 +519,7 @@ impl Poller {
     /// all such environments in one transaction, after the other heads are recorded and
     /// queued to their merged workers: the cost of a commit does not grow with the
     /// environments it does not touch.
-    async fn merged_heads(
-        &mut self,
-        shared: &Arc<Shared>,
-        stop: &CancellationToken,
-        moved: Vec<HeadRow>,
-    ) {
+    async fn merged_heads(&mut self, shared: &Arc<Shared>, moved: Vec<HeadRow>) {
         if moved.is_empty() {
             return;
         }
@@ -472,7 +536,7 @@ impl Poller {
         }
         for head in &queued {
             let commit = CommitId::from_hex(&head.head);
-            self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
+            self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit);
         }
         let queued_at = started.elapsed();
         let outcomes: Vec<Outcome> = passed_over
@@ -491,7 +555,7 @@ impl Poller {
             }
             for head in &quiet {
                 let commit = CommitId::from_hex(&head.head);
-                self.enqueue(shared, stop, &head.env, Lane::Merged, &head.branch, &commit);
+                self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit);
             }
             return;
         }
@@ -520,32 +584,7 @@ impl Poller {
                 .collect(),
             Err(_) => return Default::default(),
         };
-        let mut turns = HashMap::new();
-        let mut candidates = Vec::new();
-        for head in moved {
-            let (Some(worker), Some(row)) = (
-                self.workers.get(&(head.env.clone(), Lane::Merged)),
-                rows.get(&head.env),
-            ) else {
-                continue;
-            };
-            let (Some(last), Some(inputs)) = (&row.last_applied, row.applied_inputs.clone()) else {
-                continue;
-            };
-            if row.applied_fingerprint.is_none() {
-                continue;
-            }
-            let Some(turn) = worker.queue.idle_turn() else {
-                continue;
-            };
-            turns.insert(head.env.clone(), turn);
-            candidates.push(Candidate {
-                env: head.env.clone(),
-                last_applied: CommitId::from_hex(last),
-                head: CommitId::from_hex(&head.head),
-                inputs,
-            });
-        }
+        let (mut turns, candidates) = candidates(shared, moved, &rows);
         if candidates.is_empty() {
             return (Vec::new(), Vec::new());
         }
@@ -594,7 +633,7 @@ impl Poller {
         specs: &BTreeMap<String, EnvironmentSpec>,
     ) {
         let trust = shared.config.trust_branch.as_str();
-        let moved: Vec<(String, CommitId, Option<CommitId>)> = heads
+        let moved: Vec<MovedBranch> = heads
             .iter()
             .filter(|(branch, tip)| {
                 branch.as_str() != trust
@@ -609,40 +648,8 @@ impl Poller {
             return;
         }
         let (mirror, specs) = (shared.mirror.path().to_path_buf(), specs.clone());
-        let found = tokio::task::spawn_blocking(move || {
-            let repo = git::open(&mirror)?;
-            let mut found = Vec::new();
-            for (branch, tip, before) in &moved {
-                for (name, trusted) in &specs {
-                    if trusted.branch.as_str() == branch {
-                        continue;
-                    }
-                    let path = format!("environments/{name}/karrots.yaml");
-                    let Some(text) = git::read_file(&repo, tip, &path)? else {
-                        continue;
-                    };
-                    // Only the push that brings the change is refused: a branch that merely
-                    // lags behind a change of the trust branch is not an attempt.
-                    if let Some(before) = before
-                        && git::read_file(&repo, before, &path)?.as_deref() == Some(text.as_str())
-                    {
-                        continue;
-                    }
-                    let Ok(candidate) = parse_environment(&text, path.as_ref(), name) else {
-                        continue;
-                    };
-                    // The rule every other commit is judged by, for a commit of another
-                    // environment's branch: never on this one's branch, so never merged.
-                    if let Err(refusal) =
-                        crate::engine::decide_lane(Some(trusted), &candidate, false)
-                    {
-                        found.push((name.clone(), branch.clone(), tip.clone(), refusal));
-                    }
-                }
-            }
-            Ok::<_, git::GitError>(found)
-        })
-        .await;
+        let found =
+            tokio::task::spawn_blocking(move || identity_changes(&mirror, &moved, &specs)).await;
         let found = match found {
             Ok(Ok(found)) => found,
             Ok(Err(error)) => {
@@ -668,29 +675,18 @@ impl Poller {
     }
 
     fn enqueue(
-        &mut self,
+        &self,
         shared: &Arc<Shared>,
-        stop: &CancellationToken,
         env: &str,
         lane: Lane,
         branch: &str,
         commit: &CommitId,
     ) {
-        let handle = self
-            .workers
-            .entry((env.to_string(), lane))
-            .or_insert_with(|| {
-                let queue = Arc::new(Queue::new(shared.metrics.queue_depth.clone()));
-                let task = tokio::spawn(worker::work(
-                    shared.clone(),
-                    env.to_string(),
-                    lane,
-                    queue.clone(),
-                    stop.clone(),
-                ));
-                WorkerHandle { queue, task }
-            });
-        if let Some(superseded) = handle.queue.push(branch, commit.as_str()) {
+        let key = Key {
+            env: env.to_string(),
+            lane,
+        };
+        if let Some(superseded) = shared.scheduler.enqueue(shared, &key, branch, commit) {
             let kind = match lane {
                 Lane::Merged => RunKind::Plan,
                 Lane::Preview => RunKind::Preview,
@@ -712,6 +708,87 @@ impl Poller {
             }
         }
     }
+}
+
+/// The environments among `moved` that may be passed over — idle, with a last applied
+/// commit whose closure is known — and their workers' turns, taken.
+fn candidates(
+    shared: &Shared,
+    moved: &[HeadRow],
+    rows: &HashMap<String, EnvironmentRow>,
+) -> (
+    HashMap<String, tokio::sync::OwnedMutexGuard<()>>,
+    Vec<Candidate>,
+) {
+    let mut turns = HashMap::new();
+    let mut candidates = Vec::new();
+    for head in moved {
+        let Some(row) = rows.get(&head.env) else {
+            continue;
+        };
+        let (Some(last), Some(inputs)) = (&row.last_applied, row.applied_inputs.clone()) else {
+            continue;
+        };
+        if row.applied_fingerprint.is_none() {
+            continue;
+        }
+        let Some(turn) = shared.scheduler.idle_turn(&Key::merged(&head.env)) else {
+            continue;
+        };
+        turns.insert(head.env.clone(), turn);
+        candidates.push(Candidate {
+            env: head.env.clone(),
+            last_applied: CommitId::from_hex(last),
+            head: CommitId::from_hex(&head.head),
+            inputs,
+        });
+    }
+    (turns, candidates)
+}
+
+/// A moved branch: its name, its new tip and the tip it moved from.
+type MovedBranch = (String, CommitId, Option<CommitId>);
+
+/// An environment's identity changed by a commit of another environment's branch: the
+/// environment, the branch, the commit and why it is refused.
+type IdentityChange = (String, String, CommitId, crate::engine::RunRefusal);
+
+/// The identity changes the `moved` branches bring to environments whose branch they are
+/// not (read from the mirror; call it on a blocking thread).
+fn identity_changes(
+    mirror: &std::path::Path,
+    moved: &[MovedBranch],
+    specs: &BTreeMap<String, EnvironmentSpec>,
+) -> Result<Vec<IdentityChange>, git::GitError> {
+    let repo = git::open(mirror)?;
+    let mut found = Vec::new();
+    for (branch, tip, before) in moved {
+        for (name, trusted) in specs {
+            if trusted.branch.as_str() == branch {
+                continue;
+            }
+            let path = format!("environments/{name}/karrots.yaml");
+            let Some(text) = git::read_file(&repo, tip, &path)? else {
+                continue;
+            };
+            // Only the push that brings the change is refused: a branch that merely lags
+            // behind a change of the trust branch is not an attempt.
+            if let Some(before) = before
+                && git::read_file(&repo, before, &path)?.as_deref() == Some(text.as_str())
+            {
+                continue;
+            }
+            let Ok(candidate) = parse_environment(&text, path.as_ref(), name) else {
+                continue;
+            };
+            // The rule every other commit is judged by, for a commit of another
+            // environment's branch: never on this one's branch, so never merged.
+            if let Err(refusal) = crate::engine::decide_lane(Some(trusted), &candidate, false) {
+                found.push((name.clone(), branch.clone(), tip.clone(), refusal));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// An environment whose new head may pass it over: what [`untouched`] compares.
@@ -863,39 +940,5 @@ fn watch_file_remote(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher>
             tracing::warn!(%error, remote = %git_dir.display(), "cannot watch the remote; polling only");
             None
         }
-    }
-}
-
-/// Who gets the next terraform permit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Priority {
-    /// Merged commits: never wait behind anything but other runs in flight.
-    First,
-    /// Previews and drift checks: wait while a merged run waits.
-    AfterMerges,
-}
-
-/// Takes a terraform permit; merged runs go ahead of previews and drift checks.
-pub(crate) async fn permit(
-    shared: &Shared,
-    priority: Priority,
-) -> Option<tokio::sync::SemaphorePermit<'_>> {
-    match priority {
-        Priority::First => {
-            shared.merged_waiting.fetch_add(1, Ordering::SeqCst);
-            let permit = shared.permits.acquire().await.ok();
-            shared.merged_waiting.fetch_sub(1, Ordering::SeqCst);
-            permit
-        }
-        Priority::AfterMerges => loop {
-            if shared.merged_waiting.load(Ordering::SeqCst) == 0 {
-                let permit = shared.permits.acquire().await.ok()?;
-                if shared.merged_waiting.load(Ordering::SeqCst) == 0 {
-                    return Some(permit);
-                }
-                drop(permit);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        },
     }
 }

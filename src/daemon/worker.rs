@@ -23,6 +23,7 @@ use crate::terraform::{PlanRecord, RunId, StageError, TerraformError, stage_comm
 use super::Shared;
 use super::merged::MergedLane;
 use super::outcome::Outcome;
+use super::scheduler::Priority;
 
 /// The commits waiting for a worker: at most one per branch; a newer one of the same branch
 /// replaces it.
@@ -126,24 +127,8 @@ pub(super) async fn work(
             Lane::Merged => clock.due(&shared, &env),
             Lane::Preview => None,
         };
-        let drift_wait = async {
-            match drift_due {
-                Some(due) => tokio::time::sleep_until(due.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let retry_at = merged.retry_at;
-        let retry_wait = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        let wake = tokio::select! {
-            () = queue.ready.notified() => Wake::Queued,
-            () = drift_wait => Wake::DriftDue,
-            () = retry_wait => Wake::RetryDue,
-            () = stop.cancelled() => return,
+        let Some(wake) = wake(&queue, drift_due, merged.retry_at, &stop).await else {
+            return;
         };
         let _turn = queue.turn.lock().await;
         // The runs are boxed: an idle worker's task then holds only this loop's state, not
@@ -178,6 +163,28 @@ pub(super) async fn work(
         queue
             .retry_pending
             .store(merged.retry_at.is_some(), Ordering::SeqCst);
+    }
+}
+
+/// Waits for what wakes a worker: a queued commit, its drift check's time, its retry's
+/// time; `None` when the daemon stops.
+async fn wake(
+    queue: &Queue,
+    drift_due: Option<std::time::Instant>,
+    retry_at: Option<tokio::time::Instant>,
+    stop: &CancellationToken,
+) -> Option<Wake> {
+    let at = |instant: Option<tokio::time::Instant>| async move {
+        match instant {
+            Some(instant) => tokio::time::sleep_until(instant).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = queue.ready.notified() => Some(Wake::Queued),
+        () = at(drift_due.map(Into::into)) => Some(Wake::DriftDue),
+        () = at(retry_at) => Some(Wake::RetryDue),
+        () = stop.cancelled() => None,
     }
 }
 
@@ -503,27 +510,7 @@ pub(super) fn record_apply(
     ended: Result<(), String>,
 ) -> WorkResult {
     if let Err(message) = ended {
-        tracing::error!(error = %message, "apply failed");
-        let alert = Alert::new(
-            AlertKind::ApplyFailed,
-            env,
-            commit.as_str(),
-            message.clone(),
-        );
-        shared.record(
-            Outcome::new(env, commit)
-                .finish(
-                    run_id,
-                    RunKind::Apply,
-                    RunResult::Failed,
-                    summary(record),
-                    resources(record),
-                    message,
-                )
-                .status(EnvStatus::Failed)
-                .alert(alert),
-        )?;
-        return Ok(());
+        return apply_failed(shared, env, commit, run_id, record, message);
     }
     tracing::info!("applied");
     let s = &record.summary;
@@ -569,6 +556,37 @@ pub(super) fn record_apply(
         .alert(alert);
     let applied = super::drift::back_in_sync(shared, env, commit, remediation, applied)?;
     shared.record(applied)?;
+    Ok(())
+}
+
+/// Records apply run `run_id` failed: the environment `failed`, alerted.
+fn apply_failed(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &CommitId,
+    run_id: i64,
+    record: &PlanRecord,
+    message: String,
+) -> WorkResult {
+    tracing::error!(error = %message, "apply failed");
+    let alert = Alert::new(
+        AlertKind::ApplyFailed,
+        env,
+        commit.as_str(),
+        message.clone(),
+    );
+    let failed = Outcome::new(env, commit)
+        .finish(
+            run_id,
+            RunKind::Apply,
+            RunResult::Failed,
+            summary(record),
+            resources(record),
+            message,
+        )
+        .status(EnvStatus::Failed)
+        .alert(alert);
+    shared.record(failed)?;
     Ok(())
 }
 
@@ -622,7 +640,7 @@ async fn preview(
             refusal.reason(shared.config.trust_branch.as_str()),
         );
     }
-    let Some(_permit) = super::permit(shared, super::Priority::AfterMerges).await else {
+    let Some(_permit) = shared.scheduler.permit(Priority::AfterMerges).await else {
         return Ok(());
     };
     if stop.is_cancelled() {

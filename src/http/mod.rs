@@ -15,8 +15,8 @@
 mod page;
 pub mod serve;
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
@@ -27,20 +27,15 @@ use axum::response::{IntoResponse, Json, Redirect, Response};
 use axum::routing::{get, post};
 use hmac::{KeyInit, Mac};
 use http_body_util::BodyExt;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::Notify;
 
 use crate::config::DaemonConfig;
-use crate::daemon::Shared;
-use crate::engine::state::{DriftStatus, RunKind, RunResult};
-use crate::store::{EnvironmentRow, RunRow, StoreError};
+use crate::engine::state::DriftStatus;
+use crate::metrics::Metrics;
+use crate::store::{DriftedResource, EnvironmentRow, RunRow, StateStore, StoreError};
 
 /// The largest webhook body accepted.
 pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
@@ -49,144 +44,6 @@ pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
 /// signature is computed as the body arrives); beyond this a hook gets 503 at once, and the
 /// forge retries it.
 const MAX_CONCURRENT_HOOKS: usize = 16;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RunLabels {
-    pub env: String,
-    pub kind: String,
-    pub result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EnvLabels {
-    pub env: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DriftLabels {
-    pub env: String,
-    pub status: String,
-}
-
-/// The daemon's Prometheus metrics.
-pub struct Metrics {
-    /// 1 for each environment's current drift status, 0 for the others.
-    pub drift_status: Family<DriftLabels, Gauge>,
-    /// Resources the last drift check found drifted, per environment.
-    pub drifted_resources: Family<EnvLabels, Gauge>,
-    pub drift_check_seconds: Histogram,
-    pub runs: Family<RunLabels, Counter>,
-    pub plan_seconds: Histogram,
-    pub apply_seconds: Histogram,
-    pub fetch_errors: Counter,
-    /// Commits waiting for a worker.
-    pub queue_depth: Gauge,
-    /// Seconds since the last successful fetch, set when scraped.
-    pub since_fetch: Gauge<f64, AtomicU64>,
-    registry: Registry,
-}
-
-impl Default for Metrics {
-    fn default() -> Metrics {
-        let runs = Family::<RunLabels, Counter>::default();
-        let drift_status = Family::<DriftLabels, Gauge>::default();
-        let drifted_resources = Family::<EnvLabels, Gauge>::default();
-        let drift_check_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        let plan_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        let apply_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
-        let fetch_errors = Counter::default();
-        let since_fetch = Gauge::<f64, AtomicU64>::default();
-        let queue_depth = Gauge::default();
-        let mut registry = Registry::with_prefix("karrots");
-        registry.register("runs", "Runs by environment, kind and result", runs.clone());
-        registry.register(
-            "queue_depth",
-            "Commits waiting for a worker",
-            queue_depth.clone(),
-        );
-        registry.register(
-            "plan_duration_seconds",
-            "Duration of terraform plans",
-            plan_seconds.clone(),
-        );
-        registry.register(
-            "apply_duration_seconds",
-            "Duration of terraform applies",
-            apply_seconds.clone(),
-        );
-        registry.register(
-            "drift_status",
-            "Drift status per environment: 1 for the current one (in_sync, drifted, error)",
-            drift_status.clone(),
-        );
-        registry.register(
-            "drifted_resources",
-            "Resources found drifted by the last drift check",
-            drifted_resources.clone(),
-        );
-        registry.register(
-            "drift_check_duration_seconds",
-            "Duration of drift checks, from staging to the plan's summary",
-            drift_check_seconds.clone(),
-        );
-        registry.register(
-            "fetch_errors",
-            "Failed fetches of the config repository",
-            fetch_errors.clone(),
-        );
-        registry.register(
-            "seconds_since_last_fetch",
-            "Seconds since the config repository was last fetched successfully",
-            since_fetch.clone(),
-        );
-        Metrics {
-            drift_status,
-            drifted_resources,
-            drift_check_seconds,
-            runs,
-            plan_seconds,
-            apply_seconds,
-            fetch_errors,
-            queue_depth,
-            since_fetch,
-            registry,
-        }
-    }
-}
-
-impl Metrics {
-    /// Records an environment's drift status and how many resources drifted.
-    pub fn drift(&self, env: &str, status: DriftStatus, drifted: usize) {
-        use DriftStatus;
-        for each in [
-            DriftStatus::InSync,
-            DriftStatus::Drifted,
-            DriftStatus::Error,
-        ] {
-            self.drift_status
-                .get_or_create(&DriftLabels {
-                    env: env.to_string(),
-                    status: each.as_str().to_string(),
-                })
-                .set(i64::from(each == status));
-        }
-        self.drifted_resources
-            .get_or_create(&EnvLabels {
-                env: env.to_string(),
-            })
-            .set(drifted as i64);
-    }
-
-    pub fn run(&self, env: &str, kind: RunKind, result: RunResult) {
-        self.runs
-            .get_or_create(&RunLabels {
-                env: env.to_string(),
-                kind: kind.as_str().to_string(),
-                result: result.as_str().to_string(),
-            })
-            .inc();
-    }
-}
 
 /// The webhook secret: `webhook_secret_file`, else `KARROTS_WEBHOOK_SECRET`; `None` turns the
 /// hooks off (they answer 401). A configured but empty secret refuses the start.
@@ -237,9 +94,29 @@ pub fn load_api_token(config: &DaemonConfig) -> Result<Option<Vec<u8>>, String> 
     Ok(token)
 }
 
+/// What the routes need of the daemon, and nothing more: its store, a way to wake its main
+/// loop, its metrics, when it last fetched, and whether drift checks are on for an
+/// environment.
+#[derive(Clone)]
+pub struct Backend {
+    pub store: Arc<dyn StateStore>,
+    /// Wakes the main loop for a fetch; a burst of wakes is one fetch.
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// When the last fetch succeeded.
+    pub last_fetch: Arc<Mutex<Option<Instant>>>,
+    pub drift_checks: Arc<dyn DriftChecks>,
+}
+
+/// Whether drift checks are on for an environment at its last applied commit: that commit's
+/// `drift:` settings, else the trust branch's.
+pub trait DriftChecks: Send + Sync {
+    fn on(&self, env: &str, last_applied: Option<&str>) -> bool;
+}
+
 #[derive(Clone)]
 struct AppState {
-    shared: Arc<Shared>,
+    backend: Backend,
     secret: Option<Arc<Vec<u8>>>,
     api_token: Option<Arc<Vec<u8>>>,
     /// Hook bodies being read now, at most [`MAX_CONCURRENT_HOOKS`].
@@ -250,10 +127,15 @@ struct AppState {
 /// browser keeps cannot be replayed as `Authorization: Bearer`.
 const SESSION_COOKIE: &str = "karrots_session";
 
-pub fn router(shared: Arc<Shared>, secret: Option<Vec<u8>>, api_token: Option<Vec<u8>>) -> Router {
-    let metrics_public = shared.config.metrics_public;
+/// The routes; `/metrics` needs no token with `metrics_public`.
+pub fn router(
+    backend: Backend,
+    metrics_public: bool,
+    secret: Option<Vec<u8>>,
+    api_token: Option<Vec<u8>>,
+) -> Router {
     let state = AppState {
-        shared,
+        backend,
         secret: secret.map(Arc::new),
         api_token: api_token.map(Arc::new),
         hooks: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_HOOKS)),
@@ -383,19 +265,15 @@ async fn login(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let metrics = &state.shared.metrics;
     let since = state
-        .shared
+        .backend
         .last_fetch
         .lock()
         .ok()
-        .and_then(|last| last.map(|at| at.elapsed().as_secs_f64()))
-        .unwrap_or(f64::NAN);
-    metrics.since_fetch.set(since);
-    let mut text = String::new();
-    if prometheus_client::encoding::text::encode(&mut text, &metrics.registry).is_err() {
+        .and_then(|last| last.map(|at| at.elapsed().as_secs_f64()));
+    let Some(text) = state.backend.metrics.encode(since) else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
+    };
     (
         [(
             header::CONTENT_TYPE,
@@ -429,23 +307,25 @@ pub(crate) struct DriftView {
     /// The drifted addresses.
     resources: Vec<String>,
     /// Each drifted resource: address, actions, id, changed attribute names, `changed_by`.
-    details: Vec<serde_json::Value>,
+    details: Vec<DriftedResource>,
     message: String,
 }
 
-fn environment_views(shared: &Shared) -> Result<Vec<EnvironmentView>, StoreError> {
-    let store = &shared.store;
+/// The environments as the API and the page show them. It reads the store (and, once per
+/// applied commit, the mirror): call it on a blocking thread.
+fn environment_views(backend: &Backend) -> Result<Vec<EnvironmentView>, StoreError> {
+    let store = &backend.store;
     let mut out = Vec::new();
     for row in store.environments()? {
         let last_run = store.runs(Some(&row.name), 1)?.into_iter().next();
         let drift = store.drift(&row.name)?;
-        let checks_on = shared
-            .drift_policy_at(&row.name, row.last_applied.as_deref())
-            .is_some_and(|policy| policy.interval.is_some());
+        let checks_on = backend
+            .drift_checks
+            .on(&row.name, row.last_applied.as_deref());
         let resources = drift
             .resources
             .iter()
-            .filter_map(|resource| resource.get("address")?.as_str().map(str::to_string))
+            .map(|resource| resource.address.clone())
             .collect();
         out.push(EnvironmentView {
             row,
@@ -467,9 +347,22 @@ fn environment_views(shared: &Shared) -> Result<Vec<EnvironmentView>, StoreError
 }
 
 async fn environments(State(state): State<AppState>) -> Response {
-    match environment_views(&state.shared) {
+    match blocking(&state, environment_views).await {
         Ok(views) => Json(views).into_response(),
         Err(error) => internal(error),
+    }
+}
+
+/// Runs `read` (store reads, and git for what the store does not hold) on a blocking
+/// thread, never on the runtime's.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    read: impl FnOnce(&Backend) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, String> {
+    let backend = state.backend.clone();
+    match tokio::task::spawn_blocking(move || read(&backend)).await {
+        Ok(read) => read.map_err(|error| error.to_string()),
+        Err(error) => Err(format!("the read failed: {error}")),
     }
 }
 
@@ -480,30 +373,36 @@ const PAGE_RUNS: usize = 30;
 const API_RUNS: usize = 200;
 
 async fn status_page(State(state): State<AppState>) -> Response {
-    let views = match environment_views(&state.shared) {
-        Ok(views) => views,
-        Err(error) => return internal(error),
-    };
-    match state.shared.store.runs(None, PAGE_RUNS) {
-        Ok(runs) => page::overview(&views, &runs, std::time::SystemTime::now()).into_response(),
+    let read = blocking(&state, |backend| {
+        Ok((
+            environment_views(backend)?,
+            backend.store.runs(None, PAGE_RUNS)?,
+        ))
+    });
+    match read.await {
+        Ok((views, runs)) => {
+            page::overview(&views, &runs, std::time::SystemTime::now()).into_response()
+        }
         Err(error) => internal(error),
     }
 }
 
 async fn run_page(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
-    let store = &state.shared.store;
-    let run = match store.run(id) {
-        Ok(Some(run)) => run,
-        Ok(None) => return (StatusCode::NOT_FOUND, format!("no run {id}\n")).into_response(),
-        Err(error) => return internal(error),
-    };
-    // One more than shown: the run itself is among them.
-    match store.runs(Some(&run.env), PAGE_RUNS + 1) {
-        Ok(mut others) => {
-            others.retain(|other| other.id != run.id);
-            others.truncate(PAGE_RUNS);
+    let read = blocking(&state, move |backend| {
+        let Some(run) = backend.store.run(id)? else {
+            return Ok(None);
+        };
+        // One more than shown: the run itself is among them.
+        let mut others = backend.store.runs(Some(&run.env), PAGE_RUNS + 1)?;
+        others.retain(|other| other.id != run.id);
+        others.truncate(PAGE_RUNS);
+        Ok(Some((run, others)))
+    });
+    match read.await {
+        Ok(Some((run, others))) => {
             page::run_page(&run, &others, std::time::SystemTime::now()).into_response()
         }
+        Ok(None) => (StatusCode::NOT_FOUND, format!("no run {id}\n")).into_response(),
         Err(error) => internal(error),
     }
 }
@@ -514,14 +413,17 @@ struct RunsQuery {
 }
 
 async fn runs(State(state): State<AppState>, Query(query): Query<RunsQuery>) -> Response {
-    match state.shared.store.runs(query.env.as_deref(), API_RUNS) {
+    let read = blocking(&state, move |backend| {
+        backend.store.runs(query.env.as_deref(), API_RUNS)
+    });
+    match read.await {
         Ok(runs) => Json(runs).into_response(),
         Err(error) => internal(error),
     }
 }
 
 async fn run(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
-    match state.shared.store.run(id) {
+    match blocking(&state, move |backend| backend.store.run(id)).await {
         Ok(Some(run)) => Json(run).into_response(),
         Ok(None) => StatusCode::NOT_FOUND.into_response(),
         Err(error) => internal(error),
@@ -532,7 +434,7 @@ async fn run(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
 /// notification holds at most one permit.
 fn accepted(state: &AppState, forge: &str) -> Response {
     tracing::info!(forge, "verified webhook: fetching");
-    state.shared.wake.notify_one();
+    state.backend.wake.notify_one();
     (StatusCode::ACCEPTED, "fetching\n").into_response()
 }
 

@@ -10,7 +10,6 @@ use std::time::SystemTime;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::{DriftView, EnvironmentView};
-use crate::daemon::DriftedResource;
 use crate::store::{RunResult, RunRow};
 
 /// How often a page reloads itself, in seconds.
@@ -215,17 +214,13 @@ fn excerpt(text: &str, max: usize) -> String {
 }
 
 fn drift(view: &DriftView, now: SystemTime) -> Markup {
-    let resources: Vec<DriftedResource> = view
-        .details
-        .iter()
-        .filter_map(|value| serde_json::from_value(value.clone()).ok())
-        .collect();
+    let resources = view.details.as_slice();
     html! {
         (badge(view.status.as_str()))
         @if let Some(at) = &view.checked_at { " " span class="sub" { "checked " (ago(at, now)) } }
         @if !resources.is_empty() {
             ul class="drifted" {
-                @for resource in &resources {
+                @for resource in resources {
                     li {
                         code { (resource.address) } " " (resource.actions.join(", "))
                         @if !resource.changed_attributes.is_empty() {
@@ -377,11 +372,14 @@ mod tests {
                 status: DriftStatus::Drifted,
                 checked_at: Some("2026-11-24T10:00:30Z".into()),
                 resources: vec!["aws_vpc.main".into()],
-                details: vec![serde_json::json!({
-                    "address": "aws_vpc.main", "actions": ["update"], "changed_attributes": ["tags"],
-                    "changed_by": [{"principal": "arn:aws:iam::1:role/<b>admin</b>", "session": "alice",
-                        "event": "CreateTags", "time": "t", "access_key_id": "ASIA", "event_id": "e"}]
-                })],
+                details: vec![
+                    serde_json::from_value(serde_json::json!({
+                        "address": "aws_vpc.main", "actions": ["update"], "changed_attributes": ["tags"],
+                        "changed_by": [{"principal": "arn:aws:iam::1:role/<b>admin</b>", "session": "alice",
+                            "event": "CreateTags", "time": "t", "access_key_id": "ASIA", "event_id": "e"}]
+                    }))
+                    .unwrap(),
+                ],
                 message: String::new(),
             },
         };

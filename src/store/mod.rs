@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::aws::cloudtrail::ChangedBy;
 use crate::config::RepoPath;
 pub use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 
@@ -99,10 +100,25 @@ pub struct DriftRow {
     /// The last moment the environment was known to match its last applied commit (a clean
     /// check or an apply): where the search for who changed it starts.
     pub in_sync_at: Option<String>,
-    /// The drifted resources: address, actions, id, changed attributes, `changed_by`.
-    pub resources: Vec<serde_json::Value>,
+    pub resources: Vec<DriftedResource>,
     /// Why the last check failed, when it did.
     pub message: String,
+}
+
+/// A drifted resource as the store keeps it and the API and the alerts show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DriftedResource {
+    pub address: String,
+    /// What applying the last applied commit would do to it.
+    pub actions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Names of the attributes that differ (never their values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_attributes: Vec<String>,
+    /// Who changed it, from CloudTrail.
+    #[serde(default)]
+    pub changed_by: Vec<ChangedBy>,
 }
 
 impl Default for DriftRow {
@@ -1267,7 +1283,13 @@ mod tests {
             status: DriftStatus::Drifted,
             checked_at: Some("2026-11-23T10:00:00Z".into()),
             in_sync_at: Some("2026-11-23T09:00:00Z".into()),
-            resources: vec![serde_json::json!({"address": "aws_vpc.main", "actions": ["update"]})],
+            resources: vec![DriftedResource {
+                address: "aws_vpc.main".into(),
+                actions: vec!["update".into()],
+                id: None,
+                changed_attributes: Vec::new(),
+                changed_by: Vec::new(),
+            }],
             message: String::new(),
         };
         {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::daemon::{Fixture, read_body};
+use crate::support::daemon::{Fixture, read_body};
 
 /// Two VPCs: one to re-tag by hand, one to delete by hand.
 const VPCS: &str = r#"terraform {
@@ -248,12 +248,11 @@ fn failed_checks(fixture: &Fixture) -> usize {
 /// prod built from [`VPCS`] with `drift` settings (the lines under `drift:`), asking `trail`
 /// for CloudTrail, once applied: the fixture and that first commit.
 pub(crate) fn drifting_prod(drift: &str, trail: Option<&FakeCloudTrail>) -> (Fixture, String) {
-    let fixture = Fixture::custom(
-        &format!("drift:\n{drift}"),
-        "1s",
-        VPCS,
-        trail.map(|trail| trail.url.clone()),
-    );
+    let fixture = Fixture::build()
+        .prod_extra(&format!("drift:\n{drift}"))
+        .prod_module(VPCS)
+        .cloudtrail(trail.map(|trail| trail.url.clone()))
+        .start();
     let first = fixture.clone.git(&["rev-parse", "HEAD"]);
     fixture.wait_for("prod applied", |f| f.applied("prod", &first));
     (fixture, first)
@@ -402,7 +401,7 @@ fn drift_is_alerted_once_per_change_with_who_made_it_and_cleared() {
             .any(|l| l.starts_with("prod") && l.contains("drifted") && l.contains("1 drifted")),
         "{table}"
     );
-    let metrics = crate::daemon::http(&fixture.address, "GET", "/metrics", &[], b"").1;
+    let metrics = crate::support::daemon::http(&fixture.address, "GET", "/metrics", &[], b"").1;
     assert!(
         metrics.contains("karrots_drift_status{env=\"prod\",status=\"drifted\"} 1"),
         "{metrics}"
@@ -589,11 +588,18 @@ fn remediation_puts_it_back_and_a_throttling_cloudtrail_does_not_hold_the_alert(
     // The remediation left prod where it was: a commit that changes none of its inputs is
     // passed over with the fingerprint of its last applied commit, not planned.
     let plans = count_runs(&fixture, "plan");
-    fixture.clone.write("README.md", "# the config repository\n");
+    fixture
+        .clone
+        .write("README.md", "# the config repository\n");
     let readme = fixture.clone.commit_all("a README");
     fixture.push("main");
     fixture.wait_for("prod at the README commit", |f| f.applied("prod", &readme));
-    assert_eq!(count_runs(&fixture, "plan"), plans, "{:#?}", fixture.runs("prod"));
+    assert_eq!(
+        count_runs(&fixture, "plan"),
+        plans,
+        "{:#?}",
+        fixture.runs("prod")
+    );
 }
 
 fn count_runs(fixture: &Fixture, kind: &str) -> usize {

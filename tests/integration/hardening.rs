@@ -1,9 +1,12 @@
 //! Attacks on the daemon: hostile ref names, hostile files, hostile processes. Each test
 //! shows the hole closed with the real binary, git, terraform and moto.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use crate::daemon::Fixture;
+use crate::support::daemon::Fixture;
+use crate::support::eventually;
 
 /// Waits for the `config_error` alert of `env` about `commit`, and returns it.
 fn config_error_for(fixture: &Fixture, env: &str, commit: &str) -> Value {
@@ -47,7 +50,7 @@ fn a_branch_named_like_a_remote_ref_never_stands_in_for_main() {
             .any(|run| run["commit"] == attack.as_str() && run["kind"] == "preview")
     });
     // Two more polls: a merged run of the commit would have started by now.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    fixture.wait_for_polls(2);
     let merged: Vec<_> = fixture
         .runs("prod")
         .into_iter()
@@ -291,15 +294,20 @@ fn a_remote_emptied_of_branches_is_alerted_and_the_mirror_kept() {
     let fixture = Fixture::prod_applied("");
     let head = fixture.clone.git(&["rev-parse", "HEAD"]);
     let remote = fixture.remote.path();
-    for branch in ["main", "dev"] {
-        let deleted = std::process::Command::new("git")
-            .arg("--git-dir")
-            .arg(remote)
-            .args(["update-ref", "-d", &format!("refs/heads/{branch}")])
-            .status()
-            .unwrap();
-        assert!(deleted.success());
-    }
+    // Both branches in one transaction: a poll between two deletions would rightly prune
+    // the first.
+    let mut delete = std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(remote)
+        .args(["update-ref", "--stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let transaction = "start\ndelete refs/heads/main\ndelete refs/heads/dev\ncommit\n";
+    let stdin = delete.stdin.as_mut().unwrap();
+    stdin.write_all(transaction.as_bytes()).unwrap();
+    assert!(delete.wait().unwrap().success());
     fixture.wait_for("a source_error", |f| {
         f.sink.find("", "source_error").is_some()
     });
@@ -399,7 +407,7 @@ fn heads_that_moved_before_the_trust_branch_existed_are_planned_when_it_appears(
     fixture.wait_for("the missing trust branch logged", |f| {
         f.logs().contains("the trust branch does not exist")
     });
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    fixture.wait_for_polls(2);
     assert_ne!(fixture.environment("prod")["last_applied"], second.as_str());
 
     fixture.clone.git(&["push", "-q", "origin", "main:trust"]);
@@ -538,12 +546,17 @@ fn hook_bodies_are_verified_as_they_stream_and_unsigned_ones_are_never_read() {
             stream
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Nothing outside the daemon shows the stalled bodies holding their permits, so this
+    // waits; a probe sent sooner would take a permit from one of them.
+    std::thread::sleep(Duration::from_millis(500));
     let busy = [("x-hub-signature-256", "sha256=00")];
     assert_eq!(chunked_post(&address, "/hooks/github", &busy, 1), 503);
     drop(stalled);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(chunked_post(&address, "/hooks/github", &signed, 2), 202);
+    eventually(
+        "a hook taken once the stalled ones are gone",
+        Duration::from_secs(5),
+        || chunked_post(&address, "/hooks/github", &signed, 2) == 202,
+    );
 
     let logs = fixture.logs();
     assert!(logs.contains("no x-hub-signature-256 header"), "{logs}");
@@ -560,7 +573,7 @@ fn an_idle_connection_flood_leaves_descriptors_and_requests_their_way() {
     use std::net::TcpStream;
     use std::time::Duration;
 
-    let mut fixture = Fixture::unstarted("", "1s", crate::daemon::APP, None);
+    let mut fixture = Fixture::build().unstarted();
     fixture.open_files = Some(256);
     fixture.start();
     let first = fixture.clone.git(&["rev-parse", "HEAD"]);

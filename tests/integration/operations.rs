@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::daemon::{CANARY_SECRET, Fixture, http, http_exchange, no_file_contains};
 use crate::drift::{FakeCloudTrail, assumed, drifting_prod, event, retag, vpc_id};
-use crate::support::{free_port, karrots_binary, require_tool};
+use crate::support::daemon::{CANARY_SECRET, Fixture, http, http_exchange, no_file_contains};
+use crate::support::{eventually, karrots_binary, require_tool};
 
 /// A headless Chromium: the page's DOM after load, and a screenshot.
 struct Browser {
@@ -160,10 +160,8 @@ fn the_status_page_shows_what_was_applied_and_who_drifted_it() {
 
 #[test]
 fn off_loopback_every_page_needs_the_token() {
-    let mut fixture = Fixture::unstarted("", "1s", crate::daemon::APP, None);
-    let port = free_port();
-    fixture.listen = format!("0.0.0.0:{port}");
-    fixture.address = format!("127.0.0.1:{port}");
+    let mut fixture = Fixture::build().unstarted();
+    fixture.listen = "0.0.0.0:0".into();
 
     // No api_token_file: the daemon refuses to start, and says what to do.
     let mut child = fixture.spawn();
@@ -272,6 +270,8 @@ fn off_loopback_every_page_needs_the_token() {
     assert!(fixture.stop("-TERM").success());
     fixture.extra_config.push_str("metrics_public: true\n");
     fixture.start();
+    let address = fixture.address.clone();
+    let get = |path: &str, headers: &[(&str, &str)]| http(&address, "GET", path, headers, b"");
     let (status, metrics) = get("/metrics", &[]);
     assert_eq!(status, 200);
     assert!(metrics.contains("karrots_queue_depth"), "{metrics}");
@@ -313,7 +313,7 @@ fn notify_socket(path: &Path) -> Arc<Mutex<Vec<String>>> {
 
 #[test]
 fn under_systemd_it_notifies_and_its_json_logs_name_each_run_and_no_secret() {
-    let mut fixture = Fixture::unstarted("", "1s", SENSITIVE_APP, None);
+    let mut fixture = Fixture::build().prod_module(SENSITIVE_APP).unstarted();
     let socket = fixture.state.path().join("notify.sock");
     let notes = notify_socket(&socket);
     fixture.serve_args = vec!["--log-format".into(), "json".into()];
@@ -325,7 +325,14 @@ fn under_systemd_it_notifies_and_its_json_logs_name_each_run_and_no_secret() {
     let first = fixture.clone.git(&["rev-parse", "HEAD"]);
     fixture.wait_for("prod applied", |f| f.applied("prod", &first));
     let second = fixture.merge_prod_label("v2", "v2");
-    std::thread::sleep(Duration::from_millis(1500));
+    eventually("two watchdog pings", Duration::from_secs(10), || {
+        let notes = notes.lock().unwrap();
+        notes
+            .iter()
+            .filter(|note| note.contains("WATCHDOG=1"))
+            .count()
+            >= 2
+    });
     let api = format!(
         "{}{}",
         fixture.get("/api/v1/environments"),

@@ -1,7 +1,7 @@
 //! The reconciler's error policy and states: a passing failure is retried, a lasting one is
 //! not, and each state says what the environment is waiting for.
 
-use crate::daemon::{APP, Fixture};
+use crate::support::daemon::Fixture;
 use crate::support::{Moto, environment_yaml, free_port};
 
 /// A daemon that starts before its AWS endpoint answers (seen with ten environments: one met
@@ -10,7 +10,7 @@ use crate::support::{Moto, environment_yaml, free_port};
 /// streak, and the commit is applied once the endpoint answers.
 #[test]
 fn a_daemon_started_before_its_aws_endpoint_answers_retries_and_applies() {
-    let mut fixture = Fixture::unstarted("", "1s", APP, None);
+    let mut fixture = Fixture::build().unstarted();
     let port = free_port();
     fixture.moto.url = format!("http://127.0.0.1:{port}");
     fixture.start();
@@ -56,7 +56,9 @@ fn a_daemon_started_before_its_aws_endpoint_answers_retries_and_applies() {
 /// apply, so the new environment waits long enough to be seen waiting.
 #[test]
 fn a_new_environment_is_planning_until_planned_and_then_awaits_approval() {
-    let mut fixture = Fixture::unstarted("allow: [local-exec]\n", "1s", APP, None);
+    let mut fixture = Fixture::build()
+        .prod_extra("allow: [local-exec]\n")
+        .unstarted();
     fixture.concurrency = 1;
     fixture.start();
     let first = fixture.clone.git(&["rev-parse", "HEAD"]);

@@ -1,5 +1,7 @@
 //! Test support: config repositories built in temp dirs, and the real `karrots` binary.
 
+pub mod daemon;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -381,4 +383,16 @@ pub async fn apply_saved_plan(
         )
         .await
         .map(|_| ())
+}
+
+/// Waits until `done` holds, checking every 50 ms, and fails naming `what` after `within`.
+pub fn eventually(what: &str, within: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

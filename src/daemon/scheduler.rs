@@ -1,0 +1,202 @@
+//! Who runs what, and in which order. The keys of the work: one worker per environment and
+//! lane, each running one commit at a time (its workdir is one), whose queue keeps one commit
+//! per branch — so previews are keyed by (environment, branch) and a commit supersedes only an
+//! older one of its own branch, while merged runs and drift checks share the key
+//! (environment, merged lane). The terraform permits (`concurrency`) and their order: merged
+//! runs first, previews and drift checks after them.
+//!
+//! The daemon asks [`Scheduler`]; [`InProcess`] answers for one daemon. A lease-backed
+//! scheduler (several daemons on one database) answers the same questions for the
+//! environments its daemon holds.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedMutexGuard, Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Lane;
+use crate::git::CommitId;
+
+use super::Shared;
+use super::worker::{self, Queue};
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Who gets the next terraform permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Priority {
+    /// Merged commits: never wait behind anything but other runs in flight.
+    First,
+    /// Previews and drift checks: wait while a merged run waits.
+    AfterMerges,
+}
+
+/// The key of one worker: an environment and a lane.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub env: String,
+    pub lane: Lane,
+}
+
+impl Key {
+    pub fn merged(env: &str) -> Key {
+        Key {
+            env: env.to_string(),
+            lane: Lane::Merged,
+        }
+    }
+}
+
+/// What the main loop and the workers ask about running work.
+pub(crate) trait Scheduler: Send + Sync {
+    /// Queues `commit` of `branch` for `key`, starting its worker when there is none yet;
+    /// returns the commit of that branch it superseded (never run).
+    fn enqueue(
+        &self,
+        shared: &Arc<Shared>,
+        key: &Key,
+        branch: &str,
+        commit: &CommitId,
+    ) -> Option<String>;
+
+    /// The turn of `key`'s worker while it is idle (nothing running, queued or due for a
+    /// retry): while the guard lives, the worker starts nothing.
+    fn idle_turn(&self, key: &Key) -> Option<OwnedMutexGuard<()>>;
+
+    /// A terraform permit, in `priority` order; `None` once the daemon stops.
+    fn permit(&self, priority: Priority) -> BoxFuture<'_, Option<SemaphorePermit<'_>>>;
+
+    /// Waits until every worker has ended (once the daemon's stop token is cancelled).
+    fn drain(&self) -> BoxFuture<'_, ()>;
+}
+
+/// One worker task and its queue.
+struct Worker {
+    queue: Arc<Queue>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The scheduler of one daemon: its workers, in memory, and a semaphore of `concurrency`
+/// permits.
+pub(crate) struct InProcess {
+    permits: Semaphore,
+    /// Merged runs waiting for a permit: previews and drift checks wait while there are any.
+    merged_waiting: AtomicUsize,
+    workers: Mutex<HashMap<Key, Worker>>,
+    stop: CancellationToken,
+}
+
+impl InProcess {
+    pub fn new(concurrency: usize, stop: CancellationToken) -> InProcess {
+        InProcess {
+            permits: Semaphore::new(concurrency),
+            merged_waiting: AtomicUsize::new(0),
+            workers: Mutex::new(HashMap::new()),
+            stop,
+        }
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Worker>> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn acquire(&self, priority: Priority) -> Option<SemaphorePermit<'_>> {
+        match priority {
+            Priority::First => {
+                self.merged_waiting.fetch_add(1, Ordering::SeqCst);
+                let permit = self.permits.acquire().await.ok();
+                self.merged_waiting.fetch_sub(1, Ordering::SeqCst);
+                permit
+            }
+            Priority::AfterMerges => loop {
+                if self.merged_waiting.load(Ordering::SeqCst) == 0 {
+                    let permit = self.permits.acquire().await.ok()?;
+                    if self.merged_waiting.load(Ordering::SeqCst) == 0 {
+                        return Some(permit);
+                    }
+                    drop(permit);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+        }
+    }
+}
+
+impl Scheduler for InProcess {
+    fn enqueue(
+        &self,
+        shared: &Arc<Shared>,
+        key: &Key,
+        branch: &str,
+        commit: &CommitId,
+    ) -> Option<String> {
+        let mut workers = self.workers();
+        let worker = workers.entry(key.clone()).or_insert_with(|| {
+            let queue = Arc::new(Queue::new(shared.metrics.queue_depth.clone()));
+            let task = tokio::spawn(worker::work(
+                shared.clone(),
+                key.env.clone(),
+                key.lane,
+                queue.clone(),
+                self.stop.clone(),
+            ));
+            Worker { queue, task }
+        });
+        worker.queue.push(branch, commit.as_str())
+    }
+
+    fn idle_turn(&self, key: &Key) -> Option<OwnedMutexGuard<()>> {
+        self.workers().get(key)?.queue.idle_turn()
+    }
+
+    fn permit(&self, priority: Priority) -> BoxFuture<'_, Option<SemaphorePermit<'_>>> {
+        Box::pin(self.acquire(priority))
+    }
+
+    fn drain(&self) -> BoxFuture<'_, ()> {
+        let tasks: Vec<_> = self
+            .workers()
+            .drain()
+            .map(|(_, worker)| worker.task)
+            .collect();
+        Box::pin(async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn merged_runs_take_permits_before_previews_and_drift_checks() {
+        let scheduler = Arc::new(InProcess::new(1, CancellationToken::new()));
+        let held = scheduler.permit(Priority::First).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiter = |priority, name: &'static str| {
+            let (scheduler, order) = (scheduler.clone(), order.clone());
+            tokio::spawn(async move {
+                let _permit = scheduler.permit(priority).await;
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            })
+        };
+        // The preview asks first; the merged run, asking after it, still goes first.
+        let preview = waiter(Priority::AfterMerges, "preview");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let merged = waiter(Priority::First, "merged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        merged.await.unwrap();
+        preview.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["merged", "preview"]);
+    }
+}
