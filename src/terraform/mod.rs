@@ -44,6 +44,10 @@ use workdir::write_private;
 /// How much of terraform's output an error or an alert carries: its last 4 KiB, where
 /// terraform puts the error.
 pub const ERROR_TAIL_BYTES: usize = 4 * 1024;
+/// A run's saved plan, and plan's event stream, in its plan directory.
+const PLAN_FILE: &str = "plan.tfplan";
+const PLAN_STREAM: &str = "plan.jsonl";
+
 /// Merged plans kept per environment; older plan directories are deleted.
 pub const MERGED_PLANS_KEPT: usize = 10;
 
@@ -162,7 +166,7 @@ pub struct PlanRecord {
 
 impl PlanRecord {
     pub fn plan_file(&self) -> PathBuf {
-        self.plan_dir.join("plan.tfplan")
+        self.plan_dir.join(PLAN_FILE)
     }
 }
 
@@ -449,20 +453,8 @@ impl Terraform {
         run_env: &RunEnvironment,
         cancel: &CancellationToken,
     ) -> Result<PlanRecord, TerraformError> {
-        let committed_lock = self.prepare(workdir, checked)?;
-        if workdir.lane() == Lane::Preview && checked.spec.terraform.backend == Backend::Local {
-            self.snapshot_merged_state(workdir)?;
-        }
-        let root_module = checked.spec.terraform.root.to_path(&workdir.checkout());
-        let backend_args = self.backend_config(workdir, &checked.spec.terraform.backend);
-        let init_key = self.init_key(workdir.lane(), checked, &committed_lock, &backend_args)?;
-        let init = InitSettings {
-            root_module: &root_module,
-            backend_args: &backend_args,
-            key: &init_key,
-        };
-        let init_reused = fs::read_to_string(workdir.tf_data().join(INIT_KEY_FILE))
-            .is_ok_and(|key| key == init_key);
+        let init = self.prepare_init(workdir, checked)?;
+        let (init_reused, root_module) = (init.reused, &init.root_module);
         if !init_reused {
             self.init(workdir, commit, run_env, &init, cancel).await?;
         }
@@ -470,30 +462,9 @@ impl Terraform {
 
         let plan_dir = workdir.plan_dir(run_id);
         create_private_dir(&plan_dir).map_err(io_context("creating the plan directory"))?;
-        let plan_file = plan_dir.join("plan.tfplan");
-        let stream_file = plan_dir.join("plan.jsonl");
-        let mut plan_command = self
-            .command(
-                workdir,
-                &root_module,
-                run_env,
-                std::slice::from_ref(&plan_dir),
-            )
-            .args([
-                "plan",
-                "-input=false",
-                "-no-color",
-                "-json",
-                "-lock-timeout=5m",
-            ]);
-        if workdir.lane() == Lane::Preview {
-            // A preview never takes the state lock: it must not hold up an apply, and its
-            // read-only role may not be allowed to write the lock.
-            plan_command = plan_command.arg("-lock=false");
-        }
-        let plan_command = plan_command
-            .arg(format!("-out={}", plan_file.display()))
-            .stdout_to(&stream_file);
+        let plan_file = plan_dir.join(PLAN_FILE);
+        let stream_file = plan_dir.join(PLAN_STREAM);
+        let plan_command = self.plan_command(workdir, root_module, run_env, &plan_dir);
         // The summary comes from plan's own event stream: no `show -json`, which would load
         // every provider schema a second time.
         let planned =
@@ -533,16 +504,61 @@ impl Terraform {
             plan_dir: plan_dir.clone(),
             init_reused,
         };
-        let meta = serde_json::to_vec_pretty(&record)
-            .map_err(|e| io_context("writing meta.json")(io::Error::other(e)))?;
-        write_private(&plan_dir.join("meta.json"), &meta)
-            .map_err(io_context("writing meta.json"))?;
-        if workdir.lane() == Lane::Merged {
-            workdir
-                .prune_plans(MERGED_PLANS_KEPT)
-                .map_err(io_context("deleting old plans"))?;
-        }
+        keep(workdir, &record)?;
         Ok(record)
+    }
+
+    /// Writes the checkout of `checked` (see [`Terraform::prepare`]) and says how to init it,
+    /// and whether the last init can be reused. A preview of a local backend gets a copy of
+    /// the merged state first.
+    fn prepare_init(
+        &self,
+        workdir: &Workdir,
+        checked: &CheckedEnvironment,
+    ) -> Result<InitSettings, TerraformError> {
+        let committed_lock = self.prepare(workdir, checked)?;
+        if workdir.lane() == Lane::Preview && checked.spec.terraform.backend == Backend::Local {
+            self.snapshot_merged_state(workdir)?;
+        }
+        let root_module = checked.spec.terraform.root.to_path(&workdir.checkout());
+        let backend_args = self.backend_config(workdir, &checked.spec.terraform.backend);
+        let key = self.init_key(workdir.lane(), checked, &committed_lock, &backend_args)?;
+        let reused =
+            fs::read_to_string(workdir.tf_data().join(INIT_KEY_FILE)).is_ok_and(|last| last == key);
+        Ok(InitSettings {
+            root_module,
+            backend_args,
+            key,
+            reused,
+        })
+    }
+
+    /// `terraform plan` of `root_module` into `plan_dir` (the plan file and its event
+    /// stream). A preview never takes the state lock: it must not hold up an apply, and its
+    /// read-only role may not be allowed to write the lock.
+    fn plan_command(
+        &self,
+        workdir: &Workdir,
+        root_module: &Path,
+        run_env: &RunEnvironment,
+        plan_dir: &Path,
+    ) -> ProcessSpec {
+        let writable = [plan_dir.to_path_buf()];
+        let mut plan_command = self
+            .command(workdir, root_module, run_env, &writable)
+            .args([
+                "plan",
+                "-input=false",
+                "-no-color",
+                "-json",
+                "-lock-timeout=5m",
+            ]);
+        if workdir.lane() == Lane::Preview {
+            plan_command = plan_command.arg("-lock=false");
+        }
+        plan_command
+            .arg(format!("-out={}", plan_dir.join(PLAN_FILE).display()))
+            .stdout_to(plan_dir.join(PLAN_STREAM))
     }
 
     /// A preview of a local-backend environment plans against a copy of the merged lane's
@@ -632,7 +648,7 @@ impl Terraform {
         workdir: &Workdir,
         commit: &CommitId,
         run_env: &RunEnvironment,
-        settings: &InitSettings<'_>,
+        settings: &InitSettings,
         cancel: &CancellationToken,
     ) -> Result<(), TerraformError> {
         let key_file = workdir.tf_data().join(INIT_KEY_FILE);
@@ -641,9 +657,9 @@ impl Terraform {
         let command = self
             .command(
                 workdir,
-                settings.root_module,
+                &settings.root_module,
                 run_env,
-                &[settings.root_module.to_path_buf()],
+                std::slice::from_ref(&settings.root_module),
             )
             .args(["init", "-input=false", "-no-color", "-reconfigure"])
             .args(settings.backend_args.iter().cloned());
@@ -662,7 +678,7 @@ impl Terraform {
             fs::copy(&lock_file, workdir.tf_data().join(SAVED_LOCK_FILE))
                 .map_err(io_context("saving the dependency lock file"))?;
         }
-        fs::write(&key_file, settings.key).map_err(io_context("recording the init"))?;
+        fs::write(&key_file, &settings.key).map_err(io_context("recording the init"))?;
         Ok(())
     }
 
@@ -721,49 +737,8 @@ impl Terraform {
         run_env: &RunEnvironment,
         cancel: &CancellationToken,
     ) -> Result<ProcessOutput, TerraformError> {
-        let refuse = |reason: String| TerraformError::NotReady {
-            env: record.env.clone(),
-            commit: record.commit.clone(),
-            reason,
-        };
-        if record.lane != Lane::Merged || workdir.lane() != Lane::Merged {
-            return Err(refuse(
-                "it is a preview plan; only plans of the merged lane are ever applied".into(),
-            ));
-        }
         let plan_file = record.plan_file();
-        if !plan_file.exists() {
-            return Err(refuse(
-                "its plan file is gone (already applied, or never made)".into(),
-            ));
-        }
-        let now = sha256_file(&plan_file)?;
-        if now != record.plan_sha256 {
-            let _ = fs::remove_file(&plan_file);
-            return Err(TerraformError::PlanFileChanged {
-                env: record.env.clone(),
-                commit: record.commit.clone(),
-                planned: record.plan_sha256.clone(),
-                now,
-            });
-        }
-        match workdir.readiness() {
-            Some(ready) if ready.commit == record.commit => {}
-            Some(ready) => {
-                return Err(refuse(format!("the workdir holds {} now", ready.commit)));
-            }
-            None => return Err(refuse("the workdir was never finished".into())),
-        }
-        let now = fingerprint_checkout(workdir, &record.inputs).await?;
-        if now.as_str() != record.fingerprint {
-            let _ = fs::remove_file(&plan_file);
-            return Err(TerraformError::FingerprintMismatch {
-                env: record.env.clone(),
-                commit: record.commit.clone(),
-                planned: record.fingerprint.clone(),
-                now: now.to_string(),
-            });
-        }
+        guard_apply(workdir, record).await?;
         let root_module = record.root_module.to_path(&workdir.checkout());
         let command = self
             .command(
@@ -788,6 +763,71 @@ impl Terraform {
         }
         Err(failed("apply", &record.env, &record.commit, &output))
     }
+}
+
+/// What must hold before a saved plan is applied: a merged plan, its file as terraform wrote
+/// it, the workdir still at its commit and holding the inputs it was made from. A plan file
+/// that fails the hash or fingerprint check is deleted.
+async fn guard_apply(workdir: &Workdir, record: &PlanRecord) -> Result<(), TerraformError> {
+    let refuse = |reason: String| TerraformError::NotReady {
+        env: record.env.clone(),
+        commit: record.commit.clone(),
+        reason,
+    };
+    if record.lane != Lane::Merged || workdir.lane() != Lane::Merged {
+        return Err(refuse(
+            "it is a preview plan; only plans of the merged lane are ever applied".into(),
+        ));
+    }
+    let plan_file = record.plan_file();
+    if !plan_file.exists() {
+        return Err(refuse(
+            "its plan file is gone (already applied, or never made)".into(),
+        ));
+    }
+    let now = sha256_file(&plan_file)?;
+    if now != record.plan_sha256 {
+        let _ = fs::remove_file(&plan_file);
+        return Err(TerraformError::PlanFileChanged {
+            env: record.env.clone(),
+            commit: record.commit.clone(),
+            planned: record.plan_sha256.clone(),
+            now,
+        });
+    }
+    match workdir.readiness() {
+        Some(ready) if ready.commit == record.commit => {}
+        Some(ready) => {
+            return Err(refuse(format!("the workdir holds {} now", ready.commit)));
+        }
+        None => return Err(refuse("the workdir was never finished".into())),
+    }
+    let now = fingerprint_checkout(workdir, &record.inputs).await?;
+    if now.as_str() != record.fingerprint {
+        let _ = fs::remove_file(&plan_file);
+        return Err(TerraformError::FingerprintMismatch {
+            env: record.env.clone(),
+            commit: record.commit.clone(),
+            planned: record.fingerprint.clone(),
+            now: now.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes a plan's record (`meta.json`) next to it; the merged lane keeps its newest plans
+/// only.
+fn keep(workdir: &Workdir, record: &PlanRecord) -> Result<(), TerraformError> {
+    let meta = serde_json::to_vec_pretty(record)
+        .map_err(|e| io_context("writing meta.json")(io::Error::other(e)))?;
+    write_private(&record.plan_dir.join("meta.json"), &meta)
+        .map_err(io_context("writing meta.json"))?;
+    if workdir.lane() == Lane::Merged {
+        workdir
+            .prune_plans(MERGED_PLANS_KEPT)
+            .map_err(io_context("deleting old plans"))?;
+    }
+    Ok(())
 }
 
 /// The fingerprint of a workdir's checkout, walked on a blocking thread.
@@ -824,10 +864,13 @@ fn resolve_binary(binary: &Path) -> PathBuf {
 }
 
 /// What one `terraform init` is run with, and the key recorded when it succeeds.
-struct InitSettings<'a> {
-    root_module: &'a Path,
-    backend_args: &'a [String],
-    key: &'a str,
+struct InitSettings {
+    root_module: PathBuf,
+    backend_args: Vec<String>,
+    /// What decides whether an init can be reused ([`Terraform::init_key`]).
+    key: String,
+    /// Whether the last init was made with the same key.
+    reused: bool,
 }
 
 fn failed(step: &'static str, env: &str, commit: &str, output: &ProcessOutput) -> TerraformError {
