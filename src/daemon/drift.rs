@@ -25,7 +25,8 @@ use crate::terraform::{PlanRecord, RunId, StageError};
 use super::Shared;
 use super::outcome::Outcome;
 use super::scheduler::Priority;
-use super::worker::{ApplyReason, Queue, WorkError, WorkResult, apply, refuse, stage};
+use super::scheduler::Queue;
+use super::steps::{ApplyReason, WorkError, WorkResult, apply, refuse, stage};
 
 /// How long the search for who changed the drifted resources may take before the alert goes
 /// out without it.
@@ -73,17 +74,25 @@ impl DriftClock {
         }
     }
 
-    /// When the next check is due, or `None` when drift checks are off.
-    pub(super) fn due(&mut self, shared: &Shared, env: &str) -> Option<Instant> {
-        let interval = shared.drift_policy(env)?.interval?;
+    /// When the next check is due, or `None` when drift checks are off. What it needs (the
+    /// `drift:` settings of the last applied commit, and the last check's time the first
+    /// time) is read on a blocking thread: the store, and git when those settings are new.
+    pub(super) async fn due(&mut self, shared: &Arc<Shared>, env: &str) -> Option<Instant> {
+        let first = self.last.is_none();
+        let (reader, name) = (shared.clone(), env.to_string());
+        let (policy, checked_at) = tokio::task::spawn_blocking(move || {
+            let policy = reader.drift_policy(&name);
+            let checked_at = first
+                .then(|| reader.store.drift(&name).ok()?.checked_at)
+                .flatten();
+            (policy, checked_at)
+        })
+        .await
+        .ok()?;
+        let interval = policy?.interval?;
         let now = Instant::now();
         let last = *self.last.get_or_insert_with(|| {
-            let checked_at = shared
-                .store
-                .drift(env)
-                .ok()
-                .and_then(|row| row.checked_at)
-                .and_then(|at| humantime::parse_rfc3339(&at).ok());
+            let checked_at = checked_at.and_then(|at| humantime::parse_rfc3339(&at).ok());
             match checked_at {
                 // The wall clock says how long ago; the monotonic clock keeps it from here.
                 Some(at) => {
@@ -118,8 +127,9 @@ pub(super) async fn check(
     clock: &mut DriftClock,
     stop: &CancellationToken,
 ) -> WorkResult {
-    let store = &shared.store;
-    let (Some(trusted), Some(row)) = (shared.trusted(env), store.environment(env)?) else {
+    let name = env.to_string();
+    let row = shared.store(move |store| store.environment(&name)).await?;
+    let (Some(trusted), Some(row)) = (shared.trusted(env), row) else {
         clock.checked(false);
         return Ok(());
     };
@@ -146,8 +156,11 @@ pub(super) async fn check(
         // One is already waiting: the check runs after it.
         return Ok(());
     }
-    let run_id = store.start_run(env, commit.as_str(), RunKind::Drift, None)?;
-    let span = super::worker::run_span(env, Lane::Merged, &commit, run_id);
+    let (name, hex) = (env.to_string(), commit.to_string());
+    let run_id = shared
+        .store(move |store| store.start_run(&name, &hex, RunKind::Drift, None))
+        .await?;
+    let span = super::steps::run_span(env, Lane::Merged, &commit, run_id);
     let check = Check {
         shared,
         env,
@@ -196,20 +209,26 @@ impl<'a> Check<'a> {
             .metrics
             .drift_check_seconds
             .observe(started.elapsed().as_secs_f64());
-        let previous = shared.store.drift(env)?;
+        let name = env.to_string();
+        let previous = shared.store(move |store| store.drift(&name)).await?;
         let planned = match planned {
             Ok(planned) => planned,
-            Err(error) if self.cancel.is_cancelled() => return self.cut_short(&error),
+            Err(error) if self.cancel.is_cancelled() => return self.cut_short(&error).await,
             Err(error) => {
                 clock.checked(true);
-                return self.failed(&error, previous);
+                return self.failed(&error, previous).await;
             }
         };
         clock.checked(false);
         let (finding, ended) = self.finding(&planned.record);
-        let remediation_on = shared
-            .drift_policy_at(env, Some(self.commit.as_str()))
-            .is_some_and(|policy| policy.remediate);
+        let (reader, name, commit) = (shared.clone(), env.to_string(), self.commit.to_string());
+        let remediation_on = tokio::task::spawn_blocking(move || {
+            reader
+                .drift_policy_at(&name, Some(&commit))
+                .is_some_and(|policy| policy.remediate)
+        })
+        .await
+        .unwrap_or(false);
         let decision = decide_drift(&memory(&previous), &finding, remediation_on);
         tracing::info!(
             status = decision.status.as_str(),
@@ -226,7 +245,7 @@ impl<'a> Check<'a> {
             resources: &resources,
             note: &note,
         };
-        self.record(ended, &found, &previous)?;
+        self.record(ended, &found, &previous).await?;
         self.remediate(&decision, &planned, permit).await?;
         shared.terraform.discard_plan(&planned.record)?;
         Ok(())
@@ -259,8 +278,8 @@ impl<'a> Check<'a> {
             self.run_id,
             RunKind::Drift,
             result,
-            super::worker::summary(record),
-            super::worker::resources(record),
+            super::steps::summary(record),
+            super::steps::resources(record),
             message,
         );
         let finding = if drifted.is_empty() {
@@ -272,7 +291,7 @@ impl<'a> Check<'a> {
     }
 
     /// A check cut off by a merged commit (`superseded`) or the stop (`interrupted`).
-    fn cut_short(&self, error: &WorkError) -> WorkResult {
+    async fn cut_short(&self, error: &WorkError) -> WorkResult {
         self.queue.preempt_with(CancellationToken::new());
         let (result, message) = if self.stop.is_cancelled() {
             (
@@ -294,12 +313,12 @@ impl<'a> Check<'a> {
             Vec::new(),
             message,
         );
-        self.shared.record(ended)?;
+        self.shared.record(ended).await?;
         Ok(())
     }
 
     /// A check that failed: drift is `error`, never drift; alerted once.
-    fn failed(&self, error: &WorkError, previous: DriftRow) -> WorkResult {
+    async fn failed(&self, error: &WorkError, previous: DriftRow) -> WorkResult {
         self.queue.preempt_with(CancellationToken::new());
         let message = error.to_string();
         tracing::warn!(error = %message, "the drift check failed");
@@ -331,7 +350,7 @@ impl<'a> Check<'a> {
                 ),
             ));
         }
-        self.shared.record(failed)?;
+        self.shared.record(failed).await?;
         Ok(())
     }
 
@@ -377,7 +396,7 @@ impl<'a> Check<'a> {
 
     /// Records the check's run with what it found, the environment's status when drift
     /// comes or goes, and the alert.
-    fn record(&self, ended: Outcome, found: &Found<'_>, previous: &DriftRow) -> WorkResult {
+    async fn record(&self, ended: Outcome, found: &Found<'_>, previous: &DriftRow) -> WorkResult {
         let decision = found.decision;
         let now = now_rfc3339();
         let row = DriftRow {
@@ -392,10 +411,11 @@ impl<'a> Check<'a> {
             message: found.note.to_string(),
         };
         let mut checked = ended.drift(row, decision.status);
+        let name = self.env.to_string();
         let env_status = self
             .shared
-            .store
-            .environment(self.env)?
+            .store(move |store| store.environment(&name))
+            .await?
             .map(|row| row.status);
         match (decision.status, env_status) {
             (DriftStatus::Drifted, Some(EnvStatus::InSync)) => {
@@ -409,7 +429,7 @@ impl<'a> Check<'a> {
         if let Some(alert) = found.alert(self.env, &self.commit) {
             checked = checked.alert(alert);
         }
-        self.shared.record(checked)?;
+        self.shared.record(checked).await?;
         Ok(())
     }
 
@@ -530,7 +550,7 @@ async fn drift_plan(
         Err(StageError::Refused(problems)) => {
             return Err(WorkError::Other(format!(
                 "the last applied commit no longer passes karrots check:\n{}",
-                super::worker::problem_lines(&problems)
+                super::steps::problem_lines(&problems)
             )));
         }
         Err(error) => return Err(error.into()),
@@ -725,64 +745,26 @@ async fn remediate(
             .await
         }
         AfterPlan::RefuseDestroy => {
-            let doomed = super::worker::doomed(record);
+            let doomed = super::steps::doomed(record);
             let message = format!(
                 "remediation refused: re-applying {} deletes or replaces {} and apply.allow_destroy is false",
                 commit.short(),
                 doomed.join(", ")
             );
             let mut alert = Alert::new(AlertKind::Refused, env, commit.as_str(), message);
-            alert.resources = super::worker::resources(record);
-            refuse(shared, commit, RunKind::Apply, None, alert)
+            alert.resources = super::steps::resources(record);
+            refuse(shared, commit, RunKind::Apply, None, alert).await
         }
         AfterPlan::AwaitApproval | AfterPlan::InSync => {
-            shared.record(Outcome::new(env, commit).audit(
-                "remediation_skipped",
-                "apply.auto is false: drift is alerted, not remediated",
-            ))?;
+            shared
+                .record(Outcome::new(env, commit).audit(
+                    "remediation_skipped",
+                    "apply.auto is false: drift is alerted, not remediated",
+                ))
+                .await?;
             Ok(())
         }
     }
-}
-
-/// After an apply (or a plan with nothing to do) the environment is exactly its commit: drift
-/// is gone, added to the outcome that records it. A drift that was alerted is cleared —
-/// unless the apply was the remediation, whose own `applied` alert says so.
-pub(super) fn back_in_sync(
-    shared: &Shared,
-    env: &str,
-    commit: &CommitId,
-    remediation: bool,
-    outcome: Outcome,
-) -> Result<Outcome, WorkError> {
-    let previous = shared.store.drift(env)?;
-    let was_drifted = !previous.resources.is_empty() || previous.status == DriftStatus::Drifted;
-    let outcome = outcome.drift(
-        DriftRow {
-            status: if previous.status == DriftStatus::Unchecked {
-                previous.status
-            } else {
-                DriftStatus::InSync
-            },
-            checked_at: previous.checked_at.clone(),
-            in_sync_at: Some(now_rfc3339()),
-            resources: Vec::new(),
-            message: String::new(),
-        },
-        DriftStatus::InSync,
-    );
-    if was_drifted && !remediation {
-        return Ok(outcome.alert(Alert::new(
-            AlertKind::DriftCleared,
-            env,
-            commit.as_str(),
-            format!(
-                "the apply of {} brought the infrastructure back to its commit",
-                commit.short()
-            ),
-        )));
-    }
-    Ok(outcome)
 }
 
 fn to_value(resource: &DriftedResource) -> serde_json::Value {

@@ -27,7 +27,7 @@ use crate::terraform::{PlanRecord, StageError};
 use super::Shared;
 use super::outcome::Outcome;
 use super::scheduler::Priority;
-use super::worker::{
+use super::steps::{
     ApplyReason, WorkError, WorkResult, config_error, doomed, plan, problem_lines, record_apply,
     refuse, resources, run_span, stage, start_apply, summary,
 };
@@ -59,7 +59,11 @@ pub(super) async fn merged(
     let Some(trusted) = shared.trusted(env) else {
         return Ok(());
     };
-    let row = shared.store.environment(env)?.unwrap_or_default();
+    let name = env.to_string();
+    let row = shared
+        .store(move |store| store.environment(&name))
+        .await?
+        .unwrap_or_default();
     let mut state = EnvState {
         status: row.status,
         merged: MergedState {
@@ -145,7 +149,7 @@ impl Run<'_> {
                 Ok(Some(Event::ApplyEnded(ended)))
             }
             Effect::Record(record) => {
-                self.record(record)?;
+                self.record(record).await?;
                 Ok(None)
             }
             Effect::RetryAfter(after) => {
@@ -241,12 +245,11 @@ impl Run<'_> {
         let Some(checked) = &self.checked else {
             return Err(WorkError::Other("a plan without a staged commit".into()));
         };
-        let run_id = shared.store.start_run(
-            env,
-            commit.as_str(),
-            RunKind::Plan,
-            Some(EnvStatus::Planning),
-        )?;
+        let (name, hex) = (env.to_string(), commit.to_string());
+        let planning = Some(EnvStatus::Planning);
+        let run_id = shared
+            .store(move |store| store.start_run(&name, &hex, RunKind::Plan, planning))
+            .await?;
         let span = run_span(env, Lane::Merged, commit, run_id);
         let planned = plan(shared, env, Lane::Merged, commit, checked, run_id, stop)
             .instrument(span.clone())
@@ -305,36 +308,43 @@ impl Run<'_> {
         }
     }
 
-    fn record(&self, record: Record) -> WorkResult {
+    async fn record(&self, record: Record) -> WorkResult {
         let hex = |commit: &str| CommitId::from_hex(commit);
         match record {
-            Record::NotOnBranch { commit } => self.not_on_branch(&hex(&commit)),
+            Record::NotOnBranch { commit } => self.not_on_branch(&hex(&commit)).await,
             Record::HistoryRewritten {
                 commit,
                 last_applied,
-            } => self.history_rewritten(&hex(&commit), &last_applied),
+            } => self.history_rewritten(&hex(&commit), &last_applied).await,
             Record::PassedOver {
                 commit,
                 fingerprint,
                 staged,
                 status,
-            } => self.passed_over(&hex(&commit), &fingerprint, staged, status),
-            Record::ConfigError { commit, message } => {
-                config_error(self.shared, self.env, &hex(&commit), RunKind::Plan, message)
+            } => {
+                self.passed_over(&hex(&commit), &fingerprint, staged, status)
+                    .await
             }
-            Record::Planned { commit } => self.write(self.planned(&hex(&commit))?.0),
+            Record::ConfigError { commit, message } => {
+                config_error(self.shared, self.env, &hex(&commit), RunKind::Plan, message).await
+            }
+            Record::Planned { commit } => {
+                let (planned, _) = self.planned(&hex(&commit))?;
+                self.write(planned).await
+            }
             Record::InSync {
                 commit,
                 fingerprint,
-            } => self.in_sync(&hex(&commit), &fingerprint),
+            } => self.in_sync(&hex(&commit), &fingerprint).await,
             Record::AwaitingApproval { commit } => {
                 let (planned, _) = self.planned(&hex(&commit))?;
                 self.write(planned.status(EnvStatus::AwaitingApproval).audit(
                     "awaiting_approval",
                     "apply.auto is false: the plan waits for an approval and is not applied",
                 ))
+                .await
             }
-            Record::RefusedDestroy { commit } => self.refused_destroy(&hex(&commit)),
+            Record::RefusedDestroy { commit } => self.refused_destroy(&hex(&commit)).await,
             Record::PlanFailed {
                 commit,
                 message,
@@ -351,24 +361,28 @@ impl Run<'_> {
                     retry_after,
                     alert,
                 };
-                self.plan_failed(&hex(&commit), &message, &failure)
+                self.plan_failed(&hex(&commit), &message, &failure).await
             }
-            Record::PlanInterrupted { commit } => self.plan_interrupted(&hex(&commit)),
+            Record::PlanInterrupted { commit } => self.plan_interrupted(&hex(&commit)).await,
             Record::Applied {
                 commit,
                 fingerprint,
-            } => self.applied(&commit, fingerprint, Ok(())),
+            } => self.applied(&commit, fingerprint, Ok(())).await,
             Record::ApplyFailed { commit, message } => {
-                self.applied(&commit, String::new(), Err(message))
+                self.applied(&commit, String::new(), Err(message)).await
             }
         }
     }
 
-    fn write(&self, outcome: Outcome) -> WorkResult {
-        self.shared.record(outcome).map(drop).map_err(Into::into)
+    async fn write(&self, outcome: Outcome) -> WorkResult {
+        self.shared
+            .record(outcome)
+            .await
+            .map(drop)
+            .map_err(Into::into)
     }
 
-    fn passed_over(
+    async fn passed_over(
         &self,
         commit: &CommitId,
         fingerprint: &str,
@@ -389,24 +403,26 @@ impl Run<'_> {
             reason,
             status,
         ))
+        .await
     }
 
-    fn plan_failed(&self, commit: &CommitId, message: &str, failure: &Failure) -> WorkResult {
+    async fn plan_failed(&self, commit: &CommitId, message: &str, failure: &Failure) -> WorkResult {
         let run_id = self.plan.as_ref().map(|(id, _)| *id).unwrap_or_default();
         self.write(plan_failed(self.env, commit, run_id, message, failure))
+            .await
     }
 
-    fn not_on_branch(&self, commit: &CommitId) -> WorkResult {
+    async fn not_on_branch(&self, commit: &CommitId) -> WorkResult {
         let message = format!(
             "{} is not on the first-parent chain of branch {}: only commits merged there are planned and applied",
             commit.short(),
             self.trusted.branch
         );
         let alert = Alert::new(AlertKind::Refused, self.env, commit.as_str(), message);
-        refuse(self.shared, commit, RunKind::Plan, None, alert)
+        refuse(self.shared, commit, RunKind::Plan, None, alert).await
     }
 
-    fn history_rewritten(&self, commit: &CommitId, last_applied: &str) -> WorkResult {
+    async fn history_rewritten(&self, commit: &CommitId, last_applied: &str) -> WorkResult {
         let message = format!(
             "{} does not descend from the last applied commit {}: history was rewritten (force-push or rewind); nothing is applied until the branch descends from it again",
             commit.short(),
@@ -419,23 +435,25 @@ impl Run<'_> {
             message,
         );
         let refused = Some(EnvStatus::Refused);
-        refuse(self.shared, commit, RunKind::Plan, refused, alert)
+        refuse(self.shared, commit, RunKind::Plan, refused, alert).await
     }
 
-    fn in_sync(&self, commit: &CommitId, fingerprint: &str) -> WorkResult {
+    async fn in_sync(&self, commit: &CommitId, fingerprint: &str) -> WorkResult {
         let (planned, _) = self.planned(commit)?;
-        let in_sync = super::drift::back_in_sync(self.shared, self.env, commit, false, planned)?;
+        let in_sync =
+            super::steps::back_in_sync(self.shared, self.env, commit, false, planned).await?;
         self.write(
             in_sync
                 .last_applied(fingerprint, &self.inputs())
                 .status(EnvStatus::InSync)
                 .audit("in_sync", "the plan has no changes"),
         )
+        .await
     }
 
-    fn refused_destroy(&self, commit: &CommitId) -> WorkResult {
+    async fn refused_destroy(&self, commit: &CommitId) -> WorkResult {
         let (planned, record) = self.planned(commit)?;
-        self.write(planned)?;
+        self.write(planned).await?;
         let doomed = doomed(record);
         let message = format!(
             "the plan deletes or replaces {} and apply.allow_destroy is false: {}",
@@ -445,10 +463,10 @@ impl Run<'_> {
         let mut alert = Alert::new(AlertKind::Refused, self.env, commit.as_str(), message);
         alert.resources = resources(record);
         let refused = Some(EnvStatus::Refused);
-        refuse(self.shared, commit, RunKind::Apply, refused, alert)
+        refuse(self.shared, commit, RunKind::Apply, refused, alert).await
     }
 
-    fn plan_interrupted(&self, commit: &CommitId) -> WorkResult {
+    async fn plan_interrupted(&self, commit: &CommitId) -> WorkResult {
         let Some((run_id, Err(error))) = &self.plan else {
             return Ok(());
         };
@@ -462,10 +480,15 @@ impl Run<'_> {
                 error.clone(),
             )
             .status(EnvStatus::Failed);
-        self.write(ended)
+        self.write(ended).await
     }
 
-    fn applied(&self, commit: &str, fingerprint: String, ended: Result<(), String>) -> WorkResult {
+    async fn applied(
+        &self,
+        commit: &str,
+        fingerprint: String,
+        ended: Result<(), String>,
+    ) -> WorkResult {
         let (Some((_, Ok(record))), Some(run_id)) = (&self.plan, self.apply_run) else {
             return Err(WorkError::Other(
                 "an apply's outcome without its run".into(),
@@ -473,16 +496,18 @@ impl Run<'_> {
         };
         let commit = CommitId::from_hex(commit);
         let span = run_span(self.env, Lane::Merged, &commit, run_id);
-        let _enter = span.enter();
+        let reason = ApplyReason::Commit { fingerprint };
         record_apply(
             self.shared,
             self.env,
             &commit,
             run_id,
             record,
-            ApplyReason::Commit { fingerprint },
+            reason,
             ended,
         )
+        .instrument(span)
+        .await
     }
 }
 

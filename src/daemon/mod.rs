@@ -14,13 +14,16 @@ mod drift;
 mod memory;
 mod merged;
 mod outcome;
+mod preview;
 mod scheduler;
+mod shared;
+mod steps;
 mod systemd;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
@@ -37,11 +40,11 @@ use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
 use crate::terraform::Terraform;
-use scheduler::{InProcess, Key, Scheduler};
+use scheduler::{InProcess, Key};
 
 use outcome::Outcome;
-
-pub use worker::Queue;
+use shared::ChangedPaths;
+pub(crate) use shared::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -63,110 +66,6 @@ const GIT_WORK_AT_ONCE: usize = 4;
 /// How long a wake waits for the rest of its burst before fetching.
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// What the main loop, the workers and the HTTP routes share.
-pub struct Shared {
-    pub config: DaemonConfig,
-    pub store: Arc<dyn StateStore>,
-    pub terraform: Terraform,
-    pub mirror: Mirror,
-    /// Wakes the main loop for an immediate fetch; a burst of wakes is one fetch.
-    pub wake: Arc<Notify>,
-    /// The workers, the terraform permits and their order.
-    pub(crate) scheduler: Box<dyn Scheduler>,
-    /// Blocking git work of the workers at once (staging a commit, comparing it with the
-    /// last applied one): each holds the mirror open and a commit's closure in memory, and a
-    /// thousand environments staged at once took the daemon to 360 MB for good.
-    pub(crate) git_work: Semaphore,
-    /// The environments as the trust branch describes them, from the last fetch.
-    trusted: RwLock<BTreeMap<String, EnvironmentSpec>>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// When the last fetch succeeded.
-    pub last_fetch: Arc<Mutex<Option<Instant>>>,
-    /// CloudTrail `LookupEvents` requests, two a second per account.
-    pub cloudtrail_limiter: crate::aws::cloudtrail::AccountLimiter,
-    /// The paths changed between the last applied commits and the new heads, as the main
-    /// loop found them when it passed environments over: the worker of an environment the
-    /// head touches needs the same comparison.
-    changes: Mutex<ChangedPaths>,
-    /// The `drift:` settings of each environment's last applied commit, by that commit.
-    applied_drift: Mutex<HashMap<String, (String, crate::config::DriftPolicy)>>,
-    /// Alerts the outbox could not take (a full disk): (sinks, body), oldest first, queued
-    /// again before any newer alert and on every poll.
-    held_alerts: crate::alert::Held,
-}
-
-impl Shared {
-    /// The AWS endpoint every run is pointed at (an emulator), if any.
-    pub fn endpoint(&self) -> Option<String> {
-        self.config
-            .aws_endpoint_url
-            .as_ref()
-            .map(|url| url.to_string())
-    }
-
-    /// The `drift:` settings that apply to `env`: those of its last applied commit (drift is
-    /// measured against that commit, and a commit of its branch may change them), else the
-    /// trust branch's. Read from the mirror once per applied commit.
-    pub fn drift_policy(&self, env: &str) -> Option<crate::config::DriftPolicy> {
-        let row = self.store.environment(env).ok().flatten();
-        self.drift_policy_at(env, row.and_then(|row| row.last_applied).as_deref())
-    }
-
-    /// [`Shared::drift_policy`] for a caller that has already read the last applied commit.
-    pub fn drift_policy_at(
-        &self,
-        env: &str,
-        last_applied: Option<&str>,
-    ) -> Option<crate::config::DriftPolicy> {
-        let trusted = self.trusted(env)?;
-        let Some(applied) = last_applied.map(str::to_string) else {
-            return Some(trusted.drift);
-        };
-        if let Some((commit, policy)) = self.applied_drift.lock().ok()?.get(env)
-            && *commit == applied
-        {
-            return Some(*policy);
-        }
-        // Read without the lock held: nobody waits for this environment's read of git.
-        let path = format!("environments/{env}/karrots.yaml");
-        let policy = git::open(self.mirror.path())
-            .and_then(|repo| git::read_file(&repo, &CommitId::from_hex(&applied), &path))
-            .ok()
-            .flatten()
-            .and_then(|text| parse_environment(&text, path.as_ref(), env).ok())
-            .map_or(trusted.drift, |spec| spec.drift);
-        if let Ok(mut known) = self.applied_drift.lock() {
-            known.insert(env.to_string(), (applied, policy));
-        }
-        Some(policy)
-    }
-
-    pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {
-        self.trusted.read().ok()?.get(env).cloned()
-    }
-
-    /// Keeps the comparisons of the latest new heads (those of earlier heads are dropped).
-    fn remember_changes(&self, changes: ChangedPaths) {
-        if let Ok(mut known) = self.changes.lock() {
-            *known = changes;
-        }
-    }
-
-    /// The paths changed from `from` to `to`, when the main loop compared them and `to`
-    /// descends from `from`.
-    pub(crate) fn changed_paths(&self, from: &CommitId, to: &CommitId) -> Option<Vec<String>> {
-        let known = self.changes.lock().ok()?;
-        known.get(&(from.clone(), to.clone()))?.clone()
-    }
-}
-
-impl crate::http::DriftChecks for Shared {
-    fn on(&self, env: &str, last_applied: Option<&str>) -> bool {
-        self.drift_policy_at(env, last_applied)
-            .is_some_and(|policy| policy.interval.is_some())
-    }
-}
-
 /// Runs the daemon until `shutdown` completes, serving HTTP on `listener` (bound by the
 /// caller: `karrots serve` binds `listen:`; a test binds port 0 and reads the port back).
 pub async fn run(
@@ -179,7 +78,7 @@ pub async fn run(
     let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
     let stop = CancellationToken::new();
     let shared = open(config, &stop)?;
-    interrupt_open_runs(&shared)?;
+    interrupt_open_runs(&shared).await?;
 
     let http = serve_http(&shared, listener, secret, api_token, &stop)?;
     let alerts = tokio::spawn(crate::alert::deliver(
@@ -285,20 +184,20 @@ fn open(config: DaemonConfig, stop: &CancellationToken) -> Result<Arc<Shared>, D
         terraform,
         mirror,
         wake: Arc::new(Notify::new()),
-        trusted: RwLock::new(BTreeMap::new()),
+        trusted: tokio::sync::watch::Sender::new(Arc::default()),
         metrics: Arc::default(),
         last_fetch: Arc::default(),
         cloudtrail_limiter: crate::aws::cloudtrail::account_limiter(),
         applied_drift: Mutex::new(HashMap::new()),
         changes: Mutex::new(HashMap::new()),
-        held_alerts: crate::alert::Held::default(),
+        held_alerts: Arc::default(),
     }))
 }
 
 /// Runs cut off by a kill: each is ended `interrupted`; an apply is alerted, never
 /// re-applied from its old plan, and the next head re-plans.
-fn interrupt_open_runs(shared: &Shared) -> Result<(), DaemonError> {
-    for run in shared.store.open_runs()? {
+async fn interrupt_open_runs(shared: &Shared) -> Result<(), DaemonError> {
+    for run in shared.store(|store| store.open_runs()).await? {
         tracing::warn!(env = %run.env, commit = %run.commit, kind = %run.kind, run = run.id, "found a run cut off by a restart");
         let mut interrupted = Outcome::for_commit(&run.env, &run.commit).finish(
             run.id,
@@ -316,7 +215,7 @@ fn interrupt_open_runs(shared: &Shared) -> Result<(), DaemonError> {
                 format!("the apply of run {} was cut off when the daemon stopped; the next commit re-plans from the real state", run.id),
             ));
         }
-        shared.record(interrupted)?;
+        shared.record(interrupted).await?;
     }
     Ok(())
 }
@@ -328,8 +227,13 @@ async fn main_loop(shared: &Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let mut poller = Poller::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        shared.held_alerts.flush(shared.store.as_ref());
-        shared.store.record_pending();
+        // What a full disk refused before: held alerts and statuses, written again.
+        let (store, held) = (shared.store.clone(), shared.held_alerts.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            held.flush(store.as_ref());
+            store.record_pending();
+        })
+        .await;
         poller.poll(shared).await;
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}
@@ -372,9 +276,7 @@ impl Poller {
             return;
         };
         self.heads = heads.clone();
-        if let Ok(mut current) = shared.trusted.write() {
-            *current = specs.clone();
-        }
+        shared.publish_trusted(specs.clone());
         let moved: Vec<HeadRow> = specs
             .iter()
             .filter_map(|(name, spec)| {
@@ -393,7 +295,7 @@ impl Poller {
             for name in specs.keys() {
                 for (other, tip) in &heads {
                     if !claimed.contains(other.as_str()) && previous.get(other) != Some(tip) {
-                        self.enqueue(shared, name, Lane::Preview, other, tip);
+                        self.enqueue(shared, name, Lane::Preview, other, tip).await;
                     }
                 }
             }
@@ -422,7 +324,7 @@ impl Poller {
                 if !self.failing {
                     self.failing = true;
                     let alert = Alert::new(AlertKind::SourceError, "", "", error.to_string());
-                    shared.alert(alert);
+                    shared.alert(alert).await;
                 }
                 return None;
             }
@@ -481,7 +383,7 @@ impl Poller {
                     let alert =
                         Alert::new(AlertKind::ConfigError, &name, trust_tip.as_str(), message);
                     let error = Outcome::new(&name, &trust_tip).status(EnvStatus::Error);
-                    let _ = shared.record(error.alert(alert));
+                    let _ = shared.record(error.alert(alert)).await;
                 }
                 Err(_) => {}
             }
@@ -508,7 +410,8 @@ impl Poller {
             .await;
             for name in names.ok().and_then(Result::ok).unwrap_or_default() {
                 if !specs.contains_key(&name) {
-                    self.enqueue(shared, &name, Lane::Preview, branch, tip);
+                    self.enqueue(shared, &name, Lane::Preview, branch, tip)
+                        .await;
                 }
             }
         }
@@ -531,12 +434,15 @@ impl Poller {
             .partition(|head| names.contains(&head.env));
         // The touched environments first: their heads, then their workers, which plan while
         // the rest is written.
-        if let Err(error) = shared.store.record_heads(&queued) {
+        let heads = queued.clone();
+        let recorded = shared.store(move |store| store.record_heads(&heads)).await;
+        if let Err(error) = recorded {
             tracing::error!(%error, "recording the new heads");
         }
         for head in &queued {
             let commit = CommitId::from_hex(&head.head);
-            self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit);
+            self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit)
+                .await;
         }
         let queued_at = started.elapsed();
         let outcomes: Vec<Outcome> = passed_over
@@ -550,12 +456,15 @@ impl Poller {
             tokio::task::spawn_blocking(move || writer.record_all(&heads, outcomes)).await;
         if !matches!(recorded, Ok(Ok(()))) {
             // Their heads, then each of their workers decides and records its own.
-            if let Err(error) = shared.store.record_heads(&quiet) {
+            let heads = quiet.clone();
+            let recorded = shared.store(move |store| store.record_heads(&heads)).await;
+            if let Err(error) = recorded {
                 tracing::error!(%error, "recording the new heads");
             }
             for head in &quiet {
                 let commit = CommitId::from_hex(&head.head);
-                self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit);
+                self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit)
+                    .await;
             }
             return;
         }
@@ -577,7 +486,8 @@ impl Poller {
         shared: &Arc<Shared>,
         moved: &[HeadRow],
     ) -> (PassedOver, Vec<tokio::sync::OwnedMutexGuard<()>>) {
-        let rows: HashMap<String, EnvironmentRow> = match shared.store.environments() {
+        let rows = shared.store(|store| store.environments()).await;
+        let rows: HashMap<String, EnvironmentRow> = match rows {
             Ok(rows) => rows
                 .into_iter()
                 .map(|row| (row.name.clone(), row))
@@ -668,13 +578,14 @@ impl Poller {
                 refusal.reason(trust)
             );
             let alert = Alert::new(AlertKind::ConfigError, &name, tip.as_str(), message);
-            if let Err(error) = worker::refuse(shared, &tip, RunKind::Preview, None, alert) {
+            let refused = steps::refuse(shared, &tip, RunKind::Preview, None, alert).await;
+            if let Err(error) = refused {
                 tracing::error!(%error, env = %name, "recording a refused identity change");
             }
         }
     }
 
-    fn enqueue(
+    async fn enqueue(
         &self,
         shared: &Arc<Shared>,
         env: &str,
@@ -691,16 +602,18 @@ impl Poller {
                 Lane::Merged => RunKind::Plan,
                 Lane::Preview => RunKind::Preview,
             };
-            let recorded = shared.record(Outcome::for_commit(env, &superseded).decided(
-                kind,
-                RunResult::Superseded,
-                format!("{} arrived before this commit ran", commit.short()),
-            ));
+            let recorded = shared
+                .record(Outcome::for_commit(env, &superseded).decided(
+                    kind,
+                    RunResult::Superseded,
+                    format!("{} arrived before this commit ran", commit.short()),
+                ))
+                .await;
             match recorded {
                 Ok(run_id) => {
                     let run_id = run_id.unwrap_or_default();
                     let superseded = CommitId::from_hex(&superseded);
-                    let span = worker::run_span(env, lane, &superseded, run_id);
+                    let span = steps::run_span(env, lane, &superseded, run_id);
                     let _enter = span.enter();
                     tracing::info!(by = %commit.short(), "superseded by a newer commit");
                 }
@@ -832,10 +745,6 @@ fn untouched(
 
 /// Environments their head passes over: name, head, the last applied input closure.
 type Untouched = Vec<(String, CommitId, BTreeSet<RepoPath>)>;
-
-/// The paths changed between pairs of commits (from, to), `None` where `to` does not descend
-/// from `from`.
-type ChangedPaths = HashMap<(CommitId, CommitId), Option<Vec<String>>>;
 
 /// A trust-branch `karrots.yaml`, parsed (shared between the cache and a poll's reading).
 type ParsedSpec = Arc<Result<EnvironmentSpec, crate::problem::Problems>>;

@@ -116,10 +116,11 @@ impl Outcome {
 }
 
 impl Shared {
-    /// Records `outcome` in one transaction, then counts it. Returns the run's id, when it
-    /// has a run. When the database refuses, its alerts are held in memory and queued again
-    /// on every poll, and its status is shown from memory (see [`crate::alert::Held`]).
-    pub(super) fn record(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
+    /// Records `outcome` in one transaction, on a blocking thread, then counts it. Returns
+    /// the run's id, when it has a run. When the database refuses, its alerts are held in
+    /// memory and queued again on every poll, and its status is shown from memory (see
+    /// [`crate::alert::Held`]).
+    pub(super) async fn record(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
         let Outcome {
             journal,
             alerts,
@@ -129,14 +130,54 @@ impl Shared {
         let deliveries: Vec<Vec<Delivery>> =
             alerts.iter().map(|alert| self.deliveries(alert)).collect();
         let (env, commit) = (journal.env.clone(), journal.commit.clone());
+        let (store, held) = (self.store.clone(), self.held_alerts.clone());
         let recorded = self
-            .held_alerts
-            .record(self.store.as_ref(), journal, deliveries);
+            .blocking(move || held.record(store.as_ref(), journal, deliveries))
+            .await;
         self.count(&env, counted, drift_metric);
         if let Err(error) = &recorded {
             tracing::error!(%env, %commit, %error, "recording an outcome");
         }
         recorded
+    }
+
+    /// [`Shared::record`] for a caller already on a blocking thread.
+    fn record_blocking(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
+        let Outcome {
+            journal,
+            alerts,
+            counted,
+            drift_metric,
+        } = outcome;
+        let deliveries: Vec<Vec<Delivery>> =
+            alerts.iter().map(|alert| self.deliveries(alert)).collect();
+        let env = journal.env.clone();
+        let recorded = self
+            .held_alerts
+            .record(self.store.as_ref(), journal, deliveries);
+        self.count(&env, counted, drift_metric);
+        recorded
+    }
+
+    /// Runs a store call on a blocking thread: a store call never holds a runtime thread,
+    /// whether it waits for SQLite's fsync or (with a network store) a round trip.
+    pub(super) async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        match tokio::task::spawn_blocking(call).await {
+            Ok(result) => result,
+            Err(error) => Err(StoreError::Task(error.to_string())),
+        }
+    }
+
+    /// Reads (or, for `start_run`, writes) the store on a blocking thread.
+    pub(super) async fn store<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn crate::store::StateStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        self.blocking(move || call(store.as_ref())).await
     }
 
     /// Records new heads and the outcomes of several environments in one transaction (all
@@ -163,7 +204,7 @@ impl Shared {
             self.count(&outcome.journal.env, outcome.counted, outcome.drift_metric);
         }
         for outcome in alerting {
-            self.record(outcome)?;
+            self.record_blocking(outcome)?;
         }
         Ok(())
     }
@@ -183,8 +224,9 @@ impl Shared {
     }
 
     /// Records an alert that ends no run (a source error, a rewritten history).
-    pub fn alert(&self, alert: Alert) {
-        let _ = self.record(Outcome::for_commit(&alert.env, &alert.commit).alert(alert));
+    pub async fn alert(&self, alert: Alert) {
+        let outcome = Outcome::for_commit(&alert.env, &alert.commit).alert(alert);
+        let _ = self.record(outcome).await;
     }
 
     /// The outbox rows of one alert: the daemon's sinks and the environment's own.

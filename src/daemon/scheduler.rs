@@ -12,18 +12,19 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedMutexGuard, Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Lane;
+use crate::engine::reconcile::enqueue;
 use crate::git::CommitId;
 
 use super::Shared;
-use super::worker::{self, Queue};
+use super::worker;
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -73,6 +74,86 @@ pub(crate) trait Scheduler: Send + Sync {
 
     /// Waits until every worker has ended (once the daemon's stop token is cancelled).
     fn drain(&self) -> BoxFuture<'_, ()>;
+}
+
+/// The commits waiting for a worker: at most one per branch; a newer one of the same branch
+/// replaces it.
+pub struct Queue {
+    pending: Mutex<crate::engine::reconcile::Waiting>,
+    pub(super) ready: Notify,
+    /// Cancels the drift check in progress, if any: a commit pushed goes first.
+    drift_check: Mutex<CancellationToken>,
+    /// Commits waiting across all queues (the `queue_depth` metric).
+    depth: prometheus_client::metrics::gauge::Gauge,
+    /// Held by the worker while it runs anything (a commit, a drift check), and by the main
+    /// loop while it decides for the environment itself (a commit that passes it over): never
+    /// two deciders for one environment and lane at once.
+    pub(super) turn: Arc<tokio::sync::Mutex<()>>,
+    /// Whether the worker will try a failed commit again: a commit passed over meanwhile
+    /// would be older news than that retry, so the main loop leaves such a commit to it.
+    pub(super) retry_pending: AtomicBool,
+}
+
+impl Queue {
+    pub fn new(depth: prometheus_client::metrics::gauge::Gauge) -> Queue {
+        Queue {
+            pending: Mutex::new(crate::engine::reconcile::Waiting::new()),
+            ready: Notify::new(),
+            drift_check: Mutex::new(CancellationToken::new()),
+            depth,
+            turn: Arc::new(tokio::sync::Mutex::new(())),
+            retry_pending: AtomicBool::new(false),
+        }
+    }
+
+    /// `cancel` is what stops the drift check now running; a pushed commit triggers it.
+    pub(super) fn preempt_with(&self, cancel: CancellationToken) {
+        *self.drift_check.lock().unwrap_or_else(|p| p.into_inner()) = cancel;
+    }
+
+    pub(super) fn has_pending(&self) -> bool {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        !pending.is_empty()
+    }
+
+    /// The worker's turn, when it is idle: nothing running, nothing queued, no retry
+    /// scheduled. While the guard lives the worker starts nothing.
+    pub(super) fn idle_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let turn = self.turn.clone().try_lock_owned().ok()?;
+        (!self.has_pending() && !self.retry_pending.load(Ordering::SeqCst)).then_some(turn)
+    }
+
+    /// Queues `commit` of `branch`; returns the commit of that branch it superseded.
+    pub fn push(&self, branch: &str, commit: &str) -> Option<String> {
+        let superseded = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let before = pending.len();
+            let superseded = enqueue(&mut pending, branch, commit);
+            if pending.len() > before {
+                self.depth.inc();
+            }
+            superseded
+        };
+        self.drift_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+        self.ready.notify_one();
+        superseded
+    }
+
+    pub(super) fn take(&self) -> Option<String> {
+        let taken = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .map(|(_, commit)| commit);
+        if taken.is_some() {
+            self.depth.dec();
+        }
+        taken
+    }
 }
 
 /// One worker task and its queue.

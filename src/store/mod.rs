@@ -26,6 +26,9 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    /// A store call's blocking task failed (it panicked, or the runtime is shutting down).
+    #[error("a store task failed: {0}")]
+    Task(String),
     /// A downgrade: an older binary must not write a schema it does not know.
     #[error(
         "state database {path} has schema version {found}, and this karrots knows versions up to {known}: a newer karrots wrote it. Run that version again, or restore the state_dir backup taken before the upgrade"
