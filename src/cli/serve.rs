@@ -16,10 +16,19 @@ pub struct ServeArgs {
     pub config: PathBuf,
 }
 
+/// Threads for blocking work at once.
+const BLOCKING_THREADS: usize = 16;
+
 pub fn exec(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = load_daemon_config(&args.config).map_err(|problems| anyhow!("{problems}"))?;
+    crate::daemon::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Blocking work is short store calls, git (at most 4 at once), the fetch and the
+        // HTTP routes' reads. Tokio's default allows 512 threads: a burst of a thousand
+        // environments' store calls grew that many, each with a malloc arena of its own,
+        // and the idle daemon kept the memory.
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -24,6 +24,17 @@ pub(super) async fn trim_periodically(stop: CancellationToken) {
     }
 }
 
+/// At most two malloc arenas, for the whole process: the daemon's threads allocate little
+/// and briefly, and each arena more is memory that a burst leaves behind. Called before the
+/// runtime starts its threads.
+pub(crate) fn limit_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a parameter of the allocator, before other threads exist.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn trim() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim takes the allocator's own locks and touches only its free lists.

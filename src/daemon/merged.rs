@@ -64,7 +64,7 @@ pub(super) async fn merged(
         .store(move |store| store.environment(&name))
         .await?
         .unwrap_or_default();
-    let mut state = EnvState {
+    let state = EnvState {
         status: row.status,
         merged: MergedState {
             last_applied: row.last_applied.clone(),
@@ -86,26 +86,41 @@ pub(super) async fn merged(
         permit: None,
         retry_at: None,
     };
-    let mut events = VecDeque::from([event]);
-    let mut result = Ok(());
-    'events: while let Some(event) = events.pop_front() {
-        let effects;
-        (state, effects) = machine::step(state, event);
-        for effect in effects {
-            match run.carry_out(effect).await {
-                Ok(Some(event)) => events.push_back(event),
-                Ok(None) => {}
-                Err(error) => {
-                    result = Err(error);
-                    break 'events;
-                }
-            }
-        }
-    }
+    let (state, result) = drive(state, &mut run, event).await;
     lane.streak = state.streak;
     lane.phase = state.phase;
     lane.retry_at = run.retry_at;
     result
+}
+
+/// What carrying out the machine's effects takes: the world (git, the checks, terraform and
+/// AWS, the store) for the daemon ([`Run`]), a script in the tests.
+pub(super) trait Effects {
+    /// Carries out `effect`; returns the event it produced, if any.
+    async fn carry_out(&mut self, effect: Effect) -> Result<Option<Event>, WorkError>;
+}
+
+/// Feeds `event` to the machine and carries out what it asks, feeding each result back,
+/// until it asks for nothing more — or an effect fails, and nothing after it is done (the
+/// state stays where it got to; the next head starts over from inspecting).
+pub(super) async fn drive(
+    mut state: EnvState,
+    effects: &mut impl Effects,
+    event: Event,
+) -> (EnvState, WorkResult) {
+    let mut events = VecDeque::from([event]);
+    while let Some(event) = events.pop_front() {
+        let asked;
+        (state, asked) = machine::step(state, event);
+        for effect in asked {
+            match effects.carry_out(effect).await {
+                Ok(Some(event)) => events.push_back(event),
+                Ok(None) => {}
+                Err(error) => return (state, Err(error)),
+            }
+        }
+    }
+    (state, Ok(()))
 }
 
 /// One commit's way through the lane: what its effects found so far.
@@ -126,7 +141,7 @@ struct Run<'a> {
     retry_at: Option<tokio::time::Instant>,
 }
 
-impl Run<'_> {
+impl Effects for Run<'_> {
     async fn carry_out(&mut self, effect: Effect) -> Result<Option<Event>, WorkError> {
         match effect {
             Effect::Inspect { commit } => {
@@ -158,7 +173,9 @@ impl Run<'_> {
             }
         }
     }
+}
 
+impl Run<'_> {
     /// From git, on one blocking thread: whether the commit is on the first-parent chain of
     /// exactly `refs/remotes/origin/<branch>` (whatever name the queue was given it under),
     /// its ancestry, and whether it changed any path of the last applied commit's input
@@ -643,4 +660,192 @@ fn plan_failed(
             commit.short()
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The merged lane driven without git, terraform or a store: a scripted world answers
+    //! each effect, and the tests look at what was carried out and recorded.
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::config::ApplyPolicy;
+
+    /// What the world answers, in order, and what was done in it.
+    #[derive(Default)]
+    struct Script {
+        plans: VecDeque<Result<PlanOutcome, (ErrorClass, &'static str)>>,
+        /// The record (counted from 0) whose write fails, as a full disk or a kill would.
+        failing_record: Option<usize>,
+        records: usize,
+        done: Vec<String>,
+        recorded: Vec<Record>,
+        retry: Option<Duration>,
+    }
+
+    impl Effects for Script {
+        async fn carry_out(&mut self, effect: Effect) -> Result<Option<Event>, WorkError> {
+            self.done.push(format!("{effect:?}"));
+            let event = match effect {
+                Effect::Inspect { .. } => Event::Inspected(Inspection {
+                    on_branch: true,
+                    descends: true,
+                    untouched: false,
+                }),
+                Effect::Stage { commit } => Event::Staged(Staging::Checked {
+                    fingerprint: format!("fp-{commit}"),
+                }),
+                Effect::Plan { .. } => match self.plans.pop_front().expect("a scripted plan") {
+                    Ok(plan) => Event::Planned(plan),
+                    Err((class, message)) => Event::PlanFailed {
+                        class,
+                        message: message.into(),
+                        jitter: 0.0,
+                    },
+                },
+                Effect::Apply { .. } => Event::ApplyEnded(Ok(())),
+                Effect::Record(record) => {
+                    self.records += 1;
+                    if self.failing_record == Some(self.records - 1) {
+                        return Err(WorkError::Other("the store refused the write".into()));
+                    }
+                    self.recorded.push(record);
+                    return Ok(None);
+                }
+                Effect::RetryAfter(after) => {
+                    self.retry = Some(after);
+                    return Ok(None);
+                }
+            };
+            Ok(Some(event))
+        }
+    }
+
+    fn fresh() -> EnvState {
+        EnvState {
+            status: EnvStatus::Planning,
+            merged: MergedState::default(),
+            apply: ApplyPolicy {
+                auto: true,
+                allow_destroy: false,
+            },
+            streak: Streak::default(),
+            phase: Phase::Idle,
+        }
+    }
+
+    fn head(commit: &str) -> Event {
+        Event::Head {
+            commit: commit.into(),
+        }
+    }
+
+    const CHANGES: PlanOutcome = PlanOutcome {
+        has_changes: true,
+        destroys: false,
+    };
+
+    /// The kinds of what was recorded, e.g. `PlanFailed`.
+    fn kinds(records: &[Record]) -> Vec<String> {
+        records
+            .iter()
+            .map(|record| {
+                format!("{record:?}")
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_and_then_applied() {
+        let mut world = Script::default();
+        world
+            .plans
+            .push_back(Err((ErrorClass::Transient, "sts: connection refused")));
+        world.plans.push_back(Ok(CHANGES));
+        let (waiting, result) = drive(fresh(), &mut world, head("b")).await;
+        assert!(result.is_ok());
+        assert_eq!(waiting.status, EnvStatus::Error);
+        assert!(world.retry.is_some(), "a retry is asked for");
+        let (applied, result) = drive(waiting, &mut world, Event::RetryDue).await;
+        assert!(result.is_ok());
+        assert_eq!(kinds(&world.recorded), ["PlanFailed", "Planned", "Applied"]);
+        assert_eq!(applied.status, EnvStatus::InSync);
+        assert_eq!(applied.merged.last_applied.as_deref(), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_not_retried() {
+        let mut world = Script::default();
+        world.plans.push_back(Err((ErrorClass::Permanent, "bad")));
+        let (failed, _) = drive(fresh(), &mut world, head("b")).await;
+        assert_eq!(failed.status, EnvStatus::Failed);
+        assert_eq!(world.retry, None);
+        let done = world.done.len();
+        let (_, result) = drive(failed, &mut world, Event::RetryDue).await;
+        assert!(result.is_ok());
+        assert_eq!(world.done.len(), done, "a retry's time does nothing");
+    }
+
+    #[tokio::test]
+    async fn a_newer_commit_during_a_retry_wins() {
+        let mut world = Script::default();
+        world
+            .plans
+            .push_back(Err((ErrorClass::Transient, "throttled")));
+        world.plans.push_back(Ok(CHANGES));
+        let (waiting, _) = drive(fresh(), &mut world, head("b")).await;
+        let before = world.done.len();
+        let (applied, _) = drive(waiting, &mut world, head("c")).await;
+        assert_eq!(applied.merged.last_applied.as_deref(), Some("c"));
+        let done = world.done.len();
+        let (_, _) = drive(applied, &mut world, Event::RetryDue).await;
+        assert_eq!(world.done.len(), done, "b is never tried again");
+        let after = &world.done[before..];
+        assert!(
+            !after.iter().any(|effect| effect.contains("\"b\"")),
+            "{after:?}"
+        );
+    }
+
+    /// A write that fails (a full disk, a kill) at any step: nothing after it is carried out,
+    /// so no apply runs without its plan recorded, and the next head starts over.
+    #[tokio::test]
+    async fn a_failed_write_at_any_step_stops_the_lane_there() {
+        for failing in 0..2 {
+            let mut world = Script {
+                failing_record: Some(failing),
+                ..Script::default()
+            };
+            world.plans.push_back(Ok(CHANGES));
+            let (stopped, result) = drive(fresh(), &mut world, head("b")).await;
+            assert!(result.is_err(), "step {failing}");
+            let last = world.done.last().unwrap();
+            assert!(
+                last.starts_with("Record"),
+                "step {failing}: stopped at {last}"
+            );
+            let applies = world.done.iter().filter(|e| e.starts_with("Apply")).count();
+            assert_eq!(applies, failing, "step {failing}: {:?}", world.done);
+            // The daemon reads where the environment is from the store before each commit:
+            // nothing was recorded applied.
+            let restarted = EnvState {
+                merged: MergedState::default(),
+                ..stopped
+            };
+            world.plans.push_back(Ok(CHANGES));
+            world.failing_record = None;
+            let (again, result) = drive(restarted, &mut world, head("b")).await;
+            assert!(result.is_ok());
+            assert_eq!(
+                again.merged.last_applied.as_deref(),
+                Some("b"),
+                "step {failing}"
+            );
+            assert_eq!(kinds(&world.recorded).last().unwrap(), "Applied");
+        }
+    }
 }

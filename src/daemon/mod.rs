@@ -12,6 +12,7 @@
 
 mod drift;
 mod memory;
+pub(crate) use memory::limit_arenas;
 mod merged;
 mod outcome;
 mod preview;
