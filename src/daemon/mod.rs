@@ -517,10 +517,10 @@ impl Poller {
         };
         let mut passed_over = Vec::new();
         for (env, head, inputs) in untouched {
-            let (row, Some(trusted)) = (&rows[&env], shared.trusted(&env)) else {
+            let (row, Some(apply)) = (&rows[&env], shared.apply_policy(&env)) else {
                 continue;
             };
-            if let Some(outcome) = merged::pass_over(row, trusted.apply, &head, &inputs) {
+            if let Some(outcome) = merged::pass_over(row, apply, &head, &inputs) {
                 passed_over.push((env, outcome));
             }
         }

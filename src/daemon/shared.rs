@@ -99,6 +99,12 @@ impl Shared {
         self.trusted.borrow().get(env).cloned()
     }
 
+    /// An environment's apply policy as the trust branch has it, without copying the rest
+    /// of its description (the main loop asks it for every environment a head passes over).
+    pub(super) fn apply_policy(&self, env: &str) -> Option<crate::config::ApplyPolicy> {
+        self.trusted.borrow().get(env).map(|spec| spec.apply)
+    }
+
     /// Publishes the environments of a newly read trust-branch head.
     pub(super) fn publish_trusted(&self, specs: BTreeMap<String, EnvironmentSpec>) {
         self.trusted.send_replace(Arc::new(specs));
