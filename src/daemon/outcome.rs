@@ -115,34 +115,47 @@ impl Outcome {
     }
 }
 
+/// What an outcome adds to the metrics once it is written.
+struct Counted {
+    env: String,
+    run: Option<(RunKind, RunResult)>,
+    drift: Option<(DriftStatus, usize)>,
+}
+
 impl Shared {
     /// Records `outcome` in one transaction, on a blocking thread, then counts it. Returns
     /// the run's id, when it has a run. When the database refuses, its alerts are held in
     /// memory and queued again on every poll, and its status is shown from memory (see
     /// [`crate::alert::Held`]).
     pub(super) async fn record(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
-        let Outcome {
-            journal,
-            alerts,
-            counted,
-            drift_metric,
-        } = outcome;
-        let deliveries: Vec<Vec<Delivery>> =
-            alerts.iter().map(|alert| self.deliveries(alert)).collect();
-        let (env, commit) = (journal.env.clone(), journal.commit.clone());
-        let (store, held) = (self.store.clone(), self.held_alerts.clone());
-        let recorded = self
-            .blocking(move || held.record(store.as_ref(), journal, deliveries))
-            .await;
-        self.count(&env, counted, drift_metric);
+        let commit = outcome.journal.commit.clone();
+        let (write, counted) = self.prepare(outcome);
+        let recorded = self.blocking(write).await;
         if let Err(error) = &recorded {
-            tracing::error!(%env, %commit, %error, "recording an outcome");
+            tracing::error!(env = %counted.env, %commit, %error, "recording an outcome");
         }
+        self.count(counted);
         recorded
     }
 
     /// [`Shared::record`] for a caller already on a blocking thread.
     fn record_blocking(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
+        let (write, counted) = self.prepare(outcome);
+        let recorded = write();
+        self.count(counted);
+        recorded
+    }
+
+    /// The write of one outcome — its journal entry with the deliveries of its alerts, held
+    /// behind older alerts a full disk refused — for the caller to run where it may block,
+    /// and what to count once it ran.
+    fn prepare(
+        &self,
+        outcome: Outcome,
+    ) -> (
+        impl FnOnce() -> Result<Option<i64>, StoreError> + Send + 'static,
+        Counted,
+    ) {
         let Outcome {
             journal,
             alerts,
@@ -151,12 +164,16 @@ impl Shared {
         } = outcome;
         let deliveries: Vec<Vec<Delivery>> =
             alerts.iter().map(|alert| self.deliveries(alert)).collect();
-        let env = journal.env.clone();
-        let recorded = self
-            .held_alerts
-            .record(self.store.as_ref(), journal, deliveries);
-        self.count(&env, counted, drift_metric);
-        recorded
+        let counted = Counted {
+            env: journal.env.clone(),
+            run: counted,
+            drift: drift_metric,
+        };
+        let (store, held) = (self.store.clone(), self.held_alerts.clone());
+        (
+            move || held.record(store.as_ref(), journal, deliveries),
+            counted,
+        )
     }
 
     /// Runs a store call on a blocking thread: a store call never holds a runtime thread,
@@ -201,7 +218,11 @@ impl Shared {
             return Err(error);
         }
         for outcome in quiet {
-            self.count(&outcome.journal.env, outcome.counted, outcome.drift_metric);
+            self.count(Counted {
+                env: outcome.journal.env,
+                run: outcome.counted,
+                drift: outcome.drift_metric,
+            });
         }
         for outcome in alerting {
             self.record_blocking(outcome)?;
@@ -209,17 +230,12 @@ impl Shared {
         Ok(())
     }
 
-    fn count(
-        &self,
-        env: &str,
-        counted: Option<(RunKind, RunResult)>,
-        drift_metric: Option<(DriftStatus, usize)>,
-    ) {
-        if let Some((kind, result)) = counted {
-            self.metrics.run(env, kind, result);
+    fn count(&self, counted: Counted) {
+        if let Some((kind, result)) = counted.run {
+            self.metrics.run(&counted.env, kind, result);
         }
-        if let Some((status, drifted)) = drift_metric {
-            self.metrics.drift(env, status, drifted);
+        if let Some((status, drifted)) = counted.drift {
+            self.metrics.drift(&counted.env, status, drifted);
         }
     }
 
