@@ -65,14 +65,9 @@ pub(super) async fn merged(
         .await?
         .unwrap_or_default();
     let state = EnvState {
-        status: row.status,
-        merged: MergedState {
-            last_applied: row.last_applied.clone(),
-            applied_fingerprint: row.applied_fingerprint.clone(),
-        },
-        apply: trusted.apply,
         streak: std::mem::take(&mut lane.streak),
         phase: std::mem::take(&mut lane.phase),
+        ..recorded_state(&row, trusted.apply)
     };
     let mut run = Run {
         shared,
@@ -528,6 +523,21 @@ impl Run<'_> {
     }
 }
 
+/// The machine's state of an environment as the store records it, idle, with no failures
+/// in a row (the worker keeps those between commits).
+fn recorded_state(row: &EnvironmentRow, apply: ApplyPolicy) -> EnvState {
+    EnvState {
+        status: row.status,
+        merged: MergedState {
+            last_applied: row.last_applied.clone(),
+            applied_fingerprint: row.applied_fingerprint.clone(),
+        },
+        apply,
+        streak: Streak::default(),
+        phase: Phase::Idle,
+    }
+}
+
 /// What the machine decides for the new head of an idle environment, a descendant of its
 /// last applied commit that changes no path of that commit's input closure: `Some(None)`
 /// when it is where the environment already is, `Some(outcome)` when it is passed over, and
@@ -538,16 +548,7 @@ pub(super) fn pass_over(
     head: &CommitId,
     inputs: &BTreeSet<RepoPath>,
 ) -> Option<Option<Outcome>> {
-    let state = EnvState {
-        status: row.status,
-        merged: MergedState {
-            last_applied: row.last_applied.clone(),
-            applied_fingerprint: row.applied_fingerprint.clone(),
-        },
-        apply,
-        streak: Streak::default(),
-        phase: Phase::Idle,
-    };
+    let state = recorded_state(row, apply);
     let head_event = Event::Head {
         commit: head.to_string(),
     };
