@@ -247,7 +247,7 @@ impl<'a> Check<'a> {
         };
         self.record(ended, &found, &previous).await?;
         self.remediate(&decision, &planned, permit).await?;
-        shared.terraform.discard_plan(&planned.record)?;
+        shared.runner.discard_plan(&planned.record)?;
         Ok(())
     }
 
@@ -561,18 +561,14 @@ async fn drift_plan(
         ));
     }
     let name = crate::config::EnvName::parse(env)?;
-    let identity = crate::aws::establish(
-        &name,
-        &trusted.aws,
-        Lane::Merged,
-        commit,
-        shared.endpoint().as_deref(),
-    )
-    .await?;
+    let identity = shared
+        .identities
+        .establish(&name, &trusted.aws, Lane::Merged, commit)
+        .await?;
     let run = RunId::parse(&format!("run-{run_id}"))?;
-    let workdir = shared.terraform.workdir(&name, Lane::Merged);
+    let workdir = shared.workdir(&name, Lane::Merged);
     let record = shared
-        .terraform
+        .runner
         .plan(&workdir, &checked, commit, &run, &identity.run_env, cancel)
         .await?;
     Ok(DriftPlan { record, identity })
@@ -651,9 +647,9 @@ async fn identified(
     let Ok(name) = crate::config::EnvName::parse(env) else {
         return Err((resources, String::new()));
     };
-    let workdir = shared.terraform.workdir(&name, Lane::Merged);
+    let workdir = shared.workdir(&name, Lane::Merged);
     let shown = shared
-        .terraform
+        .runner
         .show_json(&workdir, &planned.record, &planned.identity.run_env, cancel)
         .await
         .map_err(|e| e.to_string())

@@ -20,7 +20,10 @@ mod scheduler;
 mod shared;
 mod steps;
 mod systemd;
+#[cfg(test)]
+mod tests;
 mod worker;
+mod world;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -40,8 +43,8 @@ use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::git::mirror::{Heads, Mirror};
 use crate::git::{self, CommitId};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
-use crate::terraform::Terraform;
 use scheduler::{InProcess, Key};
+use world::World;
 
 use outcome::Outcome;
 use shared::ChangedPaths;
@@ -78,7 +81,8 @@ pub async fn run(
     let secret = crate::http::load_webhook_secret(&config).map_err(DaemonError::Setup)?;
     let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
     let stop = CancellationToken::new();
-    let shared = open(config, &stop)?;
+    let world = World::real(&config)?;
+    let shared = open(config, world, &stop)?;
     interrupt_open_runs(&shared).await?;
 
     let http = serve_http(&shared, listener, secret, api_token, &stop)?;
@@ -168,13 +172,15 @@ async fn preflight(config: &DaemonConfig) -> Result<(), DaemonError> {
 
 /// Opens what the daemon keeps under `state_dir` (the store, the mirror, the workdirs) and
 /// puts it together; `stop` ends the workers.
-fn open(config: DaemonConfig, stop: &CancellationToken) -> Result<Arc<Shared>, DaemonError> {
+fn open(
+    config: DaemonConfig,
+    world: World,
+    stop: &CancellationToken,
+) -> Result<Arc<Shared>, DaemonError> {
     crate::terraform::create_private_dir(&config.state_dir)
         .map_err(|e| DaemonError::Setup(format!("creating {}: {e}", config.state_dir.display())))?;
     let store: Arc<dyn StateStore> =
         Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
-    let terraform = Terraform::new(&config.terraform, &config.state_dir, config.sandbox)?
-        .with_preview_network(config.preview_network, config.aws_endpoint_url.as_ref());
     let mirror =
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
     Ok(Arc::new(Shared {
@@ -182,7 +188,8 @@ fn open(config: DaemonConfig, stop: &CancellationToken) -> Result<Arc<Shared>, D
         git_work: Semaphore::new(GIT_WORK_AT_ONCE),
         config,
         store,
-        terraform,
+        runner: world.runner,
+        identities: world.identities,
         mirror,
         wake: Arc::new(Notify::new()),
         trusted: tokio::sync::watch::Sender::new(Arc::default()),

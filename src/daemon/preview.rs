@@ -119,7 +119,7 @@ async fn recorded_preview(
                     "",
                 ))
                 .await?;
-            shared.terraform.discard_preview(&record)?;
+            shared.runner.discard_preview(&record)?;
         }
         Err(error) => {
             let result = if stop.is_cancelled() {

@@ -1,5 +1,5 @@
 //! What the main loop, the workers and the HTTP routes share: the configuration, the store,
-//! terraform, the mirror, the scheduler, the trusted environments and the metrics.
+//! terraform and AWS, the mirror, the scheduler, the trusted environments and the metrics.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -11,15 +11,19 @@ use crate::config::{DaemonConfig, EnvironmentSpec, parse_environment};
 use crate::git::mirror::Mirror;
 use crate::git::{self, CommitId};
 use crate::store::StateStore;
-use crate::terraform::Terraform;
+use crate::terraform::Workdir;
 
 use super::scheduler::Scheduler;
+use super::world::{Identities, Runner};
 
 /// What the main loop, the workers and the HTTP routes share.
 pub(crate) struct Shared {
     pub config: DaemonConfig,
     pub store: Arc<dyn StateStore>,
-    pub terraform: Terraform,
+    /// Terraform, for every plan and apply.
+    pub(crate) runner: Arc<dyn Runner>,
+    /// The AWS identity of each run.
+    pub(crate) identities: Arc<dyn Identities>,
     pub mirror: Mirror,
     /// Wakes the main loop for an immediate fetch; a burst of wakes is one fetch.
     pub wake: Arc<Notify>,
@@ -50,14 +54,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The AWS endpoint every run is pointed at (an emulator), if any.
-    pub fn endpoint(&self) -> Option<String> {
-        self.config
-            .aws_endpoint_url
-            .as_ref()
-            .map(|url| url.to_string())
-    }
-
     /// The `drift:` settings that apply to `env`: those of its last applied commit (drift is
     /// measured against that commit, and a commit of its branch may change them), else the
     /// trust branch's. Read from the mirror once per applied commit.
@@ -93,6 +89,15 @@ impl Shared {
             known.insert(env.to_string(), (applied, policy));
         }
         Some(policy)
+    }
+
+    /// The workdir of `env`'s `lane` under the state directory.
+    pub(super) fn workdir(
+        &self,
+        env: &crate::config::EnvName,
+        lane: crate::engine::Lane,
+    ) -> Workdir {
+        Workdir::new(&self.config.state_dir, env, lane)
     }
 
     pub fn trusted(&self, env: &str) -> Option<EnvironmentSpec> {

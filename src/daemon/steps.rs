@@ -115,7 +115,7 @@ pub(super) async fn stage(
     commit: &CommitId,
 ) -> Result<Result<CheckedEnvironment, StageError>, WorkError> {
     let name = crate::config::EnvName::parse(env)?;
-    let workdir = shared.terraform.workdir(&name, lane);
+    let workdir = shared.workdir(&name, lane);
     let mirror = shared.mirror.path().to_path_buf();
     let commit = commit.clone();
     let options = CheckOptions {
@@ -183,20 +183,16 @@ pub(super) async fn plan(
         .trusted(env)
         .ok_or_else(|| WorkError::Other("the environment left the trust branch".into()))?;
     let name = crate::config::EnvName::parse(env)?;
-    let identity = crate::aws::establish(
-        &name,
-        &trusted.aws,
-        lane,
-        commit,
-        shared.endpoint().as_deref(),
-    )
-    .await?;
+    let identity = shared
+        .identities
+        .establish(&name, &trusted.aws, lane, commit)
+        .await?;
     let run = RunId::parse(&format!("run-{run_id}"))?;
-    let workdir = shared.terraform.workdir(&name, lane);
+    let workdir = shared.workdir(&name, lane);
     tracing::info!("planning");
     let started = std::time::Instant::now();
     let record = shared
-        .terraform
+        .runner
         .plan(&workdir, checked, commit, &run, &identity.run_env, stop)
         .await?;
     shared
@@ -250,7 +246,6 @@ pub(super) async fn start_apply(
     trusted: &crate::config::EnvironmentSpec,
 ) -> Result<(i64, Result<(), String>), WorkError> {
     let name = crate::config::EnvName::parse(env)?;
-    let endpoint = shared.endpoint();
     let (name_, commit_) = (env.to_string(), commit.to_string());
     let applying = Some(EnvStatus::Applying);
     let run_id = shared
@@ -259,23 +254,18 @@ pub(super) async fn start_apply(
     let applied = async {
         tracing::info!("applying");
         let started = std::time::Instant::now();
-        let identity = crate::aws::establish(
-            &name,
-            &trusted.aws,
-            Lane::Merged,
-            commit,
-            endpoint.as_deref(),
-        )
-        .await;
+        let identity = shared
+            .identities
+            .establish(&name, &trusted.aws, Lane::Merged, commit)
+            .await;
         let ended = match identity {
             Ok(identity) => {
-                let workdir = shared.terraform.workdir(&name, Lane::Merged);
+                let workdir = shared.workdir(&name, Lane::Merged);
                 let cancel = CancellationToken::new();
                 shared
-                    .terraform
+                    .runner
                     .apply(&workdir, record, &identity.run_env, &cancel)
                     .await
-                    .map(drop)
                     .map_err(|error| match error {
                         TerraformError::StalePlan { .. } => {
                             format!("{error}; the next commit re-plans")
