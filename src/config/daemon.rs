@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use super::environment::AlertSink;
 use super::raw::RawDaemon;
+use super::raw::RawGitAccess;
+use super::remote::{DEFAULT_GIT_USERNAME, GitAccess, RepoAddress, Scheme};
 use super::types::{
     BranchName, ProviderPattern, default_provider_patterns, parse_duration, parse_webhook_url,
 };
@@ -15,8 +17,11 @@ use crate::problem::{Problem, Problems};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
-    /// The config repository to mirror: `file://`, `https://`, `ssh://` or `git://`.
-    pub repo: url::Url,
+    /// The config repository to mirror: `https://`, `ssh://` (or `git@host:path`), `git://`,
+    /// `http://`, `file://`.
+    pub repo: RepoAddress,
+    /// The files the daemon reaches `repo` with.
+    pub git: GitAccess,
     pub poll_interval: Duration,
     /// Everything the daemon knows lives here.
     pub state_dir: PathBuf,
@@ -136,12 +141,15 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         .map_err(|error| Problems::one(Problem::new(file, error.line, error.message)))?;
     let mut v = Validator::new(file.to_path_buf(), lines);
 
-    let repo = v.check("repo", parse_repo_url(&raw.repo, base));
+    let repo = v.check("repo", RepoAddress::parse(&raw.repo, base));
     let poll_interval = match raw.poll_interval {
         Some(text) => v.check("poll_interval", parse_duration(&text)),
         None => Some(Duration::from_secs(30)),
     };
     let resolve = |text: &str| base.join(text);
+    let git = repo
+        .as_ref()
+        .map(|repo| git_access(&mut v, &raw.git, repo, base));
     if raw.state_dir.is_empty() {
         v.report("state_dir", "must not be empty");
     }
@@ -213,8 +221,8 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     if let Some(problems) = Problems::from_vec(v.problems) {
         return Err(problems);
     }
-    let (Some(repo), Some(poll_interval), Some(listen), Some(concurrency)) =
-        (repo, poll_interval, listen, concurrency)
+    let (Some(repo), Some(git), Some(poll_interval), Some(listen), Some(concurrency)) =
+        (repo, git, poll_interval, listen, concurrency)
     else {
         unreachable!("a missing value without a reported problem")
     };
@@ -230,6 +238,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     };
     Ok(DaemonConfig {
         repo,
+        git,
         poll_interval,
         state_dir,
         listen,
@@ -262,30 +271,41 @@ fn parse_size(text: &str) -> Result<u64, String> {
     }
 }
 
-/// A remote URL, or a local path turned into a `file://` URL.
-fn parse_repo_url(text: &str, base: &Path) -> Result<url::Url, String> {
-    let url = match url::Url::parse(text) {
-        Ok(url) => url,
-        Err(url::ParseError::RelativeUrlWithoutBase) => {
-            let path = base.join(text);
-            let absolute = std::path::absolute(&path).map_err(|error| error.to_string())?;
-            url::Url::from_file_path(&absolute)
-                .map_err(|()| format!("{text:?} is neither a URL nor a usable path"))?
-        }
-        Err(error) => return Err(format!("{text:?} is not a URL: {error}")),
+/// `git:`, checked against the address: an ssh remote needs its key and the host keys it
+/// trusts; a token never goes over plain `http://` off this machine.
+fn git_access(v: &mut Validator, raw: &RawGitAccess, repo: &RepoAddress, base: &Path) -> GitAccess {
+    let resolve = |text: &Option<String>| text.as_deref().map(|text| base.join(text));
+    let access = GitAccess {
+        ssh_key_file: resolve(&raw.ssh_key_file),
+        known_hosts_file: resolve(&raw.known_hosts_file),
+        token_file: resolve(&raw.token_file),
+        username: raw
+            .username
+            .clone()
+            .unwrap_or_else(|| DEFAULT_GIT_USERNAME.to_string()),
+        ca_file: resolve(&raw.ca_file),
     };
-    if !matches!(url.scheme(), "file" | "https" | "http" | "ssh" | "git") {
-        return Err(format!(
-            "{text:?}: the scheme must be file, https, http, ssh or git"
-        ));
+    if repo.scheme() == Scheme::Ssh {
+        if access.known_hosts_file.is_none() {
+            v.report(
+                "git.known_hosts_file",
+                format!("is required for an ssh remote ({repo}): the host keys Karrots trusts, as `ssh-keyscan HOST` prints them once checked; there is no trust on first use"),
+            );
+        }
+        if access.ssh_key_file.is_none() {
+            v.report(
+                "git.ssh_key_file",
+                format!("is required for an ssh remote ({repo}): the deploy key, an OpenSSH private key without a passphrase"),
+            );
+        }
     }
-    if url.password().is_some() {
-        return Err(
-            "the URL carries a password; Karrots keeps no secrets in configuration: use a git credential helper or an SSH agent"
-                .to_string(),
+    if access.token_file.is_some() && repo.scheme() == Scheme::Http && !repo.is_loopback() {
+        v.report(
+            "git.token_file",
+            format!("would be sent in the clear to {repo}: use https://, or plain http:// only to this machine"),
         );
     }
-    Ok(url)
+    access
 }
 
 #[cfg(test)]
@@ -349,6 +369,27 @@ alerts:
     }
 
     #[test]
+    fn git_access_is_read_relative_to_the_file_with_githubs_user_name_by_default() {
+        let text = VALID.replacen(
+            "repo: file:///srv/git/config.git",
+            "repo: http://127.0.0.1:8080/config.git\ngit:\n  token_file: git-token\n  ca_file: /etc/karrots/ca.pem",
+            1,
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.repo.scheme(), Scheme::Http);
+        assert_eq!(
+            config.git,
+            GitAccess {
+                token_file: Some(PathBuf::from("/etc/karrots/git-token")),
+                username: "x-access-token".into(),
+                ca_file: Some(PathBuf::from("/etc/karrots/ca.pem")),
+                ..GitAccess::default()
+            },
+            "a token may go over plain http to this machine"
+        );
+    }
+
+    #[test]
     fn mistakes_are_located() {
         let rows: &[(&str, &str, &str)] = &[
             (
@@ -369,12 +410,12 @@ alerts:
             (
                 "repo: file:///srv/git/config.git",
                 "repo: https://bot:hunter2@git.example.invalid/config.git",
-                "karrots.yaml:1: repo: the URL carries a password; Karrots keeps no secrets in configuration: use a git credential helper or an SSH agent",
+                "karrots.yaml:1: repo: the address carries a password; Karrots keeps no secrets in its configuration: name a file with git.token_file",
             ),
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`",
             ),
             (
                 "providers: [hashicorp/*]",
@@ -395,6 +436,16 @@ alerts:
                 "preview: true",
                 "preview: true\npreview_network: none",
                 "karrots.yaml:8: preview_network: \"none\" is not a preview network: use isolated or open",
+            ),
+            (
+                "repo: file:///srv/git/config.git",
+                "repo: git@git.example.com:acme/config.git\ngit:\n  ssh_key_file: /etc/karrots/deploy-key",
+                "karrots.yaml:2: git.known_hosts_file: is required for an ssh remote (git@git.example.com:acme/config.git): the host keys Karrots trusts, as `ssh-keyscan HOST` prints them once checked; there is no trust on first use",
+            ),
+            (
+                "repo: file:///srv/git/config.git",
+                "repo: http://git.example.com/config.git\ngit:\n  token_file: /etc/karrots/git-token",
+                "karrots.yaml:3: git.token_file: would be sent in the clear to http://git.example.com/config.git: use https://, or plain http:// only to this machine",
             ),
         ];
         for (from, to, expected) in rows {

@@ -115,6 +115,18 @@ pub(crate) struct RawDaemon {
     pub aws: RawAwsSettings,
     #[serde(default)]
     pub alerts: Vec<RawAlert>,
+    #[serde(default)]
+    pub git: RawGitAccess,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGitAccess {
+    pub ssh_key_file: Option<String>,
+    pub known_hosts_file: Option<String>,
+    pub token_file: Option<String>,
+    pub username: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -826,10 +826,10 @@ async fn read_trusted(
 /// alone needs that). The watcher lives as long as the returned value.
 fn watch_file_remote(shared: &Arc<Shared>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    if shared.config.repo.scheme() != "file" || std::env::var_os("KARROTS_NO_WATCH").is_some() {
+    if std::env::var_os("KARROTS_NO_WATCH").is_some() {
         return None;
     }
-    let path = shared.config.repo.to_file_path().ok()?;
+    let path = shared.config.repo.file_path()?;
     // A bare repository holds refs/ itself; a working repository in .git/.
     let git_dir = if path.join("refs").is_dir() {
         path
