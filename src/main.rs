@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use karrots::cli::{Cli, Command, LogFormat, check, plan, serve, status};
+use karrots::cli::{Cli, Command, LogFormat, check, credential, plan, serve, status};
 
 fn main() -> ExitCode {
     // Exit 2 means "changes" for `karrots plan`, so a usage error exits 1, not clap's 2.
@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => plan::exec(args),
         Command::Serve(args) => serve::exec(args),
         Command::Status(args) => status::exec(args),
+        Command::GitCredential(args) => credential::exec(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,6 +1,7 @@
 //! The subcommands, one module each: arguments plus an `exec` that returns the exit code.
 
 pub mod check;
+pub mod credential;
 pub mod plan;
 pub mod serve;
 pub mod status;
@@ -36,4 +37,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Show the environments of a running daemon as a table.
     Status(status::StatusArgs),
+    /// The daemon's own git credential helper (hidden): hands git the token of
+    /// `git.token_file` for the repository's host.
+    #[command(name = "git-credential", hide = true)]
+    GitCredential(credential::CredentialArgs),
 }

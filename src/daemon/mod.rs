@@ -41,6 +41,7 @@ use crate::engine::Lane;
 use crate::engine::reconcile::touches_inputs;
 use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::git::mirror::{Heads, Mirror};
+use crate::git::remote::Transport;
 use crate::git::{self, CommitId};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
 use scheduler::{InProcess, Key};
@@ -183,6 +184,8 @@ fn open(
         Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
     let mirror =
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
+    let transport = Transport::new(&config.repo, &config.git, &config.state_dir)
+        .map_err(|error| DaemonError::Setup(error.to_string()))?;
     Ok(Arc::new(Shared {
         scheduler: Box::new(InProcess::new(config.concurrency.get(), stop.clone())),
         git_work: Semaphore::new(GIT_WORK_AT_ONCE),
@@ -191,6 +194,7 @@ fn open(
         runner: world.runner,
         identities: world.identities,
         mirror,
+        transport: Arc::new(transport),
         wake: Arc::new(Notify::new()),
         trusted: tokio::sync::watch::Sender::new(Arc::default()),
         metrics: Arc::default(),
@@ -319,9 +323,10 @@ impl Poller {
     async fn fetch(&mut self, shared: &Arc<Shared>) -> Option<Heads> {
         let started = Instant::now();
         let mirror_path = shared.mirror.path().to_path_buf();
-        let url = shared.config.repo.to_string();
+        let transport = shared.transport.clone();
         let updated = tokio::task::spawn_blocking(move || {
-            Mirror::open_or_create(&mirror_path, &url).and_then(|mirror| mirror.update())
+            let url = transport.address().as_str();
+            Mirror::open_or_create(&mirror_path, url).and_then(|mirror| mirror.update(&transport))
         })
         .await;
         let (heads, fetched) = match updated {

@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     /// The AWS identity of each run.
     pub(crate) identities: Arc<dyn Identities>,
     pub mirror: Mirror,
+    /// How the mirror reaches the config repository.
+    pub(crate) transport: Arc<crate::git::remote::Transport>,
     /// Wakes the main loop for an immediate fetch; a burst of wakes is one fetch.
     pub wake: Arc<Notify>,
     /// The workers, the terraform permits and their order.

@@ -11,20 +11,16 @@
 //! 660 MiB peak). Everything else reads the mirror through git2.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use git2::{Direction, Repository};
 
+use super::remote::Transport;
 use super::{CommitId, GitError};
+use crate::config::Scheme;
 
 /// The refspec of the mirror: every branch of the remote, pruned when deleted there.
 const REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
-
-/// A fetch that takes longer is stopped and reported as failed.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// A bare mirror of one remote.
 pub struct Mirror {
@@ -104,8 +100,29 @@ impl Mirror {
         Ok(heads)
     }
 
-    /// Lists the remote's branches (no objects are transferred).
-    pub fn remote_heads(&self) -> Result<Heads, GitError> {
+    /// Lists the remote's branches (no objects are transferred): through git2 for a
+    /// `file://` remote (a poll that finds nothing costs no process), else `git ls-remote`.
+    pub fn remote_heads(&self, transport: &Transport) -> Result<Heads, GitError> {
+        if transport.address().scheme() == Scheme::File {
+            return self.local_heads();
+        }
+        let mut command = transport.command(&self.path);
+        command.args(["ls-remote", "--heads", "origin"]);
+        let listed = transport
+            .run(command, "git ls-remote")
+            .map_err(|message| self.failed(transport, message))?;
+        let mut heads = Heads::new();
+        for line in listed.lines() {
+            if let Some((oid, name)) = line.split_once('\t')
+                && let Some(branch) = name.strip_prefix("refs/heads/")
+            {
+                heads.insert(branch.to_string(), CommitId::from_hex(oid));
+            }
+        }
+        Ok(heads)
+    }
+
+    fn local_heads(&self) -> Result<Heads, GitError> {
         let repo = self.open()?;
         let mut remote = repo
             .find_remote("origin")
@@ -126,10 +143,17 @@ impl Mirror {
         Ok(heads)
     }
 
+    fn failed(&self, transport: &Transport, message: String) -> GitError {
+        GitError::Remote {
+            url: transport.address().to_string(),
+            message,
+        }
+    }
+
     /// Brings the mirror up to date when the remote's branches moved. Returns the heads and
     /// whether a fetch happened.
-    pub fn update(&self) -> Result<(Heads, bool), GitError> {
-        let remote_heads = self.remote_heads()?;
+    pub fn update(&self, transport: &Transport) -> Result<(Heads, bool), GitError> {
+        let remote_heads = self.remote_heads(transport)?;
         let heads = self.heads()?;
         if remote_heads == heads {
             return Ok((remote_heads, false));
@@ -142,7 +166,7 @@ impl Mirror {
                 message: "the remote lists no branches (emptied, or a new repository at this address?); the mirror keeps its branches, and nothing runs from the remote until it has branches again".to_string(),
             });
         }
-        self.fetch()?;
+        self.fetch(transport)?;
         self.prune(&remote_heads)?;
         Ok((self.heads()?, true))
     }
@@ -178,68 +202,17 @@ impl Mirror {
 
     /// `git fetch origin` into the mirror, with an environment of its own: no user or
     /// system git configuration, no prompt, a bounded time.
-    fn fetch(&self) -> Result<(), GitError> {
-        let url = self.origin_url()?;
-        let failed = |message: String| GitError::Remote {
-            url: url.clone(),
-            message,
-        };
-        let mut child = Command::new("git")
-            .arg("--git-dir")
-            .arg(&self.path)
+    fn fetch(&self, transport: &Transport) -> Result<(), GitError> {
+        let mut command = transport.command(&self.path);
+        command
             // Objects over 16 MiB are streamed, never inflated whole in memory.
             .args(["-c", "core.bigFileThreshold=16m"])
             .args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"])
-            .args(["--no-recurse-submodules", "origin", REFSPEC])
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-            )
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| failed(format!("cannot run git (is it installed?): {e}")))?;
-        let mut stderr = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(pipe) = stderr.as_mut() {
-                let _ = pipe.take(64 * 1024).read_to_string(&mut text);
-            }
-            text
-        });
-        let deadline = Instant::now() + FETCH_TIMEOUT;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Ok(None) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(failed(format!(
-                        "git fetch ran longer than {FETCH_TIMEOUT:?} and was stopped"
-                    )));
-                }
-                Err(e) => return Err(failed(format!("waiting for git fetch: {e}"))),
-            }
-        };
-        let stderr = reader.join().unwrap_or_default();
-        if status.success() {
-            return Ok(());
-        }
-        let message = stderr.trim();
-        Err(failed(if message.is_empty() {
-            format!("git fetch failed ({status})")
-        } else {
-            message.to_string()
-        }))
+            .args(["--no-recurse-submodules", "origin", REFSPEC]);
+        transport
+            .run(command, "git fetch")
+            .map(drop)
+            .map_err(|message| self.failed(transport, message))
     }
 }
 
@@ -390,7 +363,9 @@ mod tests {
         );
         let state = tempfile::tempdir().unwrap();
         let mirror = Mirror::open_or_create(&state.path().join("mirror.git"), url).unwrap();
-        mirror.update().unwrap();
+        let address = crate::config::RepoAddress::parse(url, Path::new("/")).unwrap();
+        let transport = Transport::plain(&address);
+        mirror.update(&transport).unwrap();
         assert_eq!(mirror.heads().unwrap().len(), 3);
 
         // The listing sees main and dev; then both go before the fetch runs.
@@ -401,14 +376,14 @@ mod tests {
             )
         };
         delete("gone");
-        let listed = mirror.remote_heads().unwrap();
+        let listed = mirror.remote_heads(&transport).unwrap();
         delete("main");
         delete("dev");
-        mirror.fetch().unwrap();
+        mirror.fetch(&transport).unwrap();
         mirror.prune(&listed).unwrap();
         let kept: Vec<String> = mirror.heads().unwrap().into_keys().collect();
         assert_eq!(kept, ["dev", "main"], "only what the listing said was gone");
-        let Err(error) = mirror.update() else {
+        let Err(error) = mirror.update(&transport) else {
             panic!("an emptied remote must be an error");
         };
         assert!(error.to_string().contains("lists no branches"), "{error}");

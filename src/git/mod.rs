@@ -14,6 +14,7 @@ use git2::{ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use crate::repo::CONFIG_FOLDERS;
 
 pub mod mirror;
+pub mod remote;
 #[cfg(test)]
 pub(crate) mod testing;
 
