@@ -39,6 +39,7 @@ use crate::config::RepoPath;
 use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
 use crate::engine::Lane;
 use crate::engine::reconcile::touches_inputs;
+use crate::engine::retry::Backoff;
 use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::git::mirror::{Heads, Mirror};
 use crate::git::remote::Transport;
@@ -238,6 +239,7 @@ async fn main_loop(shared: &Arc<Shared>, shutdown: impl Future<Output = ()>) {
     let _watcher = watch_file_remote(shared);
     let mut poller = Poller::default();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut woken = false;
     loop {
         // What a full disk refused before: held alerts and statuses, written again.
         let (store, held) = (shared.store.clone(), shared.held_alerts.clone());
@@ -246,10 +248,14 @@ async fn main_loop(shared: &Arc<Shared>, shutdown: impl Future<Output = ()>) {
             store.record_pending();
         })
         .await;
-        poller.poll(shared).await;
+        if woken || poller.fetch_due() {
+            poller.poll(shared).await;
+        }
+        woken = false;
         tokio::select! {
             () = tokio::time::sleep(shared.config.poll_interval) => {}
             () = shared.wake.notified() => {
+                woken = true;
                 // A burst of hooks (or ref updates of one push) is one fetch: let it arrive,
                 // then drop the wake it left. A wake during the fetch still fetches again.
                 tokio::time::sleep(WAKE_DEBOUNCE).await;
@@ -265,15 +271,25 @@ async fn main_loop(shared: &Arc<Shared>, shutdown: impl Future<Output = ()>) {
 struct Poller {
     /// The heads seen at the last successful poll.
     heads: Heads,
-    /// Whether the last fetch failed (a `source_error` was alerted for it).
-    failing: bool,
+    /// Failed fetches in a row (a `source_error` was alerted at the first), and when the
+    /// poll timer tries again: later at each failure ([`Backoff`]); a wake tries at once.
+    failures: u32,
+    retry_at: Option<Instant>,
     /// The trust branch's parsed environments, by blob.
     spec_cache: SpecCache,
     /// Whether the last poll found no trust branch (warned once per absence).
     trust_missing: bool,
 }
 
+/// The longest wait between fetches of a failing remote (unless `poll_interval` is longer).
+const FETCH_BACKOFF_CAP: Duration = Duration::from_secs(300);
+
 impl Poller {
+    /// Whether the poll timer should fetch now: always, but after failed fetches.
+    fn fetch_due(&self) -> bool {
+        self.retry_at.is_none_or(|at| Instant::now() >= at)
+    }
+
     async fn poll(&mut self, shared: &Arc<Shared>) {
         let Some(heads) = self.fetch(shared).await else {
             return;
@@ -333,9 +349,13 @@ impl Poller {
             Ok(Ok(update)) => update,
             Ok(Err(error)) => {
                 shared.metrics.fetch_errors.inc();
-                tracing::warn!(%error, "fetch failed; keeping the last good revision");
-                if !self.failing {
-                    self.failing = true;
+                self.failures += 1;
+                let interval = shared.config.poll_interval;
+                let backoff = Backoff::new(interval, interval.max(FETCH_BACKOFF_CAP));
+                let wait = backoff.after(self.failures, fastrand::f64());
+                self.retry_at = Some(Instant::now() + wait);
+                tracing::warn!(%error, retry_in = ?wait, "fetch failed; keeping the last good revision");
+                if self.failures == 1 {
                     let alert = Alert::new(AlertKind::SourceError, "", "", error.to_string());
                     shared.alert(alert).await;
                 }
@@ -346,7 +366,7 @@ impl Poller {
                 return None;
             }
         };
-        self.failing = false;
+        (self.failures, self.retry_at) = (0, None);
         if let Ok(mut last) = shared.last_fetch.lock() {
             *last = Some(Instant::now());
         }

@@ -194,11 +194,13 @@ impl Transport {
                 !line.starts_with("Please make sure") && *line != "and the repository exists."
             })
             .collect();
-        let said = crate::terraform::tail(&said.join("; "), 600);
         match self.cause(stderr) {
-            Some(cause) if said.is_empty() => cause,
-            Some(cause) => format!("{cause} (git: {said})"),
-            None => said,
+            // The cause says it; git's last word is enough to recognise it by.
+            Some(cause) => match said.last() {
+                Some(last) => format!("{cause} (git: {last})"),
+                None => cause,
+            },
+            None => crate::terraform::tail(&said.join("; "), 600),
         }
     }
 
@@ -433,7 +435,7 @@ mod tests {
         let unknown = "debug1: Connecting to 127.0.0.1 [127.0.0.1] port 2222.\ndebug1: Server host key: ssh-ed25519 SHA256:YJNMm0fjz5EBcOfBNvAjdP3U2PJ5WpJLk0JiEkv2iC4\nNo ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\nHost key verification failed.\nfatal: Could not read from remote repository.\n\nPlease make sure you have the correct access rights\nand the repository exists.\n";
         assert_eq!(
             ssh.explain(unknown),
-            "the SSH host 127.0.0.1:2222 offered ssh-ed25519 SHA256:YJNMm0fjz5EBcOfBNvAjdP3U2PJ5WpJLk0JiEkv2iC4, which /etc/karrots/known_hosts does not list; add the host's key there once it is checked (there is no trust on first use); nothing was fetched (git: No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.; Host key verification failed.; fatal: Could not read from remote repository.)"
+            "the SSH host 127.0.0.1:2222 offered ssh-ed25519 SHA256:YJNMm0fjz5EBcOfBNvAjdP3U2PJ5WpJLk0JiEkv2iC4, which /etc/karrots/known_hosts does not list; add the host's key there once it is checked (there is no trust on first use); nothing was fetched (git: fatal: Could not read from remote repository.)"
         );
         let changed = unknown.replace("No ED25519 host key is known", "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@\nNo ED25519 host key is known");
         assert!(

@@ -5,6 +5,7 @@ mod check;
 mod daemon;
 mod drift;
 mod hardening;
+mod hosts;
 mod operations;
 mod plan;
 mod platform;

@@ -169,9 +169,16 @@ fn the_sandbox_keeps_committed_code_from_the_hosts_secrets() {
         .join("environments/dev/merged/state/terraform.tfstate");
     std::fs::create_dir_all(dev_state.parent().unwrap()).unwrap();
     std::fs::write(&dev_state, "{\"secret\": \"dev's state\"}").unwrap();
+    // The files the daemon reaches its git host with (git:).
+    let deploy_key = operator.path().join("deploy-key");
+    std::fs::write(&deploy_key, "-----BEGIN OPENSSH PRIVATE KEY-----\ncanary\n").unwrap();
+    let git_token = operator.path().join("git-token");
+    std::fs::write(&git_token, "ghs_canary\n").unwrap();
 
     for (what, path) in [
         ("the operator's AWS credentials", &credentials),
+        ("the git deploy key", &deploy_key),
+        ("the git token", &git_token),
         ("the state database", &database),
         ("another environment's state", &dev_state),
     ] {

@@ -218,6 +218,8 @@ pub struct Fixture {
     pub open_files: Option<u64>,
     /// `concurrency:` of the daemon config (2 unless a test sets it).
     pub concurrency: u32,
+    /// `repo:` of the daemon config, when not the remote's path (a git host's address).
+    pub repo_url: Option<String>,
 }
 
 /// The line the daemon logs once it listens, with the address in its `listen` field.
@@ -371,6 +373,7 @@ impl Fixture {
             api_token: None,
             open_files: None,
             concurrency: 2,
+            repo_url: None,
         }
     }
 
@@ -441,7 +444,9 @@ impl Fixture {
             .unwrap_or_default();
         let config = format!(
             "repo: {}\npoll_interval: {}\nstate_dir: {}\nlisten: {}\nwebhook_secret_file: {}\nconcurrency: {}\nterraform:\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\n{cloudtrail}alerts:\n  - webhook: {}\n{}",
-            self.remote.path().display(),
+            self.repo_url
+                .clone()
+                .unwrap_or_else(|| self.remote.path().display().to_string()),
             self.poll_interval,
             self.state_dir().display(),
             self.listen,
