@@ -4,14 +4,16 @@
 //! deliverer sends what is due, retrying with exponential backoff. A restart loses none; a
 //! delivery acknowledged with a 2xx is marked and never sent again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Delivery, Journal, OutboxKind, StateStore, StoreError, now_rfc3339};
+use crate::store::{
+    Delivery, Journal, OutboxEntry, OutboxKind, StateStore, StoreError, now_rfc3339,
+};
 
 /// The `kind` of an alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -186,72 +188,32 @@ async fn post(
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
-/// Sends what is due in the outbox until `shutdown`; checks every `tick`.
-///
-/// An alert the sink accepted but whose delivery could not be recorded (a full disk) is never
-/// sent again: it is kept in memory and only its mark is retried on each tick.
+/// Sends the alerts due in the outbox until `shutdown`; checks every `tick`.
 pub async fn deliver(
     store: Arc<dyn StateStore>,
     client: reqwest::Client,
     tick: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut sent_unrecorded: HashSet<i64> = HashSet::new();
-    loop {
-        sent_unrecorded.retain(|id| store.delivered(*id).is_err());
-        let due = match store.due(OutboxKind::Alert, unix_now()) {
-            Ok(due) => due,
-            Err(error) => {
-                tracing::error!(%error, "reading the alert outbox");
-                Vec::new()
-            }
-        };
-        for entry in due {
-            if sent_unrecorded.contains(&entry.id) {
-                continue;
-            }
-            match post(
+    let send = |entry: OutboxEntry| {
+        let client = client.clone();
+        async move {
+            post(
                 &client,
                 &entry.destination,
                 &entry.body,
                 Duration::from_secs(10),
             )
             .await
-            {
-                Ok(()) => {
-                    if let Err(error) = store.delivered(entry.id) {
-                        tracing::error!(%error, id = entry.id, "an alert was delivered but that could not be recorded; it is not sent again");
-                        sent_unrecorded.insert(entry.id);
-                    }
-                }
-                Err(error) => {
-                    let backoff = crate::engine::retry::Backoff::DELIVERY
-                        .after(entry.attempts + 1, fastrand::f64());
-                    tracing::warn!(sink = %entry.destination, attempts = entry.attempts + 1, %error, "alert not delivered; retrying in {backoff:?}");
-                    let next = unix_now() + backoff.as_secs() as i64;
-                    if let Err(error) = store.delivery_failed(entry.id, next, &error) {
-                        tracing::error!(%error, "recording an alert delivery");
-                    }
-                }
-            }
         }
-        tokio::select! {
-            () = tokio::time::sleep(tick) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+    };
+    crate::outbox::deliver(store, OutboxKind::Alert, tick, shutdown, send).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::unix_now;
 
     #[test]
     fn the_text_line_names_the_environment_kind_commit_and_first_line() {

@@ -31,12 +31,16 @@ pub mod daemon;
 #[cfg(feature = "runtime")]
 pub mod egress;
 pub mod engine;
+#[cfg(feature = "runtime")]
+pub mod forge;
 pub mod git;
 #[cfg(feature = "runtime")]
 pub mod http;
 pub mod limits;
 #[cfg(feature = "runtime")]
 pub mod metrics;
+#[cfg(feature = "runtime")]
+pub mod outbox;
 pub mod problem;
 #[cfg(feature = "runtime")]
 pub mod process;

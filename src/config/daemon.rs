@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use super::environment::AlertSink;
 use super::raw::RawDaemon;
-use super::raw::RawGitAccess;
-use super::remote::{DEFAULT_GIT_USERNAME, GitAccess, RepoAddress, Scheme};
+use super::raw::{RawForge, RawGitAccess};
+use super::remote::{
+    DEFAULT_GIT_USERNAME, ForgeKind, ForgeSettings, GitAccess, RepoAddress, Scheme,
+};
 use super::types::{
     BranchName, ProviderPattern, default_provider_patterns, parse_duration, parse_webhook_url,
 };
@@ -22,6 +24,8 @@ pub struct DaemonConfig {
     pub repo: RepoAddress,
     /// The files the daemon reaches `repo` with.
     pub git: GitAccess,
+    /// Where run results are posted; `None`: nowhere.
+    pub forge: Option<ForgeSettings>,
     pub poll_interval: Duration,
     /// Everything the daemon knows lives here.
     pub state_dir: PathBuf,
@@ -190,6 +194,10 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         None => Some(None),
     };
     let alerts = v.alerts(&raw.alerts);
+    let forge = match &raw.forge {
+        Some(forge) => forge_settings(&mut v, forge, base).map(Some),
+        None => Some(None),
+    };
     let sandbox = v.check(
         "sandbox",
         SandboxMode::parse(raw.sandbox.as_deref().unwrap_or("landlock")),
@@ -231,14 +239,18 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     else {
         unreachable!("a missing value without a reported problem")
     };
-    let (Some(cloudtrail_endpoint_url), Some(preview_network), Some(max_file_bytes)) =
-        (cloudtrail_endpoint_url, preview_network, max_file_bytes)
-    else {
+    let (Some(cloudtrail_endpoint_url), Some(preview_network), Some(max_file_bytes), Some(forge)) = (
+        cloudtrail_endpoint_url,
+        preview_network,
+        max_file_bytes,
+        forge,
+    ) else {
         unreachable!("a missing value without a reported problem")
     };
     Ok(DaemonConfig {
         repo,
         git,
+        forge,
         poll_interval,
         state_dir,
         listen,
@@ -269,6 +281,67 @@ fn parse_size(text: &str) -> Result<u64, String> {
         Ok(size) if size.as_u64() > 0 => Ok(size.as_u64()),
         _ => Err(format!("{text:?} is not a size such as 64MiB")),
     }
+}
+
+/// `forge:`: a known kind, its API's address (GitHub's by default), the repository, the
+/// token's file and where the run pages are reached.
+fn forge_settings(v: &mut Validator, raw: &RawForge, base: &Path) -> Option<ForgeSettings> {
+    let kind = v.check(
+        "forge.kind",
+        raw.kind
+            .parse::<ForgeKind>()
+            .map_err(|_| format!("{:?} is not a forge: use github, gitlab or gitea", raw.kind)),
+    );
+    let api_url = match (
+        raw.api_url.as_deref(),
+        kind.and_then(ForgeKind::default_api_url),
+    ) {
+        (Some(text), _) | (None, Some(text)) => v.check("forge.api_url", parse_webhook_url(text)),
+        (None, None) if kind.is_some() => {
+            v.report(
+                "forge.api_url",
+                "is required for this forge: https://HOST/api/v4 (GitLab) or https://HOST/api/v1 (Gitea, Forgejo)",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let repository = raw.repository.trim_matches('/');
+    let parts: Vec<&str> = repository.split('/').collect();
+    let repository = v.check(
+        "forge.repository",
+        if parts.len() >= 2
+            && parts
+                .iter()
+                .all(|part| !part.is_empty() && !part.contains(['?', '#', ' ']))
+        {
+            Ok(repository.to_string())
+        } else {
+            Err(format!(
+                "{:?} is not a repository such as acme/infra",
+                raw.repository
+            ))
+        },
+    );
+    let api_url = api_url.and_then(|url| {
+        let loopback = url.host_str().is_some_and(super::is_loopback_host);
+        if url.scheme() == "http" && !loopback {
+            v.report(
+                "forge.api_url",
+                format!("would get the token in the clear: use https://, or plain http:// only to this machine ({url})"),
+            );
+            return None;
+        }
+        Some(url)
+    });
+    let public_url = v.check("forge.public_url", parse_webhook_url(&raw.public_url));
+    Some(ForgeSettings {
+        kind: kind?,
+        api_url: api_url?,
+        repository: repository?,
+        token_file: base.join(&raw.token_file),
+        public_url: public_url?,
+    })
 }
 
 /// `git:`, checked against the address: an ssh remote needs its key and the host keys it
@@ -415,7 +488,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`",
             ),
             (
                 "providers: [hashicorp/*]",
@@ -446,6 +519,21 @@ alerts:
                 "repo: file:///srv/git/config.git",
                 "repo: http://git.example.com/config.git\ngit:\n  token_file: /etc/karrots/git-token",
                 "karrots.yaml:3: git.token_file: would be sent in the clear to http://git.example.com/config.git: use https://, or plain http:// only to this machine",
+            ),
+            (
+                "preview: true",
+                "preview: true\nforge:\n  kind: bitbucket\n  repository: acme/infra\n  token_file: t\n  public_url: https://karrots.example.com",
+                "karrots.yaml:9: forge.kind: \"bitbucket\" is not a forge: use github, gitlab or gitea",
+            ),
+            (
+                "preview: true",
+                "preview: true\nforge:\n  kind: gitlab\n  repository: platform/infra\n  token_file: t\n  public_url: https://karrots.example.com",
+                "karrots.yaml:8: forge.api_url: is required for this forge: https://HOST/api/v4 (GitLab) or https://HOST/api/v1 (Gitea, Forgejo)",
+            ),
+            (
+                "preview: true",
+                "preview: true\nforge:\n  kind: gitea\n  api_url: http://git.example.com/api/v1\n  repository: acme/infra\n  token_file: t\n  public_url: https://karrots.example.com",
+                "karrots.yaml:10: forge.api_url: would get the token in the clear: use https://, or plain http:// only to this machine (http://git.example.com/api/v1)",
             ),
         ];
         for (from, to, expected) in rows {

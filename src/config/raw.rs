@@ -117,6 +117,17 @@ pub(crate) struct RawDaemon {
     pub alerts: Vec<RawAlert>,
     #[serde(default)]
     pub git: RawGitAccess,
+    pub forge: Option<RawForge>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawForge {
+    pub kind: String,
+    pub api_url: Option<String>,
+    pub repository: String,
+    pub token_file: String,
+    pub public_url: String,
 }
 
 #[derive(Debug, Default, Deserialize)]

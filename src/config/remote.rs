@@ -152,6 +152,36 @@ pub struct GitAccess {
 /// The user name GitHub expects with a token.
 pub const DEFAULT_GIT_USERNAME: &str = "x-access-token";
 
+/// `forge:`: where the results of runs are posted (commit statuses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgeSettings {
+    pub kind: ForgeKind,
+    /// The REST API's root: `https://api.github.com`, `https://HOST/api/v4` (GitLab),
+    /// `https://HOST/api/v1` (Gitea, Forgejo).
+    pub api_url: url::Url,
+    /// `owner/name`; for GitLab the project's path (groups included).
+    pub repository: String,
+    /// The API token, read at each delivery.
+    pub token_file: PathBuf,
+    /// Where people reach the daemon's run pages: statuses link to `{public_url}/runs/{id}`.
+    pub public_url: url::Url,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
+pub enum ForgeKind {
+    Github,
+    Gitlab,
+    Gitea,
+}
+
+impl ForgeKind {
+    /// The API root when `forge.api_url` is not set: only GitHub's is one address.
+    pub fn default_api_url(self) -> Option<&'static str> {
+        (self == ForgeKind::Github).then_some("https://api.github.com")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -156,10 +156,7 @@ pub(super) async fn check(
         // One is already waiting: the check runs after it.
         return Ok(());
     }
-    let (name, hex) = (env.to_string(), commit.to_string());
-    let run_id = shared
-        .store(move |store| store.start_run(&name, &hex, RunKind::Drift, None))
-        .await?;
+    let run_id = shared.start_run(env, &commit, RunKind::Drift, None).await?;
     let span = super::steps::run_span(env, Lane::Merged, &commit, run_id);
     let check = Check {
         shared,

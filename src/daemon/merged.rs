@@ -257,10 +257,9 @@ impl Run<'_> {
         let Some(checked) = &self.checked else {
             return Err(WorkError::Other("a plan without a staged commit".into()));
         };
-        let (name, hex) = (env.to_string(), commit.to_string());
         let planning = Some(EnvStatus::Planning);
         let run_id = shared
-            .store(move |store| store.start_run(&name, &hex, RunKind::Plan, planning))
+            .start_run(env, commit, RunKind::Plan, planning)
             .await?;
         let span = run_span(env, Lane::Merged, commit, run_id);
         let planned = plan(shared, env, Lane::Merged, commit, checked, run_id, stop)

@@ -69,6 +69,10 @@ pub enum DaemonError {
 /// Blocking git tasks of the workers at once ([`Shared::git_work`]).
 const GIT_WORK_AT_ONCE: usize = 4;
 
+/// How often the outbox is read for commit statuses to send: a run's end reaches the forge
+/// within this (and the request's own time).
+const STATUS_TICK: Duration = Duration::from_millis(100);
+
 /// How long a wake waits for the rest of its burst before fetching.
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(20);
 
@@ -94,6 +98,14 @@ pub async fn run(
         Duration::from_millis(500),
         stop.clone(),
     ));
+    let statuses = shared.config.forge.clone().map(|settings| {
+        tokio::spawn(crate::forge::deliver(
+            shared.store.clone(),
+            crate::forge::Forge::new(settings),
+            STATUS_TICK,
+            stop.clone(),
+        ))
+    });
     // READY=1 before the first ping; the pings have their own token so that they end, and are
     // seen to end, before STOPPING=1 is sent.
     systemd::ready(&shared);
@@ -111,6 +123,9 @@ pub async fn run(
     shared.scheduler.drain().await;
     let _ = http.await;
     let _ = alerts.await;
+    if let Some(statuses) = statuses {
+        let _ = statuses.await;
+    }
     let _ = trim.await;
     let client = reqwest::Client::new();
     shared

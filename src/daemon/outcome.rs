@@ -5,8 +5,9 @@
 //! moment leaves either the whole outcome or none of it: never a finished run without its
 //! alert, or a status without its audit entry.
 
-use crate::alert::Alert;
+use crate::alert::{Alert, AlertKind};
 use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
+use crate::forge::CommitStatus;
 use crate::git::CommitId;
 use std::collections::BTreeSet;
 
@@ -162,8 +163,11 @@ impl Shared {
             counted,
             drift_metric,
         } = outcome;
-        let deliveries: Vec<Vec<Delivery>> =
+        let mut deliveries: Vec<Vec<Delivery>> =
             alerts.iter().map(|alert| self.deliveries(alert)).collect();
+        if let Some(status) = self.commit_status(&journal, counted, &alerts) {
+            deliveries.push(vec![status.delivery()]);
+        }
         let counted = Counted {
             env: journal.env.clone(),
             run: counted,
@@ -174,6 +178,66 @@ impl Shared {
             move || held.record(store.as_ref(), journal, deliveries),
             counted,
         )
+    }
+
+    /// The commit status an outcome posts, when there is a forge and the outcome ends a run
+    /// that posts one.
+    fn commit_status(
+        &self,
+        journal: &Journal,
+        counted: Option<(RunKind, RunResult)>,
+        alerts: &[Alert],
+    ) -> Option<CommitStatus> {
+        self.config.forge.as_ref()?;
+        let Some((kind, result)) = counted else {
+            // A trust-branch karrots.yaml that does not load ends no run, but its commit
+            // broke the environment: a failure on it.
+            let broken = alerts.iter().find(|alert| {
+                alert.kind == AlertKind::ConfigError
+                    && !alert.env.is_empty()
+                    && !alert.commit.is_empty()
+            })?;
+            let (env, sha) = (&broken.env, &broken.commit);
+            let refused = (RunKind::Plan, RunResult::Refused);
+            return CommitStatus::ended(
+                env,
+                sha,
+                refused.0,
+                refused.1,
+                &Summary::default(),
+                &broken.message,
+                journal.status,
+            );
+        };
+        let (summary, message) = match journal.run.as_ref()? {
+            RunRecord::Finish {
+                summary, message, ..
+            } => (*summary, message.as_str()),
+            RunRecord::Decided { message, .. } => (Summary::default(), message.as_str()),
+        };
+        let (env, sha) = (&journal.env, &journal.commit);
+        CommitStatus::ended(env, sha, kind, result, &summary, message, journal.status)
+    }
+
+    /// Begins a run of `kind` (the environment's status set with it, when there is one to
+    /// set), with its `pending` commit status when there is a forge: one transaction, on a
+    /// blocking thread. Returns the run's id.
+    pub(super) async fn start_run(
+        &self,
+        env: &str,
+        commit: &CommitId,
+        kind: RunKind,
+        status: Option<EnvStatus>,
+    ) -> Result<i64, StoreError> {
+        let pending = self
+            .config
+            .forge
+            .as_ref()
+            .and_then(|_| CommitStatus::started(env, commit.as_str(), kind));
+        let outbox: Vec<Delivery> = pending.iter().map(CommitStatus::delivery).collect();
+        let (env, commit) = (env.to_string(), commit.to_string());
+        self.store(move |store| store.start_run(&env, &commit, kind, status, &outbox))
+            .await
     }
 
     /// Runs a store call on a blocking thread: a store call never holds a runtime thread,

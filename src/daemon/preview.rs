@@ -95,8 +95,8 @@ async fn recorded_preview(
     stop: &CancellationToken,
 ) -> WorkResult {
     let run_id = shared
-        .store
-        .start_run(env, commit.as_str(), RunKind::Preview, None)?;
+        .start_run(env, commit, RunKind::Preview, None)
+        .await?;
     let span = run_span(env, Lane::Preview, commit, run_id);
     let planned = plan(shared, env, Lane::Preview, commit, checked, run_id, stop)
         .instrument(span.clone())

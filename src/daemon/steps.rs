@@ -246,10 +246,9 @@ pub(super) async fn start_apply(
     trusted: &crate::config::EnvironmentSpec,
 ) -> Result<(i64, Result<(), String>), WorkError> {
     let name = crate::config::EnvName::parse(env)?;
-    let (name_, commit_) = (env.to_string(), commit.to_string());
     let applying = Some(EnvStatus::Applying);
     let run_id = shared
-        .store(move |store| store.start_run(&name_, &commit_, RunKind::Apply, applying))
+        .start_run(env, commit, RunKind::Apply, applying)
         .await?;
     let applied = async {
         tracing::info!("applying");

@@ -143,19 +143,28 @@ pub struct Summary {
     pub destroy: usize,
 }
 
-/// What an outbox row is delivered as. Alerts today; commit statuses and pull-request
-/// comments are kinds of their own, each with its deliverer.
+/// What an outbox row is delivered as, each kind by its deliverer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxKind {
     /// A JSON alert POSTed to a webhook sink.
     Alert,
+    /// A commit status for the forge. Its destination is the commit and context: a newer
+    /// status for the same one supersedes any not yet delivered, so the forge never gets an
+    /// older state after a newer one.
+    Status,
 }
 
 impl OutboxKind {
     pub fn as_str(self) -> &'static str {
         match self {
             OutboxKind::Alert => "alert",
+            OutboxKind::Status => "status",
         }
+    }
+
+    /// Whether a newer delivery to the same destination makes an older one pointless.
+    fn superseding(self) -> bool {
+        self == OutboxKind::Status
     }
 }
 
@@ -175,6 +184,8 @@ pub struct OutboxEntry {
     pub destination: String,
     pub body: String,
     pub attempts: u32,
+    /// The run whose outcome (or start) caused it, if any.
+    pub run: Option<i64>,
 }
 
 /// How a journal entry records its run.
@@ -244,6 +255,7 @@ pub trait StateStore: Send + Sync {
         commit: &str,
         kind: RunKind,
         status: Option<EnvStatus>,
+        outbox: &[Delivery],
     ) -> Result<i64, StoreError>;
     /// The newest `limit` runs, of one environment or of all.
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError>;
@@ -276,7 +288,7 @@ pub struct SqliteStore {
     unrecorded: Mutex<BTreeMap<String, EnvStatus>>,
 }
 
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     "
 CREATE TABLE environments (
     name TEXT PRIMARY KEY,
@@ -333,6 +345,10 @@ CREATE INDEX outbox_due ON outbox (kind, delivered_at, next_attempt_at);
 ",
     "
 ALTER TABLE environments ADD COLUMN applied_inputs TEXT;
+",
+    "
+ALTER TABLE outbox ADD COLUMN run_id INTEGER;
+CREATE INDEX outbox_by_destination ON outbox (kind, destination, delivered_at);
 ",
 ];
 
@@ -657,16 +673,39 @@ fn write_journal(
             )?
             .execute(params![now, env, entry.commit, decision, detail])?;
     }
-    for delivery in &entry.outbox {
+    write_outbox(transaction, &entry.outbox, run, now)?;
+    Ok(run)
+}
+
+/// The deliveries of one outcome (or run start), linked to its run; each supersedes the
+/// undelivered ones of its kind and destination when its kind says so.
+fn write_outbox(
+    transaction: &rusqlite::Transaction<'_>,
+    outbox: &[Delivery],
+    run: Option<i64>,
+    now: &str,
+) -> rusqlite::Result<()> {
+    for delivery in outbox {
+        if delivery.kind.superseding() {
+            transaction
+                .prepare_cached(
+                    "UPDATE outbox SET delivered_at = ?3, last_error = 'superseded'
+                     WHERE kind = ?1 AND destination = ?2 AND delivered_at IS NULL",
+                )?
+                .execute(params![delivery.kind.as_str(), delivery.destination, now])?;
+        }
         transaction
-            .prepare_cached("INSERT INTO outbox (kind, destination, body) VALUES (?1, ?2, ?3)")?
+            .prepare_cached(
+                "INSERT INTO outbox (kind, destination, body, run_id) VALUES (?1, ?2, ?3, ?4)",
+            )?
             .execute(params![
                 delivery.kind.as_str(),
                 delivery.destination,
-                delivery.body
+                delivery.body,
+                run
             ])?;
     }
-    Ok(run)
+    Ok(())
 }
 
 const ENVIRONMENT_COLUMNS: &str =
@@ -746,12 +785,14 @@ impl StateStore for SqliteStore {
         commit: &str,
         kind: RunKind,
         status: Option<EnvStatus>,
+        outbox: &[Delivery],
     ) -> Result<i64, StoreError> {
         let started = self.with(|c| {
             let transaction = c.unchecked_transaction()?;
+            let now = now_rfc3339();
             transaction.execute(
                 "INSERT INTO runs (env, commit_id, kind, started_at) VALUES (?1, ?2, ?3, ?4)",
-                params![env, commit, kind, now_rfc3339()],
+                params![env, commit, kind, now],
             )?;
             let id = transaction.last_insert_rowid();
             if let Some(status) = status {
@@ -760,6 +801,7 @@ impl StateStore for SqliteStore {
                     params![env, status],
                 )?;
             }
+            write_outbox(&transaction, outbox, Some(id), &now)?;
             transaction.commit()?;
             Ok(id)
         });
@@ -848,7 +890,7 @@ impl StateStore for SqliteStore {
     fn due(&self, kind: OutboxKind, now_unix: i64) -> Result<Vec<OutboxEntry>, StoreError> {
         self.read(|c| {
             c.prepare(
-                "SELECT id, destination, body, attempts FROM outbox
+                "SELECT id, destination, body, attempts, run_id FROM outbox
                  WHERE kind = ?1 AND delivered_at IS NULL AND next_attempt_at <= ?2
                  ORDER BY id LIMIT 100",
             )?
@@ -858,6 +900,7 @@ impl StateStore for SqliteStore {
                     destination: row.get(1)?,
                     body: row.get(2)?,
                     attempts: row.get::<_, i64>(3)? as u32,
+                    run: row.get(4)?,
                 })
             })?
             .collect()
@@ -1092,7 +1135,13 @@ mod tests {
         let store = SqliteStore::open(&path).unwrap();
         record_head(&store, "prod", "main", "abc").unwrap();
         let run = store
-            .start_run("prod", "abc", RunKind::Apply, Some(EnvStatus::Applying))
+            .start_run(
+                "prod",
+                "abc",
+                RunKind::Apply,
+                Some(EnvStatus::Applying),
+                &[],
+            )
             .unwrap();
         let applied = Journal {
             env: "prod".into(),
@@ -1169,7 +1218,9 @@ mod tests {
         let path = dir.path().join("karrots.db");
         let store = SqliteStore::open(&path).unwrap();
         record_head(&store, "prod", "main", "abc").unwrap();
-        let run = store.start_run("prod", "abc", RunKind::Plan, None).unwrap();
+        let run = store
+            .start_run("prod", "abc", RunKind::Plan, None, &[])
+            .unwrap();
         let hand = Connection::open(&path).unwrap();
         let broken = [
             (
@@ -1249,7 +1300,7 @@ mod tests {
             let store = SqliteStore::open(&path).unwrap();
             record_head(&store, "prod", "main", "abc").unwrap();
             let plan = store
-                .start_run("prod", "abc", RunKind::Plan, Some(EnvStatus::Planning))
+                .start_run("prod", "abc", RunKind::Plan, Some(EnvStatus::Planning), &[])
                 .unwrap();
             store
                 .journal(&Journal {
@@ -1260,7 +1311,13 @@ mod tests {
                 })
                 .unwrap();
             store
-                .start_run("prod", "abc", RunKind::Apply, Some(EnvStatus::Applying))
+                .start_run(
+                    "prod",
+                    "abc",
+                    RunKind::Apply,
+                    Some(EnvStatus::Applying),
+                    &[],
+                )
                 .unwrap();
             // The daemon dies here, mid-apply.
         }

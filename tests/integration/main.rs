@@ -4,6 +4,7 @@
 mod check;
 mod daemon;
 mod drift;
+mod forge;
 mod hardening;
 mod hosts;
 mod operations;

@@ -1,6 +1,7 @@
 //! Test support: config repositories built in temp dirs, and the real `karrots` binary.
 
 pub mod daemon;
+pub mod forge;
 pub mod hosts;
 
 use std::fs;

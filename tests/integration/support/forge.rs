@@ -1,0 +1,149 @@
+//! A forge stand-in on loopback: it records every request (method, path, headers, JSON
+//! body) and answers as GitHub's, GitLab's and Gitea's commit status APIs do — `201` with the
+//! status; `503` while told to be down; and, shaped like GitLab, `400 Cannot transition
+//! status` when a context is set to the state it already has.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+/// One request the stand-in received, and what it answered.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
+    pub body: Value,
+    pub answered: u16,
+}
+
+pub struct ForgeStandIn {
+    pub url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    down: Arc<AtomicBool>,
+}
+
+impl ForgeStandIn {
+    /// `gitlab`: refuse a transition to the state a context already has, as GitLab does.
+    pub fn start(gitlab: bool) -> ForgeStandIn {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the forge stand-in");
+        let url = format!("http://{}/api", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(AtomicBool::new(false));
+        let (log, is_down) = (received.clone(), down.clone());
+        std::thread::spawn(move || {
+            let mut states: BTreeMap<String, String> = BTreeMap::new();
+            for mut stream in listener.incoming().flatten() {
+                let Some(mut request) = read(&mut stream) else {
+                    continue;
+                };
+                let key = format!("{} {}", request.path, request.body["name"]);
+                let state = request.body["state"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let (code, answer) = if is_down.load(Ordering::SeqCst) {
+                    (503, "{\"message\":\"Service Unavailable\"}".to_string())
+                } else if gitlab && states.get(&key) == Some(&state) {
+                    (
+                        400,
+                        format!(
+                            "{{\"message\":\"Cannot transition status via :run from :{state}\"}}"
+                        ),
+                    )
+                } else {
+                    states.insert(key, state);
+                    (201, request.body.to_string())
+                };
+                let _ = stream.write_all(
+                    format!(
+                        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                        answer.len()
+                    )
+                    .as_bytes(),
+                );
+                request.answered = code;
+                log.lock().unwrap().push(request);
+            }
+        });
+        ForgeStandIn {
+            url,
+            received,
+            down,
+        }
+    }
+
+    /// Answers `503` to everything until told otherwise.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The states the forge took (answered 201) for `sha` under `context` (GitHub's and
+    /// Gitea's `context`, GitLab's `name`), oldest first, with their descriptions.
+    pub fn taken(&self, sha: &str, context: &str) -> Vec<(String, String)> {
+        self.received()
+            .into_iter()
+            .filter(|request| {
+                request.answered == 201 && request.path.ends_with(&format!("/statuses/{sha}"))
+            })
+            .filter(|request| request.body["context"] == context || request.body["name"] == context)
+            .map(|request| {
+                let field =
+                    |name: &str| request.body[name].as_str().unwrap_or_default().to_string();
+                (field("state"), field("description"))
+            })
+            .collect()
+    }
+}
+
+/// Reads one HTTP/1.1 request.
+fn read(stream: &mut TcpStream) -> Option<Received> {
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let read = stream.read(&mut chunk).ok()?;
+        if read == 0 {
+            return None;
+        }
+        data.extend_from_slice(&chunk[..read]);
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_string();
+    let mut lines = head.lines();
+    let mut first = lines.next()?.split_whitespace();
+    let (method, path) = (first.next()?.to_string(), first.next()?.to_string());
+    let headers: BTreeMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_lowercase(), value.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0);
+    while data.len() < head_end + 4 + length {
+        let read = stream.read(&mut chunk).ok()?;
+        if read == 0 {
+            break;
+        }
+        data.extend_from_slice(&chunk[..read]);
+    }
+    let body = serde_json::from_slice(&data[head_end + 4..]).unwrap_or(Value::Null);
+    Some(Received {
+        method,
+        path,
+        headers,
+        body,
+        answered: 0,
+    })
+}
