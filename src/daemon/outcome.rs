@@ -168,6 +168,12 @@ impl Shared {
         if let Some(status) = self.commit_status(&journal, counted, &alerts) {
             deliveries.push(vec![status.delivery()]);
         }
+        // A preview's end writes the commit's pull request comment again.
+        if self.config.forge.is_some()
+            && matches!(counted, Some((RunKind::Preview, result)) if result != RunResult::Superseded)
+        {
+            deliveries.push(vec![crate::forge::comment_delivery(&journal.commit)]);
+        }
         let counted = Counted {
             env: journal.env.clone(),
             run: counted,

@@ -152,6 +152,9 @@ pub enum OutboxKind {
     /// status for the same one supersedes any not yet delivered, so the forge never gets an
     /// older state after a newer one.
     Status,
+    /// The pull request comment of a previewed commit, written again from the commit's
+    /// preview runs when delivered; one waiting per commit is enough.
+    Comment,
 }
 
 impl OutboxKind {
@@ -159,12 +162,13 @@ impl OutboxKind {
         match self {
             OutboxKind::Alert => "alert",
             OutboxKind::Status => "status",
+            OutboxKind::Comment => "comment",
         }
     }
 
     /// Whether a newer delivery to the same destination makes an older one pointless.
     fn superseding(self) -> bool {
-        self == OutboxKind::Status
+        matches!(self, OutboxKind::Status | OutboxKind::Comment)
     }
 }
 
@@ -260,6 +264,8 @@ pub trait StateStore: Send + Sync {
     /// The newest `limit` runs, of one environment or of all.
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError>;
     fn run(&self, id: i64) -> Result<Option<RunRow>, StoreError>;
+    /// The runs of `kind` on `commit`, every environment's, oldest first.
+    fn commit_runs(&self, commit: &str, kind: RunKind) -> Result<Vec<RunRow>, StoreError>;
     /// The runs still open (cut off by a kill, when the daemon starts): each is ended as
     /// `interrupted` by a journal entry, with what it causes.
     fn open_runs(&self) -> Result<Vec<RunRow>, StoreError>;
@@ -349,6 +355,7 @@ ALTER TABLE environments ADD COLUMN applied_inputs TEXT;
     "
 ALTER TABLE outbox ADD COLUMN run_id INTEGER;
 CREATE INDEX outbox_by_destination ON outbox (kind, destination, delivered_at);
+CREATE INDEX runs_by_commit ON runs (commit_id, kind);
 ",
 ];
 
@@ -846,6 +853,16 @@ impl StateStore for SqliteStore {
             }
         }
         written
+    }
+
+    fn commit_runs(&self, commit: &str, kind: RunKind) -> Result<Vec<RunRow>, StoreError> {
+        self.read(|c| {
+            c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE commit_id = ?1 AND kind = ?2 ORDER BY id"
+            ))?
+            .query_map(params![commit, kind], run_row)?
+            .collect()
+        })
     }
 
     fn runs(&self, env: Option<&str>, limit: usize) -> Result<Vec<RunRow>, StoreError> {

@@ -184,3 +184,62 @@ fn gitlab_gets_its_own_path_states_and_a_repeated_state_is_taken_as_set() {
     assert!(refused >= 1, "{requests:?}");
     assert_eq!(retried, 0);
 }
+
+#[test]
+fn a_pull_request_gets_one_comment_edited_at_each_new_commit() {
+    let forge = ForgeStandIn::start(false);
+    let (mut fixture, _secrets) = with_forge(&forge, "github", "acme/infra");
+    fixture.start();
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+
+    fixture.clone.git(&["checkout", "-q", "-b", "feature"]);
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"v1\"", "\"secret-label-v2\"");
+    let one = fixture.clone.commit_all("feature: v2");
+    forge.open_pull_request(7, &one);
+    fixture.push("feature");
+    fixture.wait_for("the pull request's comment", |_| {
+        forge
+            .comments(7)
+            .iter()
+            .any(|(_, body)| body.contains(&one[..7]))
+    });
+    let comments = forge.comments(7);
+    assert_eq!(comments.len(), 1, "{comments:?}");
+    let (id, body) = &comments[0];
+    let preview = run_id(&fixture, "prod", "preview", &one);
+    assert!(body.starts_with("<!-- karrots:preview -->"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "| `prod` | +0 ~1 -0 | [#{preview}](https://karrots.example.com/runs/{preview}) |"
+        )),
+        "{body}"
+    );
+    assert!(body.contains("- `terraform_data.app`: update"), "{body}");
+    assert!(!body.contains("secret-label"), "never a value: {body}");
+
+    // A new commit on the branch: the same comment, edited.
+    fixture
+        .clone
+        .replace("modules/prod-app/main.tf", "\"secret-label-v2\"", "\"v3\"");
+    let two = fixture.clone.commit_all("feature: v3");
+    forge.open_pull_request(7, &two);
+    fixture.push("feature");
+    fixture.wait_for("the comment edited for the new commit", |_| {
+        forge
+            .comments(7)
+            .iter()
+            .any(|(_, body)| body.contains(&two[..7]))
+    });
+    let comments = forge.comments(7);
+    assert_eq!(comments.len(), 1, "edited in place: {comments:?}");
+    assert_eq!(&comments[0].0, id);
+    let edits = forge
+        .received()
+        .iter()
+        .filter(|request| request.method == "PATCH")
+        .count();
+    assert!(edits >= 1);
+}

@@ -1,7 +1,9 @@
 //! A forge stand-in on loopback: it records every request (method, path, headers, JSON
 //! body) and answers as GitHub's, GitLab's and Gitea's commit status APIs do — `201` with the
 //! status; `503` while told to be down; and, shaped like GitLab, `400 Cannot transition
-//! status` when a context is set to the state it already has.
+//! status` when a context is set to the state it already has. Shaped like GitHub, it also
+//! keeps pull requests (a commit → an open pull request) and their comments: listed,
+//! created, edited.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -26,6 +28,64 @@ pub struct ForgeStandIn {
     pub url: String,
     received: Arc<Mutex<Vec<Received>>>,
     down: Arc<AtomicBool>,
+    pulls: Arc<Pulls>,
+    comments: Arc<Comments>,
+}
+
+/// GitHub's pull requests: the head commit → the number of an open one.
+type Pulls = Mutex<BTreeMap<String, u64>>;
+/// GitHub's issue comments: id → (pull request, body).
+type Comments = Mutex<BTreeMap<u64, (u64, String)>>;
+
+/// What GitHub's pull request and comment routes answer, when `path` is one of them.
+fn pull_request_routes(
+    method: &str,
+    path: &str,
+    body: &Value,
+    pulls: &Pulls,
+    comments: &Comments,
+) -> Option<(u16, String)> {
+    let path = path.split('?').next().unwrap_or(path);
+    let parts: Vec<&str> = path
+        .trim_start_matches("/api/repos/acme/infra/")
+        .split('/')
+        .collect();
+    let mut comments = comments.lock().unwrap();
+    match (method, parts.as_slice()) {
+        ("GET", ["commits", sha, "pulls"]) => {
+            let open: Vec<Value> = pulls
+                .lock()
+                .unwrap()
+                .get(*sha)
+                .map(|number| serde_json::json!({"number": number, "state": "open"}))
+                .into_iter()
+                .collect();
+            Some((200, Value::Array(open).to_string()))
+        }
+        ("GET", ["issues", number, "comments"]) => {
+            let number: u64 = number.parse().ok()?;
+            let listed: Vec<Value> = comments
+                .iter()
+                .filter(|(_, (pull, _))| *pull == number)
+                .map(|(id, (_, body))| serde_json::json!({"id": id, "body": body}))
+                .collect();
+            Some((200, Value::Array(listed).to_string()))
+        }
+        ("POST", ["issues", number, "comments"]) => {
+            let id = 1000 + comments.len() as u64;
+            comments.insert(
+                id,
+                (number.parse().ok()?, body["body"].as_str()?.to_string()),
+            );
+            Some((201, serde_json::json!({"id": id}).to_string()))
+        }
+        ("PATCH", ["issues", "comments", id]) => {
+            let comment = comments.get_mut(&id.parse().ok()?)?;
+            comment.1 = body["body"].as_str()?.to_string();
+            Some((200, serde_json::json!({"id": id}).to_string()))
+        }
+        _ => None,
+    }
 }
 
 impl ForgeStandIn {
@@ -35,7 +95,9 @@ impl ForgeStandIn {
         let url = format!("http://{}/api", listener.local_addr().unwrap());
         let received = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(AtomicBool::new(false));
+        let (pulls, comments): (Arc<Pulls>, Arc<Comments>) = (Arc::default(), Arc::default());
         let (log, is_down) = (received.clone(), down.clone());
+        let (known_pulls, known_comments) = (Arc::clone(&pulls), Arc::clone(&comments));
         std::thread::spawn(move || {
             let mut states: BTreeMap<String, String> = BTreeMap::new();
             for mut stream in listener.incoming().flatten() {
@@ -47,8 +109,17 @@ impl ForgeStandIn {
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
+                let routed = pull_request_routes(
+                    &request.method,
+                    &request.path,
+                    &request.body,
+                    &known_pulls,
+                    &known_comments,
+                );
                 let (code, answer) = if is_down.load(Ordering::SeqCst) {
                     (503, "{\"message\":\"Service Unavailable\"}".to_string())
+                } else if let Some(routed) = routed {
+                    routed
                 } else if gitlab && states.get(&key) == Some(&state) {
                     (
                         400,
@@ -75,7 +146,25 @@ impl ForgeStandIn {
             url,
             received,
             down,
+            pulls,
+            comments,
         }
+    }
+
+    /// An open pull request, `number`, whose head is now `sha`.
+    pub fn open_pull_request(&self, number: u64, sha: &str) {
+        self.pulls.lock().unwrap().insert(sha.to_string(), number);
+    }
+
+    /// The comments of pull request `number`, by id.
+    pub fn comments(&self, number: u64) -> Vec<(u64, String)> {
+        self.comments
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, (pull, _))| *pull == number)
+            .map(|(id, (_, body))| (*id, body.clone()))
+            .collect()
     }
 
     /// Answers `503` to everything until told otherwise.

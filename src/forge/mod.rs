@@ -1,12 +1,15 @@
 //! Results where developers look: each run's commit status on the forge (GitHub, GitLab,
 //! Gitea/Forgejo), context `karrots/<env>` for the merged lane and `karrots/<env>/preview`
 //! for previews — `pending` when a run starts, then `success`, `failure` or `error` with the
-//! summary or the reason, linked to the run's page.
+//! summary or the reason, linked to the run's page — and one comment on the pull request of a
+//! previewed commit ([`comment`]).
 //!
 //! A status is a row of the outbox, written in the same transaction as the run's start or
 //! outcome, and sent by [`deliver`]: retried with backoff, kept across a restart. A newer
 //! status of a commit's context supersedes one not yet sent, so the forge never gets a
 //! run's `pending` after its final state.
+
+pub mod comment;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +152,16 @@ impl CommitStatus {
     }
 }
 
+/// The outbox row that has the pull request comment of `sha` written again from the commit's
+/// preview runs; one waiting per commit.
+pub fn comment_delivery(sha: &str) -> Delivery {
+    Delivery {
+        kind: OutboxKind::Comment,
+        destination: sha.to_string(),
+        body: serde_json::json!({ "sha": sha }).to_string(),
+    }
+}
+
 /// One HTTP request to a forge's API.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -184,7 +197,6 @@ impl Forge {
     /// and Gitea's `POST /repos/{owner}/{repo}/statuses/{sha}`, GitLab's
     /// `POST /projects/{path}/statuses/{sha}` (with its own states and `name`).
     pub fn status_request(&self, status: &CommitStatus, run: Option<i64>, token: &str) -> Request {
-        let mut url = self.settings.api_url.clone();
         let mut body = serde_json::json!({
             "description": status.description,
             "context": status.context,
@@ -193,29 +205,8 @@ impl Forge {
         if let Some(run) = run {
             body["target_url"] = self.run_page(run).into();
         }
-        let headers = match self.settings.kind {
-            ForgeKind::Github => vec![
-                ("authorization", format!("Bearer {token}")),
-                ("accept", "application/vnd.github+json".to_string()),
-                ("x-github-api-version", "2022-11-28".to_string()),
-            ],
-            ForgeKind::Gitea => vec![("authorization", format!("token {token}"))],
-            ForgeKind::Gitlab => vec![("private-token", token.to_string())],
-        };
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty();
-            match self.settings.kind {
-                ForgeKind::Github | ForgeKind::Gitea => {
-                    path.push("repos");
-                    path.extend(self.settings.repository.split('/'));
-                }
-                ForgeKind::Gitlab => {
-                    // The project's path is one segment: `acme%2Finfra`.
-                    path.push("projects").push(&self.settings.repository);
-                }
-            }
-            path.push("statuses").push(&status.sha);
-        }
+        let headers = self.headers(token);
+        let url = self.url(&["statuses", &status.sha]);
         if self.settings.kind == ForgeKind::Gitlab
             && let Some(fields) = body.as_object_mut()
         {
@@ -235,13 +226,7 @@ impl Forge {
     async fn send(&self, entry: &OutboxEntry) -> Result<(), String> {
         let status: CommitStatus = serde_json::from_str(&entry.body)
             .map_err(|e| format!("an outbox status that does not parse: {e}"))?;
-        let token = std::fs::read_to_string(&self.settings.token_file).map_err(|e| {
-            format!(
-                "reading forge.token_file {}: {e}",
-                self.settings.token_file.display()
-            )
-        })?;
-        let request = self.status_request(&status, entry.run, token.trim());
+        let request = self.status_request(&status, entry.run, &self.token()?);
         let mut sending = self
             .client
             .post(request.url.clone())
@@ -272,7 +257,210 @@ impl Forge {
     }
 }
 
-/// Sends the commit statuses due in the outbox to `forge` until `shutdown`.
+/// The pull request comment's part of the forge's API.
+impl Forge {
+    /// The largest comment the forge takes.
+    fn comment_limit(&self) -> usize {
+        match self.settings.kind {
+            ForgeKind::Github => 65_536,
+            ForgeKind::Gitea => 65_535,
+            ForgeKind::Gitlab => 1_000_000,
+        }
+    }
+
+    /// The API's URL of `segments` under the repository's root.
+    fn url(&self, segments: &[&str]) -> url::Url {
+        let mut url = self.settings.api_url.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty();
+            match self.settings.kind {
+                ForgeKind::Github | ForgeKind::Gitea => {
+                    path.push("repos");
+                    path.extend(self.settings.repository.split('/'));
+                }
+                ForgeKind::Gitlab => {
+                    path.push("projects").push(&self.settings.repository);
+                }
+            }
+            path.extend(segments);
+        }
+        url
+    }
+
+    /// How each forge takes the token.
+    fn headers(&self, token: &str) -> Vec<(&'static str, String)> {
+        match self.settings.kind {
+            ForgeKind::Github => vec![
+                ("authorization", format!("Bearer {token}")),
+                ("accept", "application/vnd.github+json".to_string()),
+                ("x-github-api-version", "2022-11-28".to_string()),
+            ],
+            ForgeKind::Gitea => vec![("authorization", format!("token {token}"))],
+            ForgeKind::Gitlab => vec![("private-token", token.to_string())],
+        }
+    }
+
+    fn token(&self) -> Result<String, String> {
+        std::fs::read_to_string(&self.settings.token_file)
+            .map(|token| token.trim().to_string())
+            .map_err(|e| {
+                format!(
+                    "reading forge.token_file {}: {e}",
+                    self.settings.token_file.display()
+                )
+            })
+    }
+
+    /// One call of the API; its JSON answer (`null` for a 404 when `missing_is_none`).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        url: url::Url,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        let headers = self.headers(&self.token()?);
+        let mut request = self
+            .client
+            .request(method.clone(), url.clone())
+            .timeout(REQUEST_TIMEOUT);
+        for (name, value) in &headers {
+            request = request.header(*name, value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let code = response.status();
+        if code == reqwest::StatusCode::NOT_FOUND && method == reqwest::Method::GET {
+            return Ok(serde_json::Value::Null);
+        }
+        let text = response.text().await.unwrap_or_default();
+        if !code.is_success() {
+            return Err(format!(
+                "{method} {url} answered {code}: {}",
+                first_line(&text)
+            ));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The open pull (merge) requests whose head is `sha`, by number (GitLab: `iid`).
+    async fn pull_requests(&self, sha: &str) -> Result<Vec<u64>, String> {
+        let get = reqwest::Method::GET;
+        let (found, open_state, number) = match self.settings.kind {
+            ForgeKind::Github => (
+                self.call(get, self.url(&["commits", sha, "pulls"]), None)
+                    .await?,
+                "open",
+                "number",
+            ),
+            ForgeKind::Gitea => {
+                let pull = self
+                    .call(get, self.url(&["commits", sha, "pull"]), None)
+                    .await?;
+                (serde_json::Value::Array(vec![pull]), "open", "number")
+            }
+            ForgeKind::Gitlab => (
+                self.call(
+                    get,
+                    self.url(&["repository", "commits", sha, "merge_requests"]),
+                    None,
+                )
+                .await?,
+                "opened",
+                "iid",
+            ),
+        };
+        Ok(found
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|pull| pull["state"] == open_state)
+            .filter_map(|pull| pull[number].as_u64())
+            .collect())
+    }
+
+    /// Creates the comment on pull request `number`, or edits the one that carries the marker.
+    async fn put_comment(&self, number: u64, text: &str) -> Result<(), String> {
+        let number = number.to_string();
+        let comments = match self.settings.kind {
+            ForgeKind::Github | ForgeKind::Gitea => vec!["issues", number.as_str(), "comments"],
+            ForgeKind::Gitlab => vec!["merge_requests", number.as_str(), "notes"],
+        };
+        let mut listing = self.url(&comments);
+        listing.query_pairs_mut().append_pair("per_page", "100");
+        let existing = self.call(reqwest::Method::GET, listing, None).await?;
+        let ours = existing
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|comment| {
+                comment["body"]
+                    .as_str()
+                    .is_some_and(|body| body.starts_with(comment::MARKER))
+            })
+            .and_then(|comment| comment["id"].as_u64());
+        let body = Some(serde_json::json!({ "body": text }));
+        match (ours, self.settings.kind) {
+            (None, _) => {
+                self.call(reqwest::Method::POST, self.url(&comments), body)
+                    .await
+            }
+            (Some(id), ForgeKind::Gitlab) => {
+                let id = id.to_string();
+                let note = self.url(&["merge_requests", number.as_str(), "notes", id.as_str()]);
+                self.call(reqwest::Method::PUT, note, body).await
+            }
+            (Some(id), _) => {
+                let id = id.to_string();
+                let edit = self.url(&["issues", "comments", id.as_str()]);
+                self.call(reqwest::Method::PATCH, edit, body).await
+            }
+        }
+        .map(drop)
+    }
+
+    /// Writes the comment of a previewed commit on each open pull request whose head it is,
+    /// from the commit's preview runs as the store has them now.
+    async fn send_comment(
+        &self,
+        store: &Arc<dyn StateStore>,
+        entry: &OutboxEntry,
+    ) -> Result<(), String> {
+        let sha = serde_json::from_str::<serde_json::Value>(&entry.body)
+            .ok()
+            .and_then(|body| body["sha"].as_str().map(str::to_string))
+            .ok_or("an outbox comment that does not parse")?;
+        let (reader, commit) = (store.clone(), sha.clone());
+        let runs =
+            tokio::task::spawn_blocking(move || reader.commit_runs(&commit, RunKind::Preview))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        let pulls = self.pull_requests(&sha).await?;
+        if runs.is_empty() || pulls.is_empty() {
+            return Ok(());
+        }
+        let text = comment::render(
+            &sha,
+            &runs,
+            self.settings.public_url.as_str(),
+            self.comment_limit(),
+        );
+        for number in pulls {
+            self.put_comment(number, &text).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends the commit statuses and the pull request comments due in the outbox to `forge`
+/// until `shutdown`: one loop for each, so that a slow comment never holds up a status.
 pub async fn deliver(
     store: Arc<dyn StateStore>,
     forge: Forge,
@@ -280,11 +468,28 @@ pub async fn deliver(
     shutdown: CancellationToken,
 ) {
     let forge = Arc::new(forge);
-    let send = |entry: OutboxEntry| {
+    let statuses = {
         let forge = forge.clone();
-        async move { forge.send(&entry).await }
+        move |entry: OutboxEntry| {
+            let forge = forge.clone();
+            async move { forge.send(&entry).await }
+        }
     };
-    crate::outbox::deliver(store, OutboxKind::Status, tick, shutdown, send).await;
+    let reader = store.clone();
+    let comments = move |entry: OutboxEntry| {
+        let (forge, reader) = (forge.clone(), reader.clone());
+        async move { forge.send_comment(&reader, &entry).await }
+    };
+    tokio::join!(
+        crate::outbox::deliver(
+            store.clone(),
+            OutboxKind::Status,
+            tick,
+            shutdown.clone(),
+            statuses
+        ),
+        crate::outbox::deliver(store, OutboxKind::Comment, tick, shutdown, comments),
+    );
 }
 
 #[cfg(test)]
