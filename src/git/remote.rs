@@ -40,7 +40,16 @@ pub struct Transport {
     ca_bundle: Option<PathBuf>,
     /// This program, which answers git's requests for the token.
     helper: Option<PathBuf>,
+    /// Where OpenSSH keeps the sockets of its shared connections (`ControlPath`), when the
+    /// path is short enough for a socket.
+    ssh_sockets: Option<PathBuf>,
 }
+
+/// How long an ssh connection stays open for the next poll once the last one ended.
+const SSH_CONNECTION_KEPT: Duration = Duration::from_secs(120);
+
+/// The longest socket path Linux takes (`sun_path`), with room for OpenSSH's temporary name.
+const SOCKET_PATH_LIMIT: usize = 100;
 
 /// Why the transport cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +101,7 @@ impl Transport {
             access: access.clone(),
             ca_bundle,
             helper,
+            ssh_sockets: ssh_sockets(address, state_dir),
         })
     }
 
@@ -102,6 +112,7 @@ impl Transport {
             access: GitAccess::default(),
             ca_bundle: None,
             helper: None,
+            ssh_sockets: None,
         }
     }
 
@@ -180,6 +191,17 @@ impl Transport {
             .as_deref()
             .map_or("/dev/null".into(), |path| path.to_string_lossy());
         words.push(shell_quote(&format!("-oUserKnownHostsFile=\"{known}\"")));
+        if let Some(sockets) = &self.ssh_sockets {
+            // One connection serves the polls that follow each other: a poll that finds
+            // nothing costs a channel, not a key exchange and an authentication.
+            let path = sockets.join("%C").to_string_lossy().into_owned();
+            words.push("-o ControlMaster=auto".into());
+            words.push(format!(
+                "-o ControlPersist={}",
+                SSH_CONNECTION_KEPT.as_secs()
+            ));
+            words.push(shell_quote(&format!("-oControlPath=\"{path}\"")));
+        }
         words.join(" ")
     }
 
@@ -344,6 +366,25 @@ fn protocol(scheme: Scheme) -> &'static str {
     }
 }
 
+/// The private folder of OpenSSH's connection sockets under `state_dir`, for an ssh remote;
+/// `None` when the sockets' paths would be too long (the connections are then not shared).
+fn ssh_sockets(address: &RepoAddress, state_dir: &Path) -> Option<PathBuf> {
+    if address.scheme() != Scheme::Ssh {
+        return None;
+    }
+    let dir = state_dir.join("ssh");
+    // `%C` is 40 hexadecimal characters.
+    if dir.as_os_str().len() + 1 + 40 + 20 > SOCKET_PATH_LIMIT {
+        return None;
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    let created = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    created.ok().map(|()| dir)
+}
+
 /// `text` as one word of a POSIX shell.
 fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
@@ -434,6 +475,7 @@ mod tests {
             access,
             ca_bundle: None,
             helper: None,
+            ssh_sockets: None,
         }
     }
 
