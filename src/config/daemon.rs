@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use super::environment::AlertSink;
 use super::raw::RawDaemon;
-use super::raw::{RawForge, RawGitAccess};
+use super::raw::{RawForge, RawGitAccess, RawGithubApp};
 use super::remote::{
-    DEFAULT_GIT_USERNAME, ForgeKind, ForgeSettings, GitAccess, RepoAddress, Scheme,
+    DEFAULT_GIT_USERNAME, ForgeKind, ForgeSettings, GitAccess, GithubApp, RepoAddress, Scheme,
 };
 use super::types::{
     BranchName, ProviderPattern, default_provider_patterns, parse_duration, parse_webhook_url,
@@ -26,6 +26,8 @@ pub struct DaemonConfig {
     pub git: GitAccess,
     /// Where run results are posted; `None`: nowhere.
     pub forge: Option<ForgeSettings>,
+    /// A GitHub App whose installation tokens serve the fetch (https) and the forge.
+    pub github_app: Option<GithubApp>,
     pub poll_interval: Duration,
     /// Everything the daemon knows lives here.
     pub state_dir: PathBuf,
@@ -194,10 +196,21 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         None => Some(None),
     };
     let alerts = v.alerts(&raw.alerts);
-    let forge = match &raw.forge {
-        Some(forge) => forge_settings(&mut v, forge, base).map(Some),
+    let github_app = match &raw.github_app {
+        Some(app) => github_app(&mut v, app, base).map(Some),
         None => Some(None),
     };
+    let app = raw.github_app.is_some();
+    let forge = match &raw.forge {
+        Some(forge) => forge_settings(&mut v, forge, base, app).map(Some),
+        None => Some(None),
+    };
+    if app && raw.git.token_file.is_some() {
+        v.report(
+            "git.token_file",
+            "and github_app both give the fetch its credentials: keep one",
+        );
+    }
     let sandbox = v.check(
         "sandbox",
         SandboxMode::parse(raw.sandbox.as_deref().unwrap_or("landlock")),
@@ -239,18 +252,27 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     else {
         unreachable!("a missing value without a reported problem")
     };
-    let (Some(cloudtrail_endpoint_url), Some(preview_network), Some(max_file_bytes), Some(forge)) = (
+    let (
+        Some(cloudtrail_endpoint_url),
+        Some(preview_network),
+        Some(max_file_bytes),
+        Some(forge),
+        Some(github_app),
+    ) = (
         cloudtrail_endpoint_url,
         preview_network,
         max_file_bytes,
         forge,
-    ) else {
+        github_app,
+    )
+    else {
         unreachable!("a missing value without a reported problem")
     };
     Ok(DaemonConfig {
         repo,
         git,
         forge,
+        github_app,
         poll_interval,
         state_dir,
         listen,
@@ -285,7 +307,12 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 /// `forge:`: a known kind, its API's address (GitHub's by default), the repository, the
 /// token's file and where the run pages are reached.
-fn forge_settings(v: &mut Validator, raw: &RawForge, base: &Path) -> Option<ForgeSettings> {
+fn forge_settings(
+    v: &mut Validator,
+    raw: &RawForge,
+    base: &Path,
+    app: bool,
+) -> Option<ForgeSettings> {
     let kind = v.check(
         "forge.kind",
         raw.kind
@@ -335,12 +362,39 @@ fn forge_settings(v: &mut Validator, raw: &RawForge, base: &Path) -> Option<Forg
         Some(url)
     });
     let public_url = v.check("forge.public_url", parse_webhook_url(&raw.public_url));
+    let token_file = raw.token_file.as_deref().map(|file| base.join(file));
+    if token_file.is_none() && !(app && kind == Some(ForgeKind::Github)) {
+        v.report(
+            "forge.token_file",
+            "is required: the forge's API token (or, for GitHub, a github_app)",
+        );
+    }
     Some(ForgeSettings {
         kind: kind?,
         api_url: api_url?,
         repository: repository?,
-        token_file: base.join(&raw.token_file),
+        token_file,
         public_url: public_url?,
+    })
+}
+
+/// `github_app:`: its ids, its key's file, and the API it mints tokens at.
+fn github_app(v: &mut Validator, raw: &RawGithubApp, base: &Path) -> Option<GithubApp> {
+    let text = raw.api_url.as_deref().unwrap_or("https://api.github.com");
+    let api_url = v.check("github_app.api_url", parse_webhook_url(text))?;
+    let loopback = api_url.host_str().is_some_and(super::is_loopback_host);
+    if api_url.scheme() == "http" && !loopback {
+        v.report(
+            "github_app.api_url",
+            format!("would get the App's tokens in the clear: use https:// ({api_url})"),
+        );
+        return None;
+    }
+    Some(GithubApp {
+        app_id: raw.app_id,
+        installation_id: raw.installation_id,
+        private_key_file: base.join(&raw.private_key_file),
+        api_url,
     })
 }
 
@@ -488,7 +542,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`, `github_app`",
             ),
             (
                 "providers: [hashicorp/*]",
@@ -534,6 +588,11 @@ alerts:
                 "preview: true",
                 "preview: true\nforge:\n  kind: gitea\n  api_url: http://git.example.com/api/v1\n  repository: acme/infra\n  token_file: t\n  public_url: https://karrots.example.com",
                 "karrots.yaml:10: forge.api_url: would get the token in the clear: use https://, or plain http:// only to this machine (http://git.example.com/api/v1)",
+            ),
+            (
+                "preview: true",
+                "preview: true\ngit:\n  token_file: t\ngithub_app:\n  app_id: 1\n  installation_id: 2\n  private_key_file: app.pem",
+                "karrots.yaml:9: git.token_file: and github_app both give the fetch its credentials: keep one",
             ),
         ];
         for (from, to, expected) in rows {

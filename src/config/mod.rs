@@ -23,7 +23,9 @@ pub use environment::{
     EnvironmentSpec, S3Backend, S3Locking, TerraformSpec, parse_environment,
     parse_environment_file,
 };
-pub use remote::{ForgeKind, ForgeSettings, GitAccess, RepoAddress, Scheme, is_loopback_host};
+pub use remote::{
+    ForgeKind, ForgeSettings, GitAccess, GithubApp, RepoAddress, Scheme, is_loopback_host,
+};
 pub(crate) use types::to_slash;
 pub use types::{
     AccountId, Allowance, BranchName, EnvName, ProviderPattern, Region, RepoPath, RoleArn,

@@ -118,6 +118,16 @@ pub(crate) struct RawDaemon {
     #[serde(default)]
     pub git: RawGitAccess,
     pub forge: Option<RawForge>,
+    pub github_app: Option<RawGithubApp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGithubApp {
+    pub app_id: u64,
+    pub installation_id: u64,
+    pub private_key_file: String,
+    pub api_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,7 +136,7 @@ pub(crate) struct RawForge {
     pub kind: String,
     pub api_url: Option<String>,
     pub repository: String,
-    pub token_file: String,
+    pub token_file: Option<String>,
     pub public_url: String,
 }
 

@@ -161,10 +161,22 @@ pub struct ForgeSettings {
     pub api_url: url::Url,
     /// `owner/name`; for GitLab the project's path (groups included).
     pub repository: String,
-    /// The API token, read at each delivery.
-    pub token_file: PathBuf,
+    /// The API token, read at each delivery; `None` with a GitHub App, whose installation
+    /// token serves.
+    pub token_file: Option<PathBuf>,
     /// Where people reach the daemon's run pages: statuses link to `{public_url}/runs/{id}`.
     pub public_url: url::Url,
+}
+
+/// `github_app:`: an App installation whose short-lived tokens serve the fetch and the forge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GithubApp {
+    pub app_id: u64,
+    pub installation_id: u64,
+    /// The App's private key (PEM, as GitHub hands it out).
+    pub private_key_file: PathBuf,
+    /// `https://api.github.com`, or `https://HOST/api/v3` for GitHub Enterprise Server.
+    pub api_url: url::Url,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::Display, strum::EnumString)]

@@ -10,6 +10,7 @@
 //! Shutdown is a parameter of [`run`]: no new work is taken, plans are cancelled (SIGINT,
 //! grace, kill), an apply in flight finishes, and the store is left consistent.
 
+mod credentials;
 mod drift;
 mod memory;
 pub(crate) use memory::limit_arenas;
@@ -98,10 +99,11 @@ pub async fn run(
         Duration::from_millis(500),
         stop.clone(),
     ));
+    let credentials = serve_git_credentials(&shared, &stop)?;
     let statuses = shared.config.forge.clone().map(|settings| {
         tokio::spawn(crate::forge::deliver(
             shared.store.clone(),
-            crate::forge::Forge::new(settings),
+            crate::forge::Forge::new(settings, shared.app_tokens.clone()),
             STATUS_TICK,
             stop.clone(),
         ))
@@ -125,6 +127,9 @@ pub async fn run(
     let _ = alerts.await;
     if let Some(statuses) = statuses {
         let _ = statuses.await;
+    }
+    if let Some(credentials) = credentials {
+        let _ = credentials.await;
     }
     let _ = trim.await;
     let client = reqwest::Client::new();
@@ -165,6 +170,23 @@ fn serve_http(
     )))
 }
 
+/// The credential socket that hands a GitHub App's installation token to the daemon's own
+/// `git`, when the App serves an https fetch.
+fn serve_git_credentials(
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, DaemonError> {
+    let (Some(tokens), crate::config::Scheme::Https) =
+        (&shared.app_tokens, shared.config.repo.scheme())
+    else {
+        return Ok(None);
+    };
+    let host = shared.config.repo.host().unwrap_or_default().to_string();
+    credentials::serve(&shared.config.state_dir, tokens.clone(), host, stop.clone())
+        .map(Some)
+        .map_err(|e| DaemonError::Setup(format!("the git credential socket: {e}")))
+}
+
 /// What the machine must allow before anything starts: the Landlock sandbox, and a private
 /// network for previews.
 async fn preflight(config: &DaemonConfig) -> Result<(), DaemonError> {
@@ -200,7 +222,14 @@ fn open(
         Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
     let mirror =
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
-    let transport = Transport::new(&config.repo, &config.git, &config.state_dir)
+    let app_tokens = config
+        .github_app
+        .clone()
+        .map(|app| Arc::new(crate::forge::app::AppTokens::new(app)));
+    // A GitHub App's token serves an https fetch through the credential socket.
+    let socket = (app_tokens.is_some() && config.repo.scheme() == crate::config::Scheme::Https)
+        .then(|| config.state_dir.join(credentials::SOCKET));
+    let transport = Transport::new(&config.repo, &config.git, &config.state_dir, socket)
         .map_err(|error| DaemonError::Setup(error.to_string()))?;
     Ok(Arc::new(Shared {
         scheduler: Box::new(InProcess::new(config.concurrency.get(), stop.clone())),
@@ -211,6 +240,7 @@ fn open(
         identities: world.identities,
         mirror,
         transport: Arc::new(transport),
+        app_tokens,
         wake: Arc::new(Notify::new()),
         trusted: tokio::sync::watch::Sender::new(Arc::default()),
         metrics: Arc::default(),

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub mirror: Mirror,
     /// How the mirror reaches the config repository.
     pub(crate) transport: Arc<crate::git::remote::Transport>,
+    /// A GitHub App's installation tokens, when `github_app:` is set.
+    pub(crate) app_tokens: Option<Arc<crate::forge::app::AppTokens>>,
     /// Wakes the main loop for an immediate fetch; a burst of wakes is one fetch.
     pub wake: Arc<Notify>,
     /// The workers, the terraform permits and their order.

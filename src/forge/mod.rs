@@ -9,6 +9,7 @@
 //! status of a commit's context supersedes one not yet sent, so the forge never gets a
 //! run's `pending` after its final state.
 
+pub mod app;
 pub mod comment;
 
 use std::sync::Arc;
@@ -175,16 +176,22 @@ pub struct Request {
 pub struct Forge {
     settings: ForgeSettings,
     client: reqwest::Client,
+    /// The GitHub App whose installation token serves when there is no `token_file`.
+    app: Option<Arc<app::AppTokens>>,
 }
 
 impl Forge {
-    pub fn new(settings: ForgeSettings) -> Forge {
+    pub fn new(settings: ForgeSettings, app: Option<Arc<app::AppTokens>>) -> Forge {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("karrots/", env!("CARGO_PKG_VERSION")))
             .build()
             .unwrap_or_default();
-        Forge { settings, client }
+        Forge {
+            settings,
+            client,
+            app,
+        }
     }
 
     /// The page of run `run` that a status links to.
@@ -226,7 +233,7 @@ impl Forge {
     async fn send(&self, entry: &OutboxEntry) -> Result<(), String> {
         let status: CommitStatus = serde_json::from_str(&entry.body)
             .map_err(|e| format!("an outbox status that does not parse: {e}"))?;
-        let request = self.status_request(&status, entry.run, &self.token()?);
+        let request = self.status_request(&status, entry.run, &self.token().await?);
         let mut sending = self
             .client
             .post(request.url.clone())
@@ -300,15 +307,15 @@ impl Forge {
         }
     }
 
-    fn token(&self) -> Result<String, String> {
-        std::fs::read_to_string(&self.settings.token_file)
-            .map(|token| token.trim().to_string())
-            .map_err(|e| {
-                format!(
-                    "reading forge.token_file {}: {e}",
-                    self.settings.token_file.display()
-                )
-            })
+    /// The API token: `token_file`'s as it is now, or the App's installation token.
+    async fn token(&self) -> Result<String, String> {
+        match (&self.settings.token_file, &self.app) {
+            (Some(file), _) => std::fs::read_to_string(file)
+                .map(|token| token.trim().to_string())
+                .map_err(|e| format!("reading forge.token_file {}: {e}", file.display())),
+            (None, Some(app)) => app.token().await,
+            (None, None) => Err("forge: no token_file and no github_app".to_string()),
+        }
     }
 
     /// One call of the API; its JSON answer (`null` for a 404 when `missing_is_none`).
@@ -318,7 +325,7 @@ impl Forge {
         url: url::Url,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, String> {
-        let headers = self.headers(&self.token()?);
+        let headers = self.headers(&self.token().await?);
         let mut request = self
             .client
             .request(method.clone(), url.clone())
@@ -497,13 +504,16 @@ mod tests {
     use super::*;
 
     fn forge(kind: ForgeKind, api: &str, repository: &str) -> Forge {
-        Forge::new(ForgeSettings {
-            kind,
-            api_url: url::Url::parse(api).unwrap(),
-            repository: repository.into(),
-            token_file: "/etc/karrots/forge-token".into(),
-            public_url: url::Url::parse("https://karrots.example.com/").unwrap(),
-        })
+        Forge::new(
+            ForgeSettings {
+                kind,
+                api_url: url::Url::parse(api).unwrap(),
+                repository: repository.into(),
+                token_file: Some("/etc/karrots/forge-token".into()),
+                public_url: url::Url::parse("https://karrots.example.com/").unwrap(),
+            },
+            None,
+        )
     }
 
     fn applied() -> CommitStatus {

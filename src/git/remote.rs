@@ -30,6 +30,12 @@ const SYSTEM_CA_BUNDLES: [&str; 4] = [
 const TOKEN_FILE_VARIABLE: &str = "KARROTS_GIT_TOKEN_FILE";
 const USERNAME_VARIABLE: &str = "KARROTS_GIT_USERNAME";
 const HOST_VARIABLE: &str = "KARROTS_GIT_HOST";
+/// Or the daemon's credential socket, which holds a GitHub App's token.
+pub const SOCKET_VARIABLE: &str = "KARROTS_GIT_CREDENTIAL_SOCKET";
+
+/// How `karrots git-credential` says on stderr why it had nothing to give: git passes the
+/// line on, and [`Transport::explain`] takes it as the cause.
+pub const HELPER_ERROR: &str = "karrots git-credential: ";
 
 /// The repository's address and how to reach it.
 #[derive(Debug, Clone)]
@@ -40,6 +46,9 @@ pub struct Transport {
     ca_bundle: Option<PathBuf>,
     /// This program, which answers git's requests for the token.
     helper: Option<PathBuf>,
+    /// The daemon's credential socket, when a GitHub App's installation token is the
+    /// credential (it lives in the daemon's memory, not in a file).
+    credential_socket: Option<PathBuf>,
     /// Where OpenSSH keeps the sockets of its shared connections (`ControlPath`), when the
     /// path is short enough for a socket.
     ssh_sockets: Option<PathBuf>,
@@ -67,6 +76,7 @@ impl Transport {
         address: &RepoAddress,
         access: &GitAccess,
         state_dir: &Path,
+        credential_socket: Option<PathBuf>,
     ) -> Result<Transport, AccessError> {
         let readable = |key: &'static str, path: &Option<PathBuf>| match path {
             Some(path) => std::fs::File::open(path)
@@ -88,10 +98,10 @@ impl Transport {
             )?),
             None => None,
         };
-        let helper = match &access.token_file {
-            Some(token_file) => Some(std::env::current_exe().map_err(|e| AccessError {
+        let helper = match access.token_file.as_ref().or(credential_socket.as_ref()) {
+            Some(source) => Some(std::env::current_exe().map_err(|e| AccessError {
                 key: "git.token_file",
-                path: token_file.clone(),
+                path: source.clone(),
                 message: format!("the karrots program that hands it to git cannot be found: {e}"),
             })?),
             None => None,
@@ -101,6 +111,7 @@ impl Transport {
             access: access.clone(),
             ca_bundle,
             helper,
+            credential_socket,
             ssh_sockets: ssh_sockets(address, state_dir),
         })
     }
@@ -112,6 +123,7 @@ impl Transport {
             access: GitAccess::default(),
             ca_bundle: None,
             helper: None,
+            credential_socket: None,
             ssh_sockets: None,
         }
     }
@@ -150,13 +162,17 @@ impl Transport {
                 .env("GIT_SSH_COMMAND", self.ssh_command())
                 .env("GIT_SSH_VARIANT", "ssh");
         }
-        if let (Some(helper), Some(token_file)) = (&self.helper, &self.access.token_file) {
+        if let Some(helper) = &self.helper {
             let helper = format!("!{} git-credential", shell_quote(&helper.to_string_lossy()));
-            command
-                .args(["-c", &format!("credential.helper={helper}")])
-                .env(TOKEN_FILE_VARIABLE, token_file)
-                .env(USERNAME_VARIABLE, &self.access.username)
-                .env(HOST_VARIABLE, self.address.host().unwrap_or_default());
+            command.args(["-c", &format!("credential.helper={helper}")]);
+            if let Some(socket) = &self.credential_socket {
+                command.env(SOCKET_VARIABLE, socket);
+            } else if let Some(token_file) = &self.access.token_file {
+                command
+                    .env(TOKEN_FILE_VARIABLE, token_file)
+                    .env(USERNAME_VARIABLE, &self.access.username)
+                    .env(HOST_VARIABLE, self.address.host().unwrap_or_default());
+            }
         }
         if let Some(bundle) = &self.ca_bundle {
             command
@@ -227,6 +243,12 @@ impl Transport {
     }
 
     fn cause(&self, stderr: &str) -> Option<String> {
+        if let Some(said) = stderr
+            .lines()
+            .find_map(|line| line.strip_prefix(HELPER_ERROR))
+        {
+            return Some(said.to_string());
+        }
         let host = self.address.host().unwrap_or("the host");
         let named = |path: &Option<PathBuf>| {
             path.as_deref()
@@ -413,6 +435,21 @@ fn write_ca_bundle(ca_file: &Path, bundle: &Path) -> Result<PathBuf, AccessError
     Ok(bundle.to_path_buf())
 }
 
+/// Whether git's credential `request` (its `key=value` lines) asks for `host` over https,
+/// or plain http to this machine: the only requests a credential is given for.
+pub fn wanted(request: &str, host: &str) -> bool {
+    let field = |name: &str| {
+        request
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+    };
+    let (Some(protocol), Some(asked)) = (field("protocol"), field("host")) else {
+        return false;
+    };
+    let secure = protocol == "https" || (protocol == "http" && is_loopback_host(asked));
+    secure && asked.eq_ignore_ascii_case(host)
+}
+
 /// What `karrots git-credential` answers with, from the environment [`Transport::command`]
 /// gives git (file paths and names, never the token).
 #[derive(Debug, Clone)]
@@ -441,16 +478,7 @@ impl CredentialSource {
         if action != "get" {
             return String::new();
         }
-        let field = |name: &str| {
-            request
-                .lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
-        };
-        let (Some(protocol), Some(host)) = (field("protocol"), field("host")) else {
-            return String::new();
-        };
-        let secure = protocol == "https" || (protocol == "http" && is_loopback_host(host));
-        if !secure || !host.eq_ignore_ascii_case(&self.host) {
+        if !wanted(request, &self.host) {
             return String::new();
         }
         let Ok(token) = std::fs::read_to_string(&self.token_file) else {
@@ -475,6 +503,7 @@ mod tests {
             access,
             ca_bundle: None,
             helper: None,
+            credential_socket: None,
             ssh_sockets: None,
         }
     }

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::support::daemon::{Fixture, no_file_contains};
+use crate::support::forge::{App, ForgeStandIn};
 use crate::support::hosts::{HttpsServer, SshServer};
 
 /// Where the credential files live, apart from the daemon's state (as /etc/karrots would).
@@ -225,5 +226,115 @@ fn a_certificate_no_trusted_ca_signed_is_a_tls_source_error() {
         server.port
     );
     assert!(message.contains(&expected), "{message}");
+    nothing_fetched(&fixture);
+}
+
+/// A GitHub App's key as GitHub hands it out (PKCS#1 PEM) under `dir`, and its public half.
+fn app_key(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
+    let key = dir.join(name);
+    let made = std::process::Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&key)
+        .arg("2048")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let public = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap()
+        .stdout;
+    (key, public)
+}
+
+/// The daemon fetching over https and posting statuses with a GitHub App's installation
+/// tokens, minted by `forge` (each living `lifetime`).
+fn with_app(
+    forge: &ForgeStandIn,
+    public_key: Vec<u8>,
+    key: &Path,
+    lifetime: u64,
+) -> (Fixture, HttpsServer) {
+    let token = "ghs_installation-token-51f3";
+    forge.issue_app_tokens(App {
+        public_key,
+        app_id: 123456,
+        token: token.into(),
+        lifetime: std::time::Duration::from_secs(lifetime),
+        minted: 0,
+    });
+    let mut fixture = Fixture::build().unstarted();
+    let server = HttpsServer::start_for(fixture.remote.path(), "x-access-token", token);
+    fixture.repo_url = Some(server.url(fixture.remote.path()));
+    fixture.extra_config = format!(
+        "git:\n  ca_file: {ca}\ngithub_app:\n  app_id: 123456\n  installation_id: 42\n  private_key_file: {key}\n  api_url: {api}\nforge:\n  kind: github\n  api_url: {api}\n  repository: acme/infra\n  public_url: https://karrots.example.com\n",
+        ca = server.ca_file().display(),
+        key = key.display(),
+        api = forge.url,
+    );
+    (fixture, server)
+}
+
+#[test]
+fn a_github_app_token_serves_the_fetch_and_the_statuses_and_is_minted_again_before_it_expires() {
+    let secrets = Secrets::new();
+    let (key, public) = app_key(secrets.dir.path(), "app.pem");
+    let forge = ForgeStandIn::start(false);
+    // A token that lives 5 minutes and 8 seconds is minted again 8 seconds after it was.
+    let (mut fixture, _server) = with_app(&forge, public, &key, 308);
+    fixture.start();
+    let first = first_commit(&fixture);
+    fixture.wait_for("prod applied with the App's token", |f| {
+        f.applied("prod", &first)
+    });
+    fixture.wait_for("prod's status", |_| {
+        forge
+            .taken(&first, "karrots/prod")
+            .last()
+            .is_some_and(|(state, _)| state == "success")
+    });
+    let status = forge
+        .received()
+        .into_iter()
+        .find(|request| request.path.contains("/statuses/"))
+        .unwrap();
+    assert_eq!(
+        status.headers["authorization"],
+        "Bearer ghs_installation-token-51f3"
+    );
+    let minted_first = forge.minted();
+    fixture.wait_for("a token minted again before it expires", |_| {
+        forge.minted() > minted_first
+    });
+    let polls = fixture.polls();
+    assert!(
+        forge.minted() < polls,
+        "a token serves the polls of its life: {} minted for {polls} polls",
+        forge.minted()
+    );
+    nowhere(&fixture, "ghs_installation-token-51f3");
+    let pem = std::fs::read_to_string(&key).unwrap();
+    nowhere(&fixture, pem.lines().nth(1).unwrap());
+}
+
+#[test]
+fn a_github_app_whose_key_github_does_not_know_is_a_source_error_naming_the_app() {
+    let secrets = Secrets::new();
+    let (_, public) = app_key(secrets.dir.path(), "registered.pem");
+    let (other, _) = app_key(secrets.dir.path(), "other.pem");
+    let forge = ForgeStandIn::start(false);
+    let (mut fixture, _server) = with_app(&forge, public, &other, 3600);
+    fixture.start();
+    fixture.wait_for("a source_error", |f| {
+        f.sink.find("", "source_error").is_some()
+    });
+    let alert = fixture.sink.find("", "source_error").unwrap();
+    let message = alert["message"].as_str().unwrap();
+    assert!(
+        message.contains("GitHub App 123456 (installation 42): POST ")
+            && message.contains("answered 401 Unauthorized: A JSON web token could not be decoded"),
+        "{message}"
+    );
     nothing_fetched(&fixture);
 }

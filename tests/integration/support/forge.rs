@@ -30,6 +30,53 @@ pub struct ForgeStandIn {
     down: Arc<AtomicBool>,
     pulls: Arc<Pulls>,
     comments: Arc<Comments>,
+    app: Arc<Mutex<Option<App>>>,
+}
+
+/// A GitHub App the stand-in mints installation tokens for.
+#[derive(Clone)]
+pub struct App {
+    /// The App's public key (PEM), which must verify the JWT.
+    pub public_key: Vec<u8>,
+    pub app_id: u64,
+    pub token: String,
+    /// How long each token lives.
+    pub lifetime: std::time::Duration,
+    /// Tokens minted so far.
+    pub minted: usize,
+}
+
+/// `POST /app/installations/{id}/access_tokens`: a token for a JWT the App's key signed.
+fn mint(app: &mut App, headers: &BTreeMap<String, String>) -> (u16, String) {
+    let jwt = headers
+        .get("authorization")
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(&app.public_key).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    validation.set_required_spec_claims(&["exp", "iat", "iss"]);
+    let claims = match jsonwebtoken::decode::<Value>(jwt, &key, &validation) {
+        Ok(data) => data.claims,
+        Err(_) => {
+            return (
+                401,
+                "{\"message\":\"A JSON web token could not be decoded\"}".into(),
+            );
+        }
+    };
+    let lasts = claims["exp"].as_u64().unwrap_or(0) - claims["iat"].as_u64().unwrap_or(0);
+    if claims["iss"].as_str() != Some(app.app_id.to_string().as_str()) || lasts > 660 {
+        return (
+            401,
+            "{\"message\":\"'Issuer' claim ('iss') must be an Integer\"}".into(),
+        );
+    }
+    app.minted += 1;
+    let expires = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + app.lifetime);
+    (
+        201,
+        serde_json::json!({"token": app.token, "expires_at": expires.to_string()}).to_string(),
+    )
 }
 
 /// GitHub's pull requests: the head commit → the number of an open one.
@@ -98,6 +145,8 @@ impl ForgeStandIn {
         let (pulls, comments): (Arc<Pulls>, Arc<Comments>) = (Arc::default(), Arc::default());
         let (log, is_down) = (received.clone(), down.clone());
         let (known_pulls, known_comments) = (Arc::clone(&pulls), Arc::clone(&comments));
+        let app: Arc<Mutex<Option<App>>> = Arc::default();
+        let known_app = app.clone();
         std::thread::spawn(move || {
             let mut states: BTreeMap<String, String> = BTreeMap::new();
             for mut stream in listener.incoming().flatten() {
@@ -116,7 +165,13 @@ impl ForgeStandIn {
                     &known_pulls,
                     &known_comments,
                 );
-                let (code, answer) = if is_down.load(Ordering::SeqCst) {
+                let minting = request.path.starts_with("/api/app/installations/");
+                let (code, answer) = if minting {
+                    match known_app.lock().unwrap().as_mut() {
+                        Some(app) => mint(app, &request.headers),
+                        None => (404, "{}".to_string()),
+                    }
+                } else if is_down.load(Ordering::SeqCst) {
                     (503, "{\"message\":\"Service Unavailable\"}".to_string())
                 } else if let Some(routed) = routed {
                     routed
@@ -148,7 +203,22 @@ impl ForgeStandIn {
             down,
             pulls,
             comments,
+            app,
         }
+    }
+
+    /// Mints installation tokens for `app`'s JWTs from now on.
+    pub fn issue_app_tokens(&self, app: App) {
+        *self.app.lock().unwrap() = Some(app);
+    }
+
+    /// Installation tokens minted so far.
+    pub fn minted(&self) -> usize {
+        self.app
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |app| app.minted)
     }
 
     /// An open pull request, `number`, whose head is now `sha`.

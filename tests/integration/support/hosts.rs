@@ -126,6 +126,11 @@ pub struct HttpsServer {
 impl HttpsServer {
     /// Serves `repo` (a bare repository) to user `karrots` with password `token`.
     pub fn start(repo: &Path, token: &str) -> HttpsServer {
+        HttpsServer::start_for(repo, "karrots", token)
+    }
+
+    /// Serves `repo` to `user` with password `token`.
+    pub fn start_for(repo: &Path, user: &str, token: &str) -> HttpsServer {
         require_tool(
             "/usr/sbin/lighttpd",
             "apt-get install lighttpd lighttpd-mod-openssl",
@@ -193,7 +198,7 @@ impl HttpsServer {
         ]
         .concat();
         std::fs::write(at.join("server-bundle.pem"), pem).unwrap();
-        std::fs::write(at.join("htpasswd"), format!("karrots:{token}\n")).unwrap();
+        std::fs::write(at.join("htpasswd"), format!("{user}:{token}\n")).unwrap();
         let root = repo.parent().unwrap();
         let port = free_port();
         let config = format!(
