@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::support::daemon::{Fixture, no_file_contains};
+use crate::support::daemon::{Fixture, http, no_file_contains};
 use crate::support::forge::{App, ForgeStandIn};
 use crate::support::hosts::{HttpsServer, SshServer};
 
@@ -50,7 +50,7 @@ fn nothing_fetched(fixture: &Fixture) {
     assert_eq!(environments, serde_json::json!([]), "{}", fixture.logs());
 }
 
-/// No file of the state, no log line and no API answer holds `secret`.
+/// No file of the state, no log line, no API answer and no page holds `secret`.
 fn nowhere(fixture: &Fixture, secret: &str) {
     if let Err(file) = no_file_contains(fixture.state.path(), secret) {
         panic!("the secret is in {file}");
@@ -62,6 +62,19 @@ fn nowhere(fixture: &Fixture, secret: &str) {
     for path in ["/api/v1/environments", "/api/v1/runs"] {
         let answer = fixture.get(path).to_string();
         assert!(!answer.contains(secret), "the secret is in {path}");
+    }
+    let mut pages = vec!["/".to_string()];
+    let runs = fixture.get("/api/v1/runs");
+    pages.extend(
+        runs.as_array()
+            .into_iter()
+            .flatten()
+            .map(|run| format!("/runs/{}", run["id"])),
+    );
+    for page in pages {
+        let (status, html) = http(&fixture.address, "GET", &page, &[], b"");
+        assert_eq!(status, 200, "GET {page}");
+        assert!(!html.contains(secret), "the secret is on {page}");
     }
 }
 
