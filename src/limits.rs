@@ -1,4 +1,5 @@
-//! How much of a configuration file Karrots reads.
+//! How much of a configuration file Karrots reads, and how much of a long message it keeps
+//! ([`tail`]).
 //!
 //! Every YAML, HCL and JSON file the checks parse is read through [`read_text`], so no commit
 //! can make a check hold a file larger than [`MAX_TEXT_BYTES`] in memory. Nesting depth is
@@ -48,6 +49,18 @@ pub fn read_text(path: &Path) -> std::io::Result<String> {
         ));
     }
     Ok(text)
+}
+
+/// The last `limit` bytes of `text` (cut at a character boundary), marked when cut.
+pub fn tail(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    let mut start = text.len() - limit;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("[…]{}", &text[start..])
 }
 
 #[cfg(test)]

@@ -228,6 +228,15 @@ impl Daemon {
         }
     }
 
+    /// STS cannot be reached at the next call.
+    fn sts_fails_once(&self) {
+        self.sts
+            .failures
+            .lock()
+            .unwrap()
+            .push_back(sts_unreachable());
+    }
+
     fn repo(&self) -> PathBuf {
         self.dir.path().join("repo")
     }
@@ -326,12 +335,7 @@ async fn a_commit_is_planned_applied_and_recorded_without_terraform() {
 #[tokio::test]
 async fn sts_unreachable_at_the_plan_is_an_error_until_the_retry_applies_the_commit() {
     let mut daemon = Daemon::new();
-    daemon
-        .sts
-        .failures
-        .lock()
-        .unwrap()
-        .push_back(sts_unreachable());
+    daemon.sts_fails_once();
     let commit = daemon.push(2).await;
     daemon.head(&commit).await.unwrap();
     assert_eq!(daemon.status().0, EnvStatus::Error, "not failed for good");
@@ -390,12 +394,7 @@ async fn a_plan_that_fails_the_same_way_twice_is_failed_and_not_retried_again() 
 #[tokio::test]
 async fn a_newer_commit_during_a_retry_is_the_one_applied() {
     let mut daemon = Daemon::new();
-    daemon
-        .sts
-        .failures
-        .lock()
-        .unwrap()
-        .push_back(sts_unreachable());
+    daemon.sts_fails_once();
     let first = daemon.push(2).await;
     daemon.head(&first).await.unwrap();
     assert!(daemon.lane.retry_at.is_some());

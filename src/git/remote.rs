@@ -238,7 +238,7 @@ impl Transport {
                 Some(last) => format!("{cause} (git: {last})"),
                 None => cause,
             },
-            None => last_chars(&said.join("; "), 600),
+            None => crate::limits::tail(&said.join("; "), 600),
         }
     }
 
@@ -350,18 +350,6 @@ impl Transport {
             explained
         })
     }
-}
-
-/// The end of `text`, at most `limit` bytes (cut at a character), marked when cut.
-fn last_chars(text: &str, limit: usize) -> String {
-    if text.len() <= limit {
-        return text.to_string();
-    }
-    let mut start = text.len() - limit;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[…]{}", &text[start..])
 }
 
 /// Reads `pipe` to its end on a thread (a child blocked on a full pipe never ends), keeping

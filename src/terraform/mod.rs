@@ -883,17 +883,7 @@ fn failed(step: &'static str, env: &str, commit: &str, output: &ProcessOutput) -
     }
 }
 
-/// The last `limit` bytes of `text` (cut at a character boundary), marked when cut.
-pub fn tail(text: &str, limit: usize) -> String {
-    if text.len() <= limit {
-        return text.to_string();
-    }
-    let mut start = text.len() - limit;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("[…]{}", &text[start..])
-}
+pub use crate::limits::tail;
 
 /// Terraform's ways of saying the working directory needs `terraform init`.
 fn needs_init(stderr: &str) -> bool {

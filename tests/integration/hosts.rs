@@ -78,11 +78,11 @@ fn nowhere(fixture: &Fixture, secret: &str) {
     }
 }
 
-#[test]
-fn an_ssh_remote_is_fetched_with_the_deploy_key_and_applied() {
-    let sshd = SshServer::start();
+/// The daemon fetching through `sshd` with its deploy key, trusting `host_key` for it
+/// (`host_key`: the server's own; `other_key`: another).
+fn over_ssh(sshd: &SshServer, host_key: &str) -> (Fixture, Secrets) {
     let secrets = Secrets::new();
-    let known_hosts = secrets.write("known_hosts", &sshd.known_hosts_line("host_key"));
+    let known_hosts = secrets.write("known_hosts", &sshd.known_hosts_line(host_key));
     let mut fixture = Fixture::build().unstarted();
     fixture.repo_url = Some(sshd.url(fixture.remote.path()));
     fixture.extra_config = git_section(&[
@@ -90,6 +90,13 @@ fn an_ssh_remote_is_fetched_with_the_deploy_key_and_applied() {
         ("known_hosts_file", &known_hosts),
     ]);
     fixture.start();
+    (fixture, secrets)
+}
+
+#[test]
+fn an_ssh_remote_is_fetched_with_the_deploy_key_and_applied() {
+    let sshd = SshServer::start();
+    let (fixture, _secrets) = over_ssh(&sshd, "host_key");
     let first = first_commit(&fixture);
     fixture.wait_for("prod applied over ssh", |f| f.applied("prod", &first));
 
@@ -102,16 +109,8 @@ fn an_ssh_remote_is_fetched_with_the_deploy_key_and_applied() {
 #[test]
 fn a_changed_host_key_is_refused_naming_the_host_and_the_offered_key() {
     let sshd = SshServer::start();
-    let secrets = Secrets::new();
     // The host is listed, with another key: what a host in the middle looks like.
-    let known_hosts = secrets.write("known_hosts", &sshd.known_hosts_line("other_key"));
-    let mut fixture = Fixture::build().unstarted();
-    fixture.repo_url = Some(sshd.url(fixture.remote.path()));
-    fixture.extra_config = git_section(&[
-        ("ssh_key_file", &sshd.deploy_key()),
-        ("known_hosts_file", &known_hosts),
-    ]);
-    fixture.start();
+    let (fixture, _secrets) = over_ssh(&sshd, "other_key");
     fixture.wait_for("a source_error", |f| {
         f.sink.find("", "source_error").is_some()
     });
