@@ -492,3 +492,21 @@ async fn a_kill_at_each_step_leaves_every_outcome_whole() {
         assert_eq!(*daemon.terraform.applied.lock().unwrap(), [at]);
     }
 }
+
+/// A thousand idle environments are a thousand waiting workers: each must hold only its
+/// loop's state, never room for the deepest run it could make (those are boxed).
+#[tokio::test]
+async fn an_idle_worker_holds_a_few_hundred_bytes() {
+    let daemon = Daemon::new();
+    let queue = Arc::new(super::scheduler::Queue::new(Default::default()));
+    let shared = daemon.shared.clone();
+    let work = super::worker::work(
+        shared,
+        "prod".into(),
+        Lane::Merged,
+        queue,
+        daemon.stop.clone(),
+    );
+    let size = std::mem::size_of_val(&work);
+    assert!(size <= 1024, "an idle worker's future is {size} bytes");
+}

@@ -445,9 +445,11 @@ impl SqliteStore {
         reader
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(error)?;
+        // 512 KiB of pages each: what a poll and the API read again is in the system's page
+        // cache anyway, and the idle daemon keeps every page SQLite caches.
         for connection in [&connection, &reader] {
             connection
-                .pragma_update(None, "cache_size", -1024)
+                .pragma_update(None, "cache_size", -512)
                 .map_err(error)?;
         }
         Ok(SqliteStore {
