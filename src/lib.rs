@@ -48,6 +48,8 @@ pub mod repo;
 #[cfg(feature = "runtime")]
 pub mod sandbox;
 #[cfg(feature = "runtime")]
+pub mod signature;
+#[cfg(feature = "runtime")]
 pub mod store;
 #[cfg(feature = "runtime")]
 pub mod terraform;
