@@ -22,6 +22,34 @@ use crate::config::Scheme;
 /// The refspec of the mirror: every branch of the remote, pruned when deleted there.
 const REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
 
+/// Karrots' own tags (approvals, `karrots/approve/<env>/<sha>[/<name>]`), kept under the same
+/// names; no other tag is fetched.
+const TAGS_REFSPEC: &str = "+refs/tags/karrots/*:refs/tags/karrots/*";
+const TAGS: &str = "refs/tags/karrots/";
+
+/// Tag name (under `refs/tags/`) → the object it names.
+pub type Tags = BTreeMap<String, String>;
+
+/// What the remote (or the mirror) has: its branches and Karrots' tags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub heads: Heads,
+    pub tags: Tags,
+}
+
+impl Listing {
+    /// Adds `name` → `oid` when it is a branch or one of Karrots' tags (not a peeled `^{}`).
+    fn add(&mut self, name: &str, oid: &str) {
+        if let Some(branch) = name.strip_prefix("refs/heads/") {
+            self.heads
+                .insert(branch.to_string(), CommitId::from_hex(oid));
+        } else if name.starts_with(TAGS) && !name.ends_with("^{}") {
+            let tag = name.trim_start_matches("refs/tags/");
+            self.tags.insert(tag.to_string(), oid.to_string());
+        }
+    }
+}
+
 /// A bare mirror of one remote.
 pub struct Mirror {
     path: PathBuf,
@@ -100,29 +128,47 @@ impl Mirror {
         Ok(heads)
     }
 
-    /// Lists the remote's branches (no objects are transferred): through git2 for a
-    /// `file://` remote (a poll that finds nothing costs no process), else `git ls-remote`.
-    pub fn remote_heads(&self, transport: &Transport) -> Result<Heads, GitError> {
+    /// Karrots' tags the mirror holds.
+    pub fn tags(&self) -> Result<Tags, GitError> {
+        let repo = self.open()?;
+        let mut tags = Tags::new();
+        let references = repo
+            .references_glob(&format!("{TAGS}*"))
+            .map_err(|source| GitError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        for reference in references.flatten() {
+            if let (Ok(name), Some(target)) = (reference.name(), reference.target()) {
+                let tag = name.trim_start_matches("refs/tags/");
+                tags.insert(tag.to_string(), target.to_string());
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Lists the remote's branches and Karrots' tags (no objects are transferred): through
+    /// git2 for a `file://` remote (a poll that finds nothing costs no process), else
+    /// `git ls-remote`.
+    pub fn remote_refs(&self, transport: &Transport) -> Result<Listing, GitError> {
         if transport.address().scheme() == Scheme::File {
-            return self.local_heads();
+            return self.local_refs();
         }
         let mut command = transport.command(&self.path);
-        command.args(["ls-remote", "--heads", "origin"]);
+        command.args(["ls-remote", "origin", "refs/heads/*", &format!("{TAGS}*")]);
         let listed = transport
             .run(command, "git ls-remote")
             .map_err(|message| self.failed(transport, message))?;
-        let mut heads = Heads::new();
+        let mut listing = Listing::default();
         for line in listed.lines() {
-            if let Some((oid, name)) = line.split_once('\t')
-                && let Some(branch) = name.strip_prefix("refs/heads/")
-            {
-                heads.insert(branch.to_string(), CommitId::from_hex(oid));
+            if let Some((oid, name)) = line.split_once('\t') {
+                listing.add(name, oid);
             }
         }
-        Ok(heads)
+        Ok(listing)
     }
 
-    fn local_heads(&self) -> Result<Heads, GitError> {
+    fn local_refs(&self) -> Result<Listing, GitError> {
         let repo = self.open()?;
         let mut remote = repo
             .find_remote("origin")
@@ -131,16 +177,11 @@ impl Mirror {
         remote
             .connect(Direction::Fetch)
             .map_err(|source| remote_error(&url, source))?;
-        let mut heads = Heads::new();
+        let mut listing = Listing::default();
         for head in remote.list().map_err(|source| remote_error(&url, source))? {
-            if let Some(branch) = head.name().strip_prefix("refs/heads/") {
-                heads.insert(
-                    branch.to_string(),
-                    CommitId::from_hex(&head.oid().to_string()),
-                );
-            }
+            listing.add(head.name(), &head.oid().to_string());
         }
-        Ok(heads)
+        Ok(listing)
     }
 
     fn failed(&self, transport: &Transport, message: String) -> GitError {
@@ -153,11 +194,15 @@ impl Mirror {
     /// Brings the mirror up to date when the remote's branches moved. Returns the heads and
     /// whether a fetch happened.
     pub fn update(&self, transport: &Transport) -> Result<(Heads, bool), GitError> {
-        let remote_heads = self.remote_heads(transport)?;
-        let heads = self.heads()?;
-        if remote_heads == heads {
-            return Ok((remote_heads, false));
+        let listed = self.remote_refs(transport)?;
+        let held = Listing {
+            heads: self.heads()?,
+            tags: self.tags()?,
+        };
+        if listed == held {
+            return Ok((listed.heads, false));
         }
+        let remote_heads = &listed.heads;
         // Pruning every branch would leave nothing to compare the next push with; an emptied
         // remote is far more often an accident (a wrong URL, a botched migration) than intent.
         if remote_heads.is_empty() {
@@ -167,7 +212,7 @@ impl Mirror {
             });
         }
         self.fetch(transport)?;
-        self.prune(&remote_heads)?;
+        self.prune(&listed)?;
         Ok((self.heads()?, true))
     }
 
@@ -175,14 +220,19 @@ impl Mirror {
     /// has. Not `git fetch --prune`: a remote emptied between the listing and the fetch would
     /// take every branch of the mirror with it, and the next poll would find nothing to say
     /// was lost.
-    fn prune(&self, listed: &Heads) -> Result<(), GitError> {
+    fn prune(&self, listed: &Listing) -> Result<(), GitError> {
         let repo = self.open()?;
-        for branch in self
-            .heads()?
+        let branches = self.heads()?;
+        let gone_branches = branches
             .keys()
-            .filter(|branch| !listed.contains_key(*branch))
-        {
-            let name = format!("refs/remotes/origin/{branch}");
+            .filter(|branch| !listed.heads.contains_key(*branch))
+            .map(|branch| format!("refs/remotes/origin/{branch}"));
+        let tags = self.tags()?;
+        let gone_tags = tags
+            .keys()
+            .filter(|tag| !listed.tags.contains_key(*tag))
+            .map(|tag| format!("refs/tags/{tag}"));
+        for name in gone_branches.chain(gone_tags) {
             if let Ok(mut reference) = repo.find_reference(&name) {
                 reference
                     .delete()
@@ -208,7 +258,7 @@ impl Mirror {
             // Objects over 16 MiB are streamed, never inflated whole in memory.
             .args(["-c", "core.bigFileThreshold=16m"])
             .args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"])
-            .args(["--no-recurse-submodules", "origin", REFSPEC]);
+            .args(["--no-recurse-submodules", "origin", REFSPEC, TAGS_REFSPEC]);
         transport
             .run(command, "git fetch")
             .map(drop)
@@ -345,6 +395,53 @@ mod tests {
     use crate::git::testing::{commit_all, git, write};
 
     #[test]
+    fn karrots_tags_are_fetched_and_pruned_and_no_other_tag() {
+        let work = tempfile::tempdir().unwrap();
+        git(work.path(), &["init", "-q", "-b", "main"]);
+        write(work.path(), "README", "config\n");
+        let commit = commit_all(work.path(), "one");
+        let remote = tempfile::tempdir().unwrap();
+        let url = remote.path().to_str().unwrap();
+        git(remote.path(), &["init", "-q", "--bare", "-b", "main"]);
+        git(work.path(), &["push", "-q", url, "main"]);
+        let state = tempfile::tempdir().unwrap();
+        let mirror = Mirror::open_or_create(&state.path().join("mirror.git"), url).unwrap();
+        let address = crate::config::RepoAddress::parse(url, Path::new("/")).unwrap();
+        let transport = Transport::plain(&address);
+        assert!(mirror.update(&transport).unwrap().1, "the first fetch");
+        assert!(!mirror.update(&transport).unwrap().1, "nothing moved");
+
+        // An approval and a release tag are pushed; the branch does not move.
+        let approval = format!("karrots/approve/prod/{commit}");
+        git(
+            work.path(),
+            &["tag", "-a", "-m", "plan: sha256:0123", &approval],
+        );
+        git(work.path(), &["tag", "-a", "-m", "release", "v1.0"]);
+        git(work.path(), &["push", "-q", url, "--tags"]);
+        assert!(
+            mirror.update(&transport).unwrap().1,
+            "a new tag alone is fetched"
+        );
+        let tags = mirror.tags().unwrap();
+        let names: Vec<&str> = tags.keys().map(String::as_str).collect();
+        assert_eq!(names, [approval.as_str()], "Karrots' tags only");
+        let object = git(work.path(), &["rev-parse", &approval]);
+        assert_eq!(tags[&approval], object, "the tag object, not the commit");
+        assert!(!mirror.update(&transport).unwrap().1, "nothing moved");
+
+        git(
+            work.path(),
+            &["push", "-q", url, &format!(":refs/tags/{approval}")],
+        );
+        assert!(mirror.update(&transport).unwrap().1);
+        assert!(
+            mirror.tags().unwrap().is_empty(),
+            "a tag deleted there is pruned"
+        );
+    }
+
+    #[test]
     fn a_remote_emptied_during_a_fetch_leaves_the_mirror_its_branches() {
         let work = tempfile::tempdir().unwrap();
         git(work.path(), &["init", "-q", "-b", "main"]);
@@ -376,7 +473,7 @@ mod tests {
             )
         };
         delete("gone");
-        let listed = mirror.remote_heads(&transport).unwrap();
+        let listed = mirror.remote_refs(&transport).unwrap();
         delete("main");
         delete("dev");
         mirror.fetch(&transport).unwrap();
