@@ -22,6 +22,8 @@
 #[cfg(feature = "runtime")]
 pub mod alert;
 #[cfg(feature = "runtime")]
+pub mod approval;
+#[cfg(feature = "runtime")]
 pub mod aws;
 #[cfg(feature = "runtime")]
 pub mod cli;
