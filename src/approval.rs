@@ -21,6 +21,25 @@ pub struct ApprovalPolicy {
     pub approvers: Vec<Signer>,
 }
 
+impl ApprovalPolicy {
+    /// The policy `apply.approval` describes (its keys were checked when it was read).
+    pub fn from_settings(
+        settings: &crate::config::ApprovalSettings,
+    ) -> Result<ApprovalPolicy, String> {
+        let approvers = settings
+            .approvers
+            .iter()
+            .map(Signer::allowed)
+            .collect::<Result<Vec<Signer>, String>>()?;
+        Ok(ApprovalPolicy {
+            required: settings.required,
+            hardware_key: settings.hardware_key,
+            four_eyes: settings.four_eyes,
+            approvers,
+        })
+    }
+}
+
 /// What is being approved: the plan of `commit` for `env`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan<'a> {
@@ -207,12 +226,18 @@ mod tests {
         let repo = Repo::new();
         let (alice_key, alice) = repo.key("alice", "alice@example.com");
         let (mallory_key, _) = repo.key("mallory", "mallory@example.com");
-        let policy = ApprovalPolicy {
+        // As the trust branch's karrots.yaml gives it.
+        let settings = crate::config::ApprovalSettings {
             required: 1,
             hardware_key: false,
             four_eyes: true,
-            approvers: vec![alice],
+            approvers: vec![crate::config::AllowedKey {
+                email: alice.email.clone(),
+                key: alice.key.to_openssh().unwrap(),
+            }],
         };
+        let policy = ApprovalPolicy::from_settings(&settings).unwrap();
+        assert_eq!(policy.approvers, [alice]);
         let c = repo.commit.clone();
         let good = "approve\n\nplan: sha256:aaaa";
         // `…/<sha>` and `…/<sha>/<name>` cannot both be refs of one repository (git refuses a

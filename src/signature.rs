@@ -37,6 +37,11 @@ impl Signer {
         })
     }
 
+    /// A key of the configuration (`apply.approval.approvers`, `verify.signers`).
+    pub fn allowed(key: &crate::config::AllowedKey) -> Result<Signer, String> {
+        Signer::parse(&format!("{} {}", key.email, key.key))
+    }
+
     /// `SHA256:…`, as `ssh-keygen -l` prints it.
     pub fn fingerprint(&self) -> String {
         self.key.fingerprint(HashAlg::Sha256).to_string()

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawBackend, RawEnvironment};
+use super::raw::{RawApproval, RawBackend, RawEnvironment, RawKey, RawVerify};
 use super::types::{
     AccountId, Allowance, BranchName, EnvName, Region, RepoPath, RoleArn, parse_duration,
 };
@@ -27,13 +27,45 @@ pub struct EnvironmentSpec {
     pub alerts: Vec<AlertSink>,
     /// Opt-ins for what the repository check refuses by default.
     pub allow: BTreeSet<Allowance>,
+    /// `apply.approval`: the approvals a plan needs before it is applied.
+    pub approval: Option<ApprovalSettings>,
+    /// `verify`: the signatures the commits being applied must carry.
+    pub verify: VerifySettings,
+}
+
+/// An allowed key: who holds it, and the OpenSSH public key (checked when read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedKey {
+    pub email: String,
+    /// `key-type base64 [comment]`.
+    pub key: String,
+}
+
+/// `apply.approval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalSettings {
+    /// Distinct approvers needed.
+    pub required: usize,
+    /// Only security keys, the user present.
+    pub hardware_key: bool,
+    /// An approver who wrote a commit being applied does not count.
+    pub four_eyes: bool,
+    pub approvers: Vec<AllowedKey>,
+}
+
+/// `verify`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifySettings {
+    /// Every commit applied must carry a signers' SSH signature.
+    pub signed_commits: bool,
+    pub signers: Vec<AllowedKey>,
 }
 
 impl EnvironmentSpec {
     /// The identity fields in which `other` differs from `self`. Only the trust
     /// branch may change them: a commit elsewhere that does is refused.
     pub fn identity_differences(&self, other: &EnvironmentSpec) -> Vec<&'static str> {
-        let fields: [(&'static str, bool); 8] = [
+        let fields: [(&'static str, bool); 10] = [
             ("name", self.name == other.name),
             ("branch", self.branch == other.branch),
             (
@@ -52,12 +84,101 @@ impl EnvironmentSpec {
             ),
             // `allow:` lifts refusals; a commit that could set it could run a program on the host.
             ("allow", self.allow == other.allow),
+            // A branch must not name its own approvers, nor lower how many it needs.
+            ("apply.approval", self.approval == other.approval),
+            ("verify", self.verify == other.verify),
         ];
         fields
             .into_iter()
             .filter(|(_, same)| !same)
             .map(|(name, _)| name)
             .collect()
+    }
+}
+
+/// The keys of `key` (`apply.approval.approvers`, `verify.signers`): each an email and an
+/// OpenSSH public key; with `hardware` only security keys.
+fn allowed_keys(v: &mut Validator, key: &str, raw: &[RawKey], hardware: bool) -> Vec<AllowedKey> {
+    let mut keys = Vec::new();
+    for (index, entry) in raw.iter().enumerate() {
+        let at = format!("{key}[{index}]");
+        if !entry.email.contains('@') {
+            v.report(&at, format!("{:?} is not an email address", entry.email));
+            continue;
+        }
+        let parsed = match ssh_key::PublicKey::from_openssh(entry.key.trim()) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                v.report(
+                    &at,
+                    format!("the key is not an OpenSSH public key ({error})"),
+                );
+                continue;
+            }
+        };
+        let security_key = matches!(
+            parsed.algorithm(),
+            ssh_key::Algorithm::SkEd25519 | ssh_key::Algorithm::SkEcdsaSha2NistP256
+        );
+        if hardware && !security_key {
+            v.report(
+                &at,
+                format!("{} is no security key (sk-ssh-ed25519@openssh.com or sk-ecdsa-sha2-nistp256@openssh.com), and hardware_key is on", parsed.algorithm()),
+            );
+            continue;
+        }
+        keys.push(AllowedKey {
+            email: entry.email.clone(),
+            key: entry.key.trim().to_string(),
+        });
+    }
+    keys
+}
+
+fn approval_settings(v: &mut Validator, raw: &RawApproval) -> ApprovalSettings {
+    let hardware_key = raw.hardware_key.unwrap_or(false);
+    let approvers = allowed_keys(v, "apply.approval.approvers", &raw.approvers, hardware_key);
+    let required = raw.required.unwrap_or(1);
+    if raw.approvers.is_empty() {
+        v.report(
+            "apply.approval.approvers",
+            "names no approver: nothing could ever be applied",
+        );
+    } else if required == 0 || required > raw.approvers.len() as u64 {
+        v.report(
+            "apply.approval.required",
+            format!(
+                "must be between 1 and the {} approvers named",
+                raw.approvers.len()
+            ),
+        );
+    }
+    ApprovalSettings {
+        required: usize::try_from(required).unwrap_or(usize::MAX),
+        hardware_key,
+        four_eyes: raw.four_eyes.unwrap_or(false),
+        approvers,
+    }
+}
+
+fn verify_settings(v: &mut Validator, raw: &RawVerify) -> VerifySettings {
+    let signers = allowed_keys(v, "verify.signers", &raw.signers, false);
+    let signed_commits = raw.signed_commits.unwrap_or(false);
+    if signed_commits && raw.signers.is_empty() {
+        v.report(
+            "verify.signed_commits",
+            "needs verify.signers: no commit could be applied",
+        );
+    } else if signed_commits {
+        // Refused rather than read and ignored: unsigned commits would be applied.
+        v.report(
+            "verify.signed_commits",
+            "is not enforced by this version of karrots yet; remove it, or wait for the version that checks the signatures",
+        );
+    }
+    VerifySettings {
+        signed_commits,
+        signers,
     }
 }
 
@@ -250,6 +371,12 @@ pub fn parse_environment_file(
         );
     }
 
+    let approval = raw
+        .apply
+        .approval
+        .as_ref()
+        .map(|raw| approval_settings(&mut v, raw));
+    let verify = verify_settings(&mut v, &raw.verify);
     let alerts = v.alerts(&raw.alerts);
     let mut allow = BTreeSet::new();
     for (index, text) in raw.allow.iter().enumerate() {
@@ -283,7 +410,8 @@ pub fn parse_environment_file(
             backend,
         },
         apply: ApplyPolicy {
-            auto: raw.apply.auto.unwrap_or(true),
+            // A plan that needs approvals is never applied on its own: it waits.
+            auto: raw.apply.auto.unwrap_or(true) && approval.is_none(),
             allow_destroy: raw.apply.allow_destroy.unwrap_or(false),
         },
         drift: DriftPolicy {
@@ -292,6 +420,8 @@ pub fn parse_environment_file(
         },
         alerts,
         allow,
+        approval,
+        verify,
     };
     Ok(EnvironmentFile {
         spec,
@@ -424,6 +554,86 @@ allow: [local-exec]
     }
 
     /// Each row: a replacement applied to the valid file, and the one problem expected.
+    /// An OpenSSH public key line of each kind, made here.
+    fn public_key(security_key: bool) -> String {
+        use ssh_key::public::{Ed25519PublicKey, KeyData, SkEd25519};
+        let ed25519 = Ed25519PublicKey([7; 32]);
+        let data = if security_key {
+            KeyData::SkEd25519(SkEd25519::new(ed25519, "ssh:"))
+        } else {
+            KeyData::Ed25519(ed25519)
+        };
+        ssh_key::PublicKey::from(data).to_openssh().unwrap()
+    }
+
+    #[test]
+    fn approvals_and_signers_are_checked_identity_fields() {
+        let (sk, ed) = (public_key(true), public_key(false));
+        let approval = format!(
+            "  allow_destroy: false\n  approval:\n    required: 1\n    hardware_key: true\n    four_eyes: true\n    approvers:\n      - {{ email: alice@example.com, key: \"{sk} alice@yubikey\" }}\nverify:\n  signed_commits: true\n  signers:\n    - {{ email: bob@example.com, key: \"{ed} bob\" }}\n"
+        );
+        let text = VALID.replace("  allow_destroy: false\n", &approval);
+        let enforced = parse(&text).unwrap_err();
+        assert_eq!(
+            enforced,
+            [
+                "environments/prod/karrots.yaml:22: verify.signed_commits: is not enforced by this version of karrots yet; remove it, or wait for the version that checks the signatures"
+            ]
+        );
+        let text = text.replace("signed_commits: true", "signed_commits: false");
+        let spec = parse(&text).unwrap();
+        assert!(
+            !spec.apply.auto,
+            "a plan that needs approvals waits, never applied on its own"
+        );
+        let settings = spec.approval.as_ref().unwrap();
+        assert_eq!(
+            (settings.required, settings.hardware_key, settings.four_eyes),
+            (1, true, true)
+        );
+        assert_eq!(settings.approvers[0].email, "alice@example.com");
+        assert!(!spec.verify.signed_commits);
+        assert_eq!(spec.verify.signers[0].key, format!("{ed} bob"));
+        let trusted = parse(VALID).unwrap();
+        assert_eq!(
+            trusted.identity_differences(&spec),
+            ["apply.approval", "verify"]
+        );
+
+        let mistakes = [
+            (
+                format!("{sk} alice@yubikey"),
+                format!("{ed} alice"),
+                ":20: apply.approval.approvers[0]: ssh-ed25519 is no security key",
+            ),
+            // Keys three levels deep are placed at their section's line.
+            (
+                "required: 1".into(),
+                "required: 2".into(),
+                ":16: apply.approval.required: must be between 1 and the 1 approvers named",
+            ),
+            (
+                format!("{ed} bob"),
+                "ssh-ed25519 AAAA-not-base64 bob".into(),
+                ":24: verify.signers[0]: the key is not an OpenSSH public key",
+            ),
+            (
+                "email: bob@example.com".into(),
+                "email: bob".into(),
+                ":24: verify.signers[0]: \"bob\" is not an email address",
+            ),
+        ];
+        for (from, to, expected) in mistakes {
+            let problems = parse(&text.replace(&from, &to)).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].starts_with("environments/prod/karrots.yaml:")
+                    && problems[0].contains(expected),
+                "{problems:?}"
+            );
+        }
+    }
+
     #[test]
     fn each_mistake_names_file_line_and_key() {
         let rows: &[(&str, &str, &str)] = &[
@@ -450,7 +660,7 @@ allow: [local-exec]
             (
                 "apply:\n  auto: true",
                 "apply:\n  auto: true\n  approve: yes",
-                "environments/prod/karrots.yaml:14: apply.approve: unknown key `approve`, expected `auto` or `allow_destroy`",
+                "environments/prod/karrots.yaml:14: apply.approve: unknown key `approve`, expected one of `auto`, `allow_destroy`, `approval`",
             ),
             (
                 "root: modules/platform",

@@ -19,9 +19,9 @@ pub use daemon::{
     parse_daemon_config,
 };
 pub use environment::{
-    API_VERSION, AlertSink, ApplyPolicy, AwsTarget, Backend, DriftPolicy, EnvironmentFile,
-    EnvironmentSpec, S3Backend, S3Locking, TerraformSpec, parse_environment,
-    parse_environment_file,
+    API_VERSION, AlertSink, AllowedKey, ApplyPolicy, ApprovalSettings, AwsTarget, Backend,
+    DriftPolicy, EnvironmentFile, EnvironmentSpec, S3Backend, S3Locking, TerraformSpec,
+    VerifySettings, parse_environment, parse_environment_file,
 };
 pub use remote::{
     ForgeKind, ForgeSettings, GitAccess, GithubApp, RepoAddress, Scheme, is_loopback_host,

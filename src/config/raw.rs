@@ -28,6 +28,8 @@ pub(crate) struct RawEnvironment {
     pub alerts: Vec<RawAlert>,
     #[serde(default)]
     pub allow: Vec<String>,
+    #[serde(default)]
+    pub verify: RawVerify,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +79,33 @@ pub(crate) struct RawS3Backend {
 pub(crate) struct RawApply {
     pub auto: Option<bool>,
     pub allow_destroy: Option<bool>,
+    pub approval: Option<RawApproval>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApproval {
+    pub required: Option<u64>,
+    pub hardware_key: Option<bool>,
+    pub four_eyes: Option<bool>,
+    #[serde(default)]
+    pub approvers: Vec<RawKey>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawVerify {
+    pub signed_commits: Option<bool>,
+    #[serde(default)]
+    pub signers: Vec<RawKey>,
+}
+
+/// `{ email: …, key: "ssh-ed25519 AAAA… comment" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKey {
+    pub email: String,
+    pub key: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
