@@ -336,7 +336,7 @@ fn refusal_fixtures() -> Vec<Fixture> {
             "unknown key",
             |r| r.append("environments/dev/karrots.yaml", "aply:\n  auto: true\n"),
             vec![s(
-                "environments/dev/karrots.yaml:10: aply: unknown key `aply`, expected one of `apiVersion`, `name`, `branch`, `aws`, `terraform`, `apply`, `drift`, `alerts`, `allow`",
+                "environments/dev/karrots.yaml:10: aply: unknown key `aply`, expected one of `apiVersion`, `name`, `branch`, `aws`, `terraform`, `apply`, `drift`, `alerts`, `allow`, `verify`",
             )],
         ),
         (

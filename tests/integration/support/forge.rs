@@ -1,7 +1,8 @@
 //! A forge stand-in on loopback: it records every request (method, path, headers, JSON
 //! body) and answers as GitHub's, GitLab's and Gitea's commit status APIs do — `201` with the
 //! status; `503` while told to be down; and, shaped like GitLab, `400 Cannot transition
-//! status` when a context is set to the state it already has. Shaped like GitHub, it also
+//! status` when a context is set to the state it already has (which a context the stand-in
+//! has not seen yet is taken to have). Shaped like GitHub, it also
 //! keeps pull requests (a commit → an open pull request) and their comments: listed,
 //! created, edited.
 
@@ -175,7 +176,10 @@ impl ForgeStandIn {
                     (503, "{\"message\":\"Service Unavailable\"}".to_string())
                 } else if let Some(routed) = routed {
                     routed
-                } else if gitlab && states.get(&key) == Some(&state) {
+                } else if gitlab && states.get(&key).is_none_or(|set| *set == state) {
+                    // A context seen for the first time already has this state (set by an
+                    // earlier run, as far as the stand-in knows): GitLab refuses to set it again.
+                    states.insert(key, state.clone());
                     (
                         400,
                         format!(
