@@ -234,33 +234,51 @@ impl Forge {
         let status: CommitStatus = serde_json::from_str(&entry.body)
             .map_err(|e| format!("an outbox status that does not parse: {e}"))?;
         let request = self.status_request(&status, entry.run, &self.token().await?);
-        let mut sending = self
-            .client
-            .post(request.url.clone())
-            .header("content-type", "application/json")
-            .body(request.body.to_string())
-            .timeout(REQUEST_TIMEOUT);
-        for (name, value) in &request.headers {
-            sending = sending.header(*name, value);
-        }
-        let response = sending.send().await.map_err(|e| {
-            // reqwest names the URL, never the headers.
-            format!("{}: {e}", request.url)
-        })?;
-        let code = response.status();
+        let post = reqwest::Method::POST;
+        let (code, answer) = self
+            .exchange(&post, &request.url, &request.headers, Some(&request.body))
+            .await?;
         if code.is_success() {
             return Ok(());
         }
-        let answer = response.text().await.unwrap_or_default();
         // GitLab refuses to set a state a status already has; it has it.
         if self.settings.kind == ForgeKind::Gitlab && answer.contains("Cannot transition status") {
             return Ok(());
         }
         Err(format!(
-            "{} answered {code}: {}",
+            "{post} {} answered {code}: {}",
             request.url,
             first_line(&answer)
         ))
+    }
+
+    /// One request to the API, with `headers` (the token's) and a JSON `body`: the answer's
+    /// status and text. Its errors name the URL, never a header.
+    async fn exchange(
+        &self,
+        method: &reqwest::Method,
+        url: &url::Url,
+        headers: &[(&'static str, String)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<(reqwest::StatusCode, String), String> {
+        let mut request = self
+            .client
+            .request(method.clone(), url.clone())
+            .timeout(REQUEST_TIMEOUT);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        let code = response.status();
+        Ok((code, response.text().await.unwrap_or_default()))
     }
 }
 
@@ -318,7 +336,7 @@ impl Forge {
         }
     }
 
-    /// One call of the API; its JSON answer (`null` for a 404 when `missing_is_none`).
+    /// One call of the API; its JSON answer (`null` for a GET answered 404: nothing there).
     async fn call(
         &self,
         method: reqwest::Method,
@@ -326,27 +344,12 @@ impl Forge {
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, String> {
         let headers = self.headers(&self.token().await?);
-        let mut request = self
-            .client
-            .request(method.clone(), url.clone())
-            .timeout(REQUEST_TIMEOUT);
-        for (name, value) in &headers {
-            request = request.header(*name, value);
-        }
-        if let Some(body) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(body.to_string());
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("{method} {url}: {e}"))?;
-        let code = response.status();
+        let (code, text) = self
+            .exchange(&method, &url, &headers, body.as_ref())
+            .await?;
         if code == reqwest::StatusCode::NOT_FOUND && method == reqwest::Method::GET {
             return Ok(serde_json::Value::Null);
         }
-        let text = response.text().await.unwrap_or_default();
         if !code.is_success() {
             return Err(format!(
                 "{method} {url} answered {code}: {}",
