@@ -15,16 +15,16 @@ use crate::git::remote::wanted;
 /// The socket's name under `state_dir`.
 pub(crate) const SOCKET: &str = "git-credential.sock";
 
-/// Answers requests on `state_dir/git-credential.sock` until `stop`: the installation token
-/// for `host` over https (or plain http to this machine), nothing for any other host, and
+/// Answers requests on the socket at `path` until `stop`: the installation token for
+/// `host` over https (or plain http to this machine), nothing for any other host, and
 /// `error=…` when no token can be had.
 pub(super) fn serve(
-    state_dir: &Path,
+    path: &Path,
     tokens: Arc<AppTokens>,
     host: String,
     stop: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let path: PathBuf = state_dir.join(SOCKET);
+    let path: PathBuf = path.to_path_buf();
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)?;
     Ok(tokio::spawn(async move {

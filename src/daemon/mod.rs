@@ -176,13 +176,12 @@ fn serve_git_credentials(
     shared: &Arc<Shared>,
     stop: &CancellationToken,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, DaemonError> {
-    let (Some(tokens), crate::config::Scheme::Https) =
-        (&shared.app_tokens, shared.config.repo.scheme())
+    let (Some(tokens), Some(socket)) = (&shared.app_tokens, shared.transport.credential_socket())
     else {
         return Ok(None);
     };
     let host = shared.config.repo.host().unwrap_or_default().to_string();
-    credentials::serve(&shared.config.state_dir, tokens.clone(), host, stop.clone())
+    credentials::serve(socket, tokens.clone(), host, stop.clone())
         .map(Some)
         .map_err(|e| DaemonError::Setup(format!("the git credential socket: {e}")))
 }

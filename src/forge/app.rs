@@ -16,6 +16,9 @@ pub const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
 const JWT_LIFETIME: u64 = 9 * 60;
 const CLOCK_SKEW: u64 = 60;
 
+/// How long minting a token may take.
+const MINT_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 struct Minted {
     token: String,
@@ -43,15 +46,9 @@ fn unix(at: SystemTime) -> u64 {
 
 impl AppTokens {
     pub fn new(app: GithubApp) -> AppTokens {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("karrots/", env!("CARGO_PKG_VERSION")))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default();
         AppTokens {
             app,
-            client,
+            client: super::api_client(),
             current: tokio::sync::Mutex::new(None),
         }
     }
@@ -111,6 +108,7 @@ impl AppTokens {
             .header("authorization", format!("Bearer {jwt}"))
             .header("accept", "application/vnd.github+json")
             .header("x-github-api-version", "2022-11-28")
+            .timeout(MINT_TIMEOUT)
             .send()
             .await
             .map_err(|e| format!("POST {url}: {e}"))?;

@@ -163,6 +163,16 @@ pub fn comment_delivery(sha: &str) -> Delivery {
     }
 }
 
+/// The HTTP client of a forge's API: no redirect followed (a token never goes to another
+/// host), Karrots named as the user agent (GitHub requires one).
+pub(crate) fn api_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("karrots/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
 /// One HTTP request to a forge's API.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -182,11 +192,7 @@ pub struct Forge {
 
 impl Forge {
     pub fn new(settings: ForgeSettings, app: Option<Arc<app::AppTokens>>) -> Forge {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("karrots/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_default();
+        let client = api_client();
         Forge {
             settings,
             client,

@@ -128,6 +128,11 @@ impl Transport {
         }
     }
 
+    /// The daemon's credential socket git is told to ask, when there is one.
+    pub fn credential_socket(&self) -> Option<&Path> {
+        self.credential_socket.as_deref()
+    }
+
     pub fn address(&self) -> &RepoAddress {
         &self.address
     }
