@@ -187,15 +187,8 @@ mod tests {
         }
 
         fn key(&self, name: &str, email: &str) -> (PathBuf, Signer) {
-            let path = self.dir.path().join(name);
-            let made = std::process::Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(made.status.success());
-            let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
-            (path, Signer::parse(&format!("{email} {public}")).unwrap())
+            let signer = crate::signature::tests::key(self.dir.path(), name, email);
+            (self.dir.path().join(name), signer)
         }
 
         /// A tag `name` on the commit signed with `key`, its message `message`.

@@ -120,14 +120,14 @@ fn user_present(signature: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::git::testing::{commit_all, git, write};
     use ssh_key::public::{Ed25519PublicKey, KeyData, SkEd25519};
     use std::path::Path;
 
-    /// A key made by ssh-keygen in `dir`; its allowed-signers line.
-    fn key(dir: &Path, name: &str, email: &str) -> Signer {
+    /// A key made by ssh-keygen at `dir/name`; its allowed-signers line.
+    pub(crate) fn key(dir: &Path, name: &str, email: &str) -> Signer {
         let made = std::process::Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", email, "-f"])
             .arg(dir.join(name))
