@@ -29,6 +29,8 @@ pub enum AlertKind {
     DriftDetected,
     DriftCleared,
     DriftError,
+    /// A saved plan waits for approvals (`apply.approval`).
+    ApprovalNeeded,
 }
 
 impl AlertKind {
@@ -51,6 +53,9 @@ pub struct Alert {
     pub at: String,
     pub message: String,
     pub resources: Vec<serde_json::Value>,
+    /// The approvals an `applied` plan was applied on (`apply.approval`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<crate::approval::Approval>,
     /// One line for people: `karrots prod: drift_detected at 1a2b3c4: …`. Slack's incoming
     /// webhooks (and Mattermost's, Rocket.Chat's, Discord's `/slack`) post this field and
     /// ignore the others, so any of them is a sink as it is.
@@ -73,6 +78,7 @@ impl Alert {
             at: now_rfc3339(),
             message,
             resources: Vec::new(),
+            approved_by: Vec::new(),
             text,
         }
     }

@@ -81,6 +81,19 @@ pub fn verify(object: &[u8], signers: &[Signer]) -> Result<Signed, Refusal> {
     let text = std::str::from_utf8(object).map_err(|e| Refusal::Unreadable(e.to_string()))?;
     let start = text.rfind(BEGIN).ok_or(Refusal::Unsigned)?;
     let (payload, armored) = text.split_at(start);
+    verify_detached(payload.as_bytes(), armored, signers)
+}
+
+/// Verifies `armored` (an SSH signature block) over `payload`, by one of `signers`: a signed
+/// commit's `gpgsig` header over the commit without it.
+pub fn verify_detached(
+    payload: &[u8],
+    armored: &str,
+    signers: &[Signer],
+) -> Result<Signed, Refusal> {
+    if !armored.trim_start().starts_with(BEGIN) {
+        return Err(Refusal::Unsigned);
+    }
     let signature =
         SshSig::from_pem(armored.trim_end()).map_err(|e| Refusal::Unreadable(e.to_string()))?;
     if signature.namespace() != NAMESPACE {
@@ -96,7 +109,7 @@ pub fn verify(object: &[u8], signers: &[Signer]) -> Result<Signed, Refusal> {
         .ok_or_else(|| Refusal::UnknownKey(offered.clone()))?;
     signer
         .key
-        .verify(NAMESPACE, payload.as_bytes(), &signature)
+        .verify(NAMESPACE, payload, &signature)
         .map_err(|_| Refusal::BadSignature(offered.clone()))?;
     let hardware = matches!(
         signature.algorithm(),

@@ -169,12 +169,6 @@ fn verify_settings(v: &mut Validator, raw: &RawVerify) -> VerifySettings {
             "verify.signed_commits",
             "needs verify.signers: no commit could be applied",
         );
-    } else if signed_commits {
-        // Refused rather than read and ignored: unsigned commits would be applied.
-        v.report(
-            "verify.signed_commits",
-            "is not enforced by this version of karrots yet; remove it, or wait for the version that checks the signatures",
-        );
     }
     VerifySettings {
         signed_commits,
@@ -573,14 +567,6 @@ allow: [local-exec]
             "  allow_destroy: false\n  approval:\n    required: 1\n    hardware_key: true\n    four_eyes: true\n    approvers:\n      - {{ email: alice@example.com, key: \"{sk} alice@yubikey\" }}\nverify:\n  signed_commits: true\n  signers:\n    - {{ email: bob@example.com, key: \"{ed} bob\" }}\n"
         );
         let text = VALID.replace("  allow_destroy: false\n", &approval);
-        let enforced = parse(&text).unwrap_err();
-        assert_eq!(
-            enforced,
-            [
-                "environments/prod/karrots.yaml:22: verify.signed_commits: is not enforced by this version of karrots yet; remove it, or wait for the version that checks the signatures"
-            ]
-        );
-        let text = text.replace("signed_commits: true", "signed_commits: false");
         let spec = parse(&text).unwrap();
         assert!(
             !spec.apply.auto,
@@ -592,7 +578,14 @@ allow: [local-exec]
             (1, true, true)
         );
         assert_eq!(settings.approvers[0].email, "alice@example.com");
-        assert!(!spec.verify.signed_commits);
+        assert!(spec.verify.signed_commits);
+        let bob = format!("  signers:\n    - {{ email: bob@example.com, key: \"{ed} bob\" }}\n");
+        let unsigned = parse(&text.replace(&bob, ""));
+        assert!(
+            unsigned
+                .is_err_and(|problems| problems.iter().any(|p| p.contains("needs verify.signers"))),
+            "signed commits without signers could apply nothing"
+        );
         assert_eq!(spec.verify.signers[0].key, format!("{ed} bob"));
         let trusted = parse(VALID).unwrap();
         assert_eq!(

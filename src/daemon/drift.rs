@@ -145,6 +145,12 @@ pub(super) async fn check(
         clock.checked(false);
         return Ok(());
     }
+    // The checkout holds the plan the approvers are looking at; a check would replace it.
+    if row.status == EnvStatus::AwaitingApproval {
+        tracing::debug!("no drift check: a plan waits for approvals in the checkout");
+        clock.checked(false);
+        return Ok(());
+    }
     let commit = CommitId::from_hex(&last_applied);
     let Some(permit) = shared.scheduler.permit(Priority::AfterMerges).await else {
         return Ok(());

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::alert::{Alert, AlertKind};
+use crate::approval::{self, Approval, ApprovalPolicy};
 use crate::config::{ApplyPolicy, EnvironmentSpec, RepoPath};
 use crate::engine::machine::{
     self, Effect, EnvState, Event, Inspection, Phase, Record, Staging, Streak,
@@ -21,6 +22,7 @@ use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::engine::{Lane, decide_lane};
 use crate::git::{self, CommitId};
 use crate::repo::CheckedEnvironment;
+use crate::signature::Signer;
 use crate::store::{EnvironmentRow, Summary};
 use crate::terraform::{PlanRecord, StageError};
 
@@ -33,18 +35,35 @@ use super::steps::{
 };
 
 /// What the merged lane keeps between commits: the machine's streak and phase (a commit
-/// waiting to be tried again), and when that retry is due.
+/// waiting to be tried again, or its plan waiting for approvals), when that retry is due,
+/// and the plan that waits.
 #[derive(Debug, Default)]
 pub(super) struct MergedLane {
     streak: Streak,
     phase: Phase,
     pub(super) retry_at: Option<tokio::time::Instant>,
+    /// Boxed: an idle worker of an environment without approvals holds a pointer, not a plan.
+    waiting: Option<Box<WaitingPlan>>,
+}
+
+/// A saved plan waiting for its approvals: its run, and the tags already reported as not
+/// counting (each is reported once).
+#[derive(Debug)]
+struct WaitingPlan {
+    run_id: i64,
+    record: PlanRecord,
+    reported: BTreeSet<String>,
 }
 
 impl MergedLane {
     /// The retry's event, once its time has come.
     pub(super) fn take_retry(&mut self) -> Option<Event> {
         self.retry_at.take().map(|_| Event::RetryDue)
+    }
+
+    /// Whether a saved plan waits for approvals.
+    pub(super) fn awaits_approval(&self) -> bool {
+        matches!(self.phase, Phase::AwaitingApproval { .. })
     }
 }
 
@@ -69,6 +88,7 @@ pub(super) async fn merged(
         phase: std::mem::take(&mut lane.phase),
         ..recorded_state(&row, trusted.apply)
     };
+    let waiting = lane.waiting.take();
     let mut run = Run {
         shared,
         env,
@@ -76,12 +96,26 @@ pub(super) async fn merged(
         row: &row,
         stop,
         checked: None,
-        plan: None,
+        plan: waiting
+            .as_ref()
+            .map(|waiting| (waiting.run_id, Ok(waiting.record.clone()))),
         apply_run: None,
         permit: None,
         retry_at: None,
+        approvals: Vec::new(),
+        reported: waiting.map(|waiting| waiting.reported).unwrap_or_default(),
     };
     let (state, result) = drive(state, &mut run, event).await;
+    lane.waiting = match (&state.phase, run.plan) {
+        (Phase::AwaitingApproval { .. }, Some((run_id, Ok(record)))) => {
+            Some(Box::new(WaitingPlan {
+                run_id,
+                record,
+                reported: run.reported,
+            }))
+        }
+        _ => None,
+    };
     lane.streak = state.streak;
     lane.phase = state.phase;
     lane.retry_at = run.retry_at;
@@ -134,6 +168,10 @@ struct Run<'a> {
     /// Held from the plan through the apply.
     permit: Option<tokio::sync::SemaphorePermit<'a>>,
     retry_at: Option<tokio::time::Instant>,
+    /// The approvals that counted for the plan, once there are enough.
+    approvals: Vec<Approval>,
+    /// The approval tags already reported as not counting.
+    reported: BTreeSet<String>,
 }
 
 impl Effects for Run<'_> {
@@ -156,7 +194,16 @@ impl Effects for Run<'_> {
                 let (run_id, ended) =
                     start_apply(self.shared, self.env, &commit, record, self.trusted).await?;
                 self.apply_run = Some(run_id);
-                Ok(Some(Event::ApplyEnded(ended)))
+                Ok(Some(match ended {
+                    Err(failure) if failure.stale => Event::ApplyStale {
+                        message: failure.message,
+                    },
+                    ended => Event::ApplyEnded(ended.map_err(|failure| failure.message)),
+                }))
+            }
+            Effect::CountApprovals { commit } => {
+                let approved = self.count_approvals(&CommitId::from_hex(&commit)).await?;
+                Ok(Some(Event::ApprovalsCounted { approved }))
             }
             Effect::Record(record) => {
                 self.record(record).await?;
@@ -187,6 +234,7 @@ impl Run<'_> {
         let compared = last
             .as_ref()
             .and_then(|last| shared.changed_paths(last, &commit));
+        let signers = self.signers()?;
         let _git = shared.git_work.acquire().await;
         let found = tokio::task::spawn_blocking(move || {
             let repo = git::open(&mirror)?;
@@ -195,10 +243,15 @@ impl Run<'_> {
                 None => false,
             };
             let Some(last) = last.filter(|_| on_branch) else {
+                let unsigned = match &signers {
+                    Some(signers) if on_branch => unsigned(&repo, None, &commit, signers)?,
+                    _ => None,
+                };
                 return Ok::<_, git::GitError>(Inspection {
                     on_branch,
                     descends: true,
                     untouched: false,
+                    unsigned,
                 });
             };
             let changes = match compared {
@@ -209,14 +262,37 @@ impl Run<'_> {
                 (Some(inputs), Some(changed)) => !touches_inputs(changed, inputs),
                 _ => false,
             };
+            let unsigned = match &signers {
+                Some(signers) if changes.is_some() && last != commit => {
+                    unsigned(&repo, Some(&last), &commit, signers)?
+                }
+                _ => None,
+            };
             Ok(Inspection {
                 on_branch,
                 descends: changes.is_some(),
                 untouched,
+                unsigned,
             })
         })
         .await??;
         Ok(found)
+    }
+
+    /// The signers every commit applied must be signed by, when `verify.signed_commits` is
+    /// on (the trust branch's).
+    fn signers(&self) -> Result<Option<Vec<Signer>>, WorkError> {
+        let verify = &self.trusted.verify;
+        if !verify.signed_commits {
+            return Ok(None);
+        }
+        let signers = verify
+            .signers
+            .iter()
+            .map(Signer::allowed)
+            .collect::<Result<Vec<Signer>, String>>()
+            .map_err(WorkError::Other)?;
+        Ok(Some(signers))
     }
 
     async fn stage(&mut self, commit: &CommitId) -> Result<Staging, WorkError> {
@@ -299,14 +375,16 @@ impl Run<'_> {
         } else {
             RunResult::NoChanges
         };
-        let outcome = Outcome::new(self.env, commit).finish(
-            *run_id,
-            RunKind::Plan,
-            result,
-            summary(record),
-            resources(record),
-            "",
-        );
+        let outcome = Outcome::new(self.env, commit)
+            .finish(
+                *run_id,
+                RunKind::Plan,
+                result,
+                summary(record),
+                resources(record),
+                "",
+            )
+            .plan_sha256(&record.plan_sha256);
         Ok((outcome, record))
     }
 
@@ -336,6 +414,12 @@ impl Run<'_> {
                 self.passed_over(&hex(&commit), &fingerprint, staged, status)
                     .await
             }
+            Record::Unsigned { commit, message } => {
+                let commit = hex(&commit);
+                let alert = Alert::new(AlertKind::Refused, self.env, commit.as_str(), message);
+                let refused = Some(EnvStatus::Refused);
+                refuse(self.shared, &commit, RunKind::Plan, refused, alert).await
+            }
             Record::ConfigError { commit, message } => {
                 config_error(self.shared, self.env, &hex(&commit), RunKind::Plan, message).await
             }
@@ -347,13 +431,9 @@ impl Run<'_> {
                 commit,
                 fingerprint,
             } => self.in_sync(&hex(&commit), &fingerprint).await,
-            Record::AwaitingApproval { commit } => {
-                let (planned, _) = self.planned(&hex(&commit))?;
-                self.write(planned.status(EnvStatus::AwaitingApproval).audit(
-                    "awaiting_approval",
-                    "apply.auto is false: the plan waits for an approval and is not applied",
-                ))
-                .await
+            Record::AwaitingApproval { commit } => self.awaiting_approval(&hex(&commit)).await,
+            Record::ApprovedPlanStale { commit, message } => {
+                self.approved_plan_stale(&hex(&commit), &message).await
             }
             Record::RefusedDestroy { commit } => self.refused_destroy(&hex(&commit)).await,
             Record::PlanFailed {
@@ -383,6 +463,130 @@ impl Run<'_> {
                 self.applied(&commit, String::new(), Err(message)).await
             }
         }
+    }
+
+    /// The plan waits: with `apply.approval`, for the approvals the run's message says how
+    /// to give (alerted once); with `apply.auto: false` alone, for nothing that can come.
+    async fn awaiting_approval(&self, commit: &CommitId) -> WorkResult {
+        let (planned, record) = self.planned(commit)?;
+        let Some(approval) = &self.trusted.approval else {
+            return self
+                .write(planned.status(EnvStatus::AwaitingApproval).audit(
+                    "awaiting_approval",
+                    "apply.auto is false and apply.approval names no approvers: the plan is not applied",
+                ))
+                .await;
+        };
+        let command = approve_command(self.env, commit, &record.plan_sha256);
+        let needed = format!(
+            "the plan of {} (+{} ~{} -{}) waits for {} approval{} of plan sha256:{}; an approver runs: {command}",
+            commit.short(),
+            record.summary.add,
+            record.summary.change,
+            record.summary.destroy,
+            approval.required,
+            if approval.required == 1 { "" } else { "s" },
+            record.plan_sha256,
+        );
+        let mut alert = Alert::new(
+            AlertKind::ApprovalNeeded,
+            self.env,
+            commit.as_str(),
+            needed.clone(),
+        );
+        alert.resources = resources(record);
+        let run_id = self.plan.as_ref().map(|(id, _)| *id).unwrap_or_default();
+        let waiting = planned
+            .message(format!("approve with: {command}"))
+            .status(EnvStatus::AwaitingApproval)
+            .audit("awaiting_approval", format!("run {run_id}: {needed}"))
+            .alert(alert);
+        self.write(waiting).await
+    }
+
+    /// The approved plan went stale before it was applied: its apply run failed, alerted, and
+    /// the commit is planned again (its new plan needs approvals of its own).
+    async fn approved_plan_stale(&self, commit: &CommitId, message: &str) -> WorkResult {
+        let (Some((_, Ok(record))), Some(run_id)) = (&self.plan, self.apply_run) else {
+            return Err(WorkError::Other(
+                "a stale plan's outcome without its run".into(),
+            ));
+        };
+        let text = format!(
+            "the approved plan of {} (sha256:{}) could not be applied: {message}; the commit is planned again, and the new plan needs approvals of its own",
+            commit.short(),
+            record.plan_sha256
+        );
+        let stale = Outcome::new(self.env, commit)
+            .finish(
+                run_id,
+                RunKind::Apply,
+                RunResult::Failed,
+                summary(record),
+                resources(record),
+                text.clone(),
+            )
+            .approved_by(self.approvals.clone())
+            .status(EnvStatus::Planning)
+            .audit("approved_plan_stale", format!("run {run_id}: {text}"))
+            .alert(Alert::new(
+                AlertKind::ApplyFailed,
+                self.env,
+                commit.as_str(),
+                text,
+            ));
+        self.write(stale).await
+    }
+
+    /// Counts the approval tags of the waiting plan under the trust branch's
+    /// `apply.approval`; reports each tag that does not count, once. Enough approvals are
+    /// kept for the apply's record.
+    async fn count_approvals(&mut self, commit: &CommitId) -> Result<bool, WorkError> {
+        let Some(settings) = &self.trusted.approval else {
+            return Ok(false);
+        };
+        let policy = ApprovalPolicy::from_settings(settings).map_err(WorkError::Other)?;
+        let Some((_, Ok(record))) = &self.plan else {
+            return Err(WorkError::Other("approvals without a plan".into()));
+        };
+        let (mirror, env, head) = (
+            self.shared.mirror.path().to_path_buf(),
+            self.env.to_string(),
+            commit.clone(),
+        );
+        let last = self.row.last_applied.as_deref().map(CommitId::from_hex);
+        let (tags, authors) = tokio::task::spawn_blocking(move || {
+            let repo = git::open(&mirror)?;
+            let tags = git::signed::approval_tags(&repo, &env)?;
+            let authors = git::signed::authors_since(&repo, last.as_ref(), &head)?;
+            Ok::<_, git::GitError>((tags, authors))
+        })
+        .await??;
+        let plan = approval::Plan {
+            env: self.env,
+            commit: commit.as_str(),
+            sha256: &record.plan_sha256,
+            authors: &authors,
+        };
+        let tally = approval::tally(&tags, &plan, &policy);
+        for (tag, why) in &tally.refused {
+            if self.reported.insert(tag.clone()) {
+                tracing::warn!(%tag, reason = %why, "an approval tag does not count");
+                let refused = Outcome::new(self.env, commit)
+                    .audit("approval_not_counted", format!("{tag}: {why}"));
+                self.write(refused).await?;
+            }
+        }
+        tracing::info!(
+            counted = tally.counted.len(),
+            required = policy.required,
+            "approvals counted"
+        );
+        if !tally.approved(&policy) {
+            return Ok(false);
+        }
+        self.approvals = tally.counted;
+        Ok(true)
     }
 
     async fn write(&self, outcome: Outcome) -> WorkResult {
@@ -507,7 +711,10 @@ impl Run<'_> {
         };
         let commit = CommitId::from_hex(commit);
         let span = run_span(self.env, Lane::Merged, &commit, run_id);
-        let reason = ApplyReason::Commit { fingerprint };
+        let reason = ApplyReason::Commit {
+            fingerprint,
+            approved_by: self.approvals.clone(),
+        };
         record_apply(
             self.shared,
             self.env,
@@ -556,6 +763,7 @@ pub(super) fn pass_over(
         on_branch: true,
         descends: true,
         untouched: true,
+        unsigned: None,
     };
     match machine::step(state, Event::Inspected(found)).1.as_slice() {
         [] => Some(None),
@@ -576,6 +784,32 @@ pub(super) fn pass_over(
         ))),
         _ => None,
     }
+}
+
+/// Why the first commit of the first-parent chain from `last` (not included) to `head` that
+/// carries no valid signature of a signer does not count, if one does not.
+fn unsigned(
+    repo: &git2::Repository,
+    last: Option<&CommitId>,
+    head: &CommitId,
+    signers: &[Signer],
+) -> Result<Option<String>, git::GitError> {
+    for commit in git::signed::first_parents_since(repo, last, head)? {
+        if let Err(refusal) = git::signed::verify_commit(repo, &commit, signers)? {
+            return Ok(Some(format!(
+                "commit {} {refusal}; verify.signed_commits asks every commit on the branch since the last applied one to be signed by one of verify.signers, so nothing is planned or applied while it stands between the last applied commit and the head",
+                commit.short()
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The command an approver runs to approve the plan `sha256` of `commit`: a signed tag
+/// naming the environment, the commit and the plan, pushed.
+pub(super) fn approve_command(env: &str, commit: &CommitId, sha256: &str) -> String {
+    let tag = format!("karrots/approve/{env}/{commit}/$USER");
+    format!("git tag -s -m \"plan: sha256:{sha256}\" {tag} {commit} && git push origin {tag}")
 }
 
 /// Why a commit whose changed paths miss the applied closure is passed over.
@@ -691,6 +925,7 @@ mod tests {
                     on_branch: true,
                     descends: true,
                     untouched: false,
+                    unsigned: None,
                 }),
                 Effect::Stage { commit } => Event::Staged(Staging::Checked {
                     fingerprint: format!("fp-{commit}"),
@@ -704,6 +939,7 @@ mod tests {
                     },
                 },
                 Effect::Apply { .. } => Event::ApplyEnded(Ok(())),
+                Effect::CountApprovals { .. } => Event::ApprovalsCounted { approved: false },
                 Effect::Record(record) => {
                     self.records += 1;
                     if self.failing_record == Some(self.records - 1) {

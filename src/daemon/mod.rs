@@ -42,7 +42,7 @@ use crate::engine::Lane;
 use crate::engine::reconcile::touches_inputs;
 use crate::engine::retry::Backoff;
 use crate::engine::state::{EnvStatus, RunKind, RunResult};
-use crate::git::mirror::{Heads, Mirror};
+use crate::git::mirror::{Heads, Listing, Mirror, Tags};
 use crate::git::remote::Transport;
 use crate::git::{self, CommitId};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
@@ -315,6 +315,8 @@ async fn main_loop(shared: &Arc<Shared>, shutdown: impl Future<Output = ()>) {
 struct Poller {
     /// The heads seen at the last successful poll.
     heads: Heads,
+    /// Karrots' tags (approvals) seen at the last successful poll.
+    tags: Tags,
     /// Failed fetches in a row (a `source_error` was alerted at the first), and when the
     /// poll timer tries again: later at each failure ([`Backoff`]); a wake tries at once.
     failures: u32,
@@ -335,9 +337,13 @@ impl Poller {
     }
 
     async fn poll(&mut self, shared: &Arc<Shared>) {
-        let Some(heads) = self.fetch(shared).await else {
+        let Some(Listing { heads, tags }) = self.fetch(shared).await else {
             return;
         };
+        if tags != self.tags {
+            let previous = std::mem::replace(&mut self.tags, tags);
+            self.approvals_changed(shared, &previous);
+        }
         if heads == self.heads {
             return;
         }
@@ -378,9 +384,29 @@ impl Poller {
             .await;
     }
 
-    /// Fetches the remote's branches into the mirror; `None` when that failed (a
-    /// `source_error` is alerted once per failure streak, and the last good revision kept).
-    async fn fetch(&mut self, shared: &Arc<Shared>) -> Option<Heads> {
+    /// Tells the merged worker of each environment whose approval tags differ from
+    /// `previous` to count them again.
+    fn approvals_changed(&self, shared: &Arc<Shared>, previous: &Tags) {
+        let changed: BTreeSet<&str> = previous
+            .iter()
+            .filter(|(name, target)| self.tags.get(*name) != Some(*target))
+            .chain(
+                self.tags
+                    .iter()
+                    .filter(|(name, target)| previous.get(*name) != Some(*target)),
+            )
+            .filter_map(|(name, _)| name.strip_prefix("karrots/approve/")?.split('/').next())
+            .collect();
+        for env in changed {
+            tracing::info!(env, "approval tags changed");
+            shared.scheduler.approvals_changed(&Key::merged(env));
+        }
+    }
+
+    /// Fetches the remote's branches and Karrots' tags into the mirror; `None` when that
+    /// failed (a `source_error` is alerted once per failure streak, and the last good
+    /// revision kept).
+    async fn fetch(&mut self, shared: &Arc<Shared>) -> Option<Listing> {
         let started = Instant::now();
         let mirror_path = shared.mirror.path().to_path_buf();
         let transport = shared.transport.clone();
@@ -389,7 +415,7 @@ impl Poller {
             Mirror::open_or_create(&mirror_path, url).and_then(|mirror| mirror.update(&transport))
         })
         .await;
-        let (heads, fetched) = match updated {
+        let (listing, fetched) = match updated {
             Ok(Ok(update)) => update,
             Ok(Err(error)) => {
                 shared.metrics.fetch_errors.inc();
@@ -415,7 +441,7 @@ impl Poller {
             *last = Some(Instant::now());
         }
         tracing::debug!(elapsed = ?started.elapsed(), fetched, "polled the config repository");
-        Some(heads)
+        Some(listing)
     }
 
     /// The environments of the trust branch at `heads`, those that load; one that does not

@@ -68,6 +68,14 @@ impl Outcome {
         self
     }
 
+    /// Replaces the message of the run [`Outcome::finish`] ends.
+    pub fn message(mut self, text: impl Into<String>) -> Outcome {
+        if let Some(RunRecord::Finish { message, .. }) = &mut self.journal.run {
+            *message = text.into();
+        }
+        self
+    }
+
     /// A run of `kind` decided without terraform: refused, superseded.
     pub fn decided(
         mut self,
@@ -107,6 +115,18 @@ impl Outcome {
 
     pub fn audit(mut self, decision: &str, detail: impl Into<String>) -> Outcome {
         self.journal.audit = Some((decision.to_string(), detail.into()));
+        self
+    }
+
+    /// The SHA-256 of the plan file the run saved (what an approval names).
+    pub fn plan_sha256(mut self, sha256: &str) -> Outcome {
+        self.journal.plan_sha256 = Some(sha256.to_string());
+        self
+    }
+
+    /// The approvals the run's plan was applied on.
+    pub fn approved_by(mut self, approvals: Vec<crate::approval::Approval>) -> Outcome {
+        self.journal.approved_by = approvals;
         self
     }
 

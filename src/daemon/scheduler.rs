@@ -65,6 +65,9 @@ pub(crate) trait Scheduler: Send + Sync {
         commit: &CommitId,
     ) -> Option<String>;
 
+    /// Tells `key`'s worker, if it runs, that the environment's approval tags changed.
+    fn approvals_changed(&self, key: &Key);
+
     /// The turn of `key`'s worker while it is idle (nothing running, queued or due for a
     /// retry): while the guard lives, the worker starts nothing.
     fn idle_turn(&self, key: &Key) -> Option<OwnedMutexGuard<()>>;
@@ -92,6 +95,8 @@ pub struct Queue {
     /// Whether the worker will try a failed commit again: a commit passed over meanwhile
     /// would be older news than that retry, so the main loop leaves such a commit to it.
     pub(super) retry_pending: AtomicBool,
+    /// The environment's approval tags changed since the worker last looked.
+    approvals: AtomicBool,
 }
 
 impl Queue {
@@ -103,7 +108,19 @@ impl Queue {
             depth,
             turn: Arc::new(tokio::sync::Mutex::new(())),
             retry_pending: AtomicBool::new(false),
+            approvals: AtomicBool::new(false),
         }
+    }
+
+    /// Wakes the worker: the environment's approval tags changed.
+    pub(super) fn approvals_changed(&self) {
+        self.approvals.store(true, Ordering::SeqCst);
+        self.ready.notify_one();
+    }
+
+    /// Whether the approval tags changed since the last call.
+    pub(super) fn take_approvals(&self) -> bool {
+        self.approvals.swap(false, Ordering::SeqCst)
     }
 
     /// `cancel` is what stops the drift check now running; a pushed commit triggers it.
@@ -229,6 +246,12 @@ impl Scheduler for InProcess {
             Worker { queue, task }
         });
         worker.queue.push(branch, commit.as_str())
+    }
+
+    fn approvals_changed(&self, key: &Key) {
+        if let Some(worker) = self.workers().get(key) {
+            worker.queue.approvals_changed();
+        }
     }
 
     fn idle_turn(&self, key: &Key) -> Option<OwnedMutexGuard<()>> {

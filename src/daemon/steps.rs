@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::alert::{Alert, AlertKind};
+use crate::approval::Approval;
 use crate::engine::Lane;
 use crate::engine::retry::{ErrorClass, classify_terraform_output};
 use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
@@ -213,7 +214,11 @@ pub(super) async fn plan(
 pub(super) enum ApplyReason {
     /// A merged commit's plan: once applied, the environment is at the commit, whose input
     /// fingerprint (of the commit's closure, not of the initialised checkout) is this.
-    Commit { fingerprint: String },
+    Commit {
+        fingerprint: String,
+        /// The approvals the plan was applied on (`apply.approval`).
+        approved_by: Vec<Approval>,
+    },
     /// `drift.remediate`: the plan of the last applied commit made by this drift check.
     Remediation { drift_run: i64 },
 }
@@ -230,9 +235,17 @@ pub(super) async fn apply(
 ) -> WorkResult {
     let (run_id, ended) = start_apply(shared, env, commit, record, trusted).await?;
     let span = run_span(env, Lane::Merged, commit, run_id);
+    let ended = ended.map_err(|failure| failure.message);
     record_apply(shared, env, commit, run_id, record, reason, ended)
         .instrument(span)
         .await
+}
+
+/// Why an apply did not apply.
+pub(super) struct ApplyFailure {
+    pub message: String,
+    /// Terraform refused the saved plan as stale: the state changed since it was made.
+    pub stale: bool,
 }
 
 /// Applies the saved plan of a merged commit as an `apply` run (recorded as started, the
@@ -244,7 +257,7 @@ pub(super) async fn start_apply(
     commit: &CommitId,
     record: &PlanRecord,
     trusted: &crate::config::EnvironmentSpec,
-) -> Result<(i64, Result<(), String>), WorkError> {
+) -> Result<(i64, Result<(), ApplyFailure>), WorkError> {
     let name = crate::config::EnvName::parse(env)?;
     let applying = Some(EnvStatus::Applying);
     let run_id = shared
@@ -265,14 +278,15 @@ pub(super) async fn start_apply(
                     .runner
                     .apply(&workdir, record, &identity.run_env, &cancel)
                     .await
-                    .map_err(|error| match error {
-                        TerraformError::StalePlan { .. } => {
-                            format!("{error}; the next commit re-plans")
-                        }
-                        other => other.to_string(),
+                    .map_err(|error| ApplyFailure {
+                        stale: matches!(error, TerraformError::StalePlan { .. }),
+                        message: error.to_string(),
                     })
             }
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(ApplyFailure {
+                message: error.to_string(),
+                stale: false,
+            }),
         };
         shared
             .metrics
@@ -307,6 +321,11 @@ pub(super) async fn record_apply(
         s.add, s.change, s.destroy
     );
     let (what, message) = match &reason {
+        ApplyReason::Commit { approved_by, .. } if !approved_by.is_empty() => {
+            let what = format!("approved by {}", approvers(approved_by));
+            let message = format!("applied {}: {counts}; {what}", commit.short());
+            (what, message)
+        }
         ApplyReason::Commit { .. } => (
             String::new(),
             format!("applied {}: {counts}", commit.short()),
@@ -328,23 +347,46 @@ pub(super) async fn record_apply(
         RunResult::Applied,
         summary(record),
         resources(record),
-        what,
+        what.clone(),
     );
+    let mut audit = format!("run {run_id}");
     // A remediation re-applies the last applied commit: where the environment is stays.
-    let remediation = match &reason {
-        ApplyReason::Commit { fingerprint } => {
-            applied = applied.last_applied(fingerprint, &record.inputs);
+    let remediation = match reason {
+        ApplyReason::Commit {
+            fingerprint,
+            approved_by,
+        } => {
+            applied = applied.last_applied(&fingerprint, &record.inputs);
+            if !approved_by.is_empty() {
+                audit = format!("{audit}; {what}");
+                applied = applied.approved_by(approved_by.clone());
+                alert.approved_by = approved_by;
+            }
             false
         }
         ApplyReason::Remediation { .. } => true,
     };
     let applied = applied
         .status(EnvStatus::InSync)
-        .audit("applied", format!("run {run_id}"))
+        .audit("applied", audit)
         .alert(alert);
     let applied = back_in_sync(shared, env, commit, remediation, applied).await?;
     shared.record(applied).await?;
     Ok(())
+}
+
+/// `alice@example.com (SHA256:…, tag karrots/approve/…)`, one per approval.
+pub(super) fn approvers(approved_by: &[Approval]) -> String {
+    approved_by
+        .iter()
+        .map(|approval| {
+            format!(
+                "{} ({}, tag {})",
+                approval.email, approval.fingerprint, approval.tag
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Records apply run `run_id` failed: the environment `failed`, alerted.

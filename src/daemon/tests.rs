@@ -255,7 +255,8 @@ impl Daemon {
         let heads = poller
             .fetch(&self.shared)
             .await
-            .expect("the fetch succeeds");
+            .expect("the fetch succeeds")
+            .heads;
         let specs = poller
             .trusted_specs(&self.shared, &heads, &Heads::default())
             .await

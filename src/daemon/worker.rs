@@ -59,9 +59,13 @@ pub(super) async fn work(
             }
             Wake::RetryDue => retry = merged.take_retry(),
         }
+        // New approval tags count for the waiting plan, unless a newer commit supersedes it.
+        if queue.take_approvals() && merged.awaits_approval() && !queue.has_pending() {
+            retry = Some(Event::TagsChanged);
+        }
         // A commit queued meanwhile is newer than the one to retry: it goes instead.
         if let Some(event) = retry.filter(|_| !queue.has_pending()) {
-            let span = tracing::info_span!("retry", env = %env, lane = %lane);
+            let span = tracing::info_span!("resume", env = %env, lane = %lane);
             let run = super::merged::merged(&shared, &env, &mut merged, event, &stop);
             log_failure(Box::pin(run).instrument(span.clone()).await, &span);
         }

@@ -5,8 +5,8 @@
 //! and feeds their results back as events; every rule of "no change outside a merged commit"
 //! that concerns one environment's commits is decided here, without I/O or a clock.
 //!
-//! The lane is the one that waits: for a retry of a passing failure now, and next for an
-//! approval or a lease — each a [`Phase`] the environment can be found in and resumed from.
+//! The lane is the one that waits: for a retry of a passing failure, and for the approvals of
+//! a saved plan — each a [`Phase`] the environment can be found in and resumed from.
 
 use std::time::Duration;
 
@@ -62,6 +62,14 @@ pub enum Phase {
     Applying {
         commit: String,
         fingerprint: String,
+        /// The plan was approved (`apply.approval`): a stale plan is made again and waits
+        /// for approvals of its own, rather than failing the environment.
+        approved: bool,
+    },
+    /// A plan with changes, saved, waiting for the approvals `apply.approval` asks for.
+    AwaitingApproval {
+        commit: String,
+        fingerprint: String,
     },
     /// A commit whose plan failed for a reason that may pass, tried again after `after`.
     Retrying {
@@ -89,13 +97,19 @@ pub enum Event {
     },
     /// The apply ended: `Ok` when it applied, else why not.
     ApplyEnded(Result<(), String>),
+    /// Terraform refused the saved plan as stale: the state changed since it was made.
+    ApplyStale { message: String },
+    /// The approval tags of the environment changed (a fetch brought new ones).
+    TagsChanged,
+    /// The approval tags were counted for the waiting plan: whether they are enough.
+    ApprovalsCounted { approved: bool },
     /// The time of a retry came.
     RetryDue,
     /// The daemon stops: a plan in flight was cut off.
     Interrupted,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspection {
     /// On the first-parent chain of the environment's branch, as fetched from the remote.
     pub on_branch: bool,
@@ -103,6 +117,9 @@ pub struct Inspection {
     pub descends: bool,
     /// Changes no path of the last applied commit's input closure (false when unknown).
     pub untouched: bool,
+    /// With `verify.signed_commits`: why a commit of the first-parent chain since the last
+    /// applied one does not count as signed (the first such commit), if one does not.
+    pub unsigned: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,8 +144,12 @@ pub enum Effect {
     Plan {
         commit: String,
     },
-    /// Apply the plan just made (the environment `applying`).
+    /// Apply the saved plan (the environment `applying`).
     Apply {
+        commit: String,
+    },
+    /// Count the approval tags of the waiting plan of `commit`.
+    CountApprovals {
         commit: String,
     },
     /// Record an outcome, in one transaction.
@@ -158,6 +179,11 @@ pub enum Record {
         staged: bool,
         status: Option<EnvStatus>,
     },
+    /// A commit being applied lacks a signer's signature (`verify.signed_commits`): refused.
+    Unsigned {
+        commit: String,
+        message: String,
+    },
     /// The commit does not pass the checks, or changes the identity: `config_error`.
     ConfigError {
         commit: String,
@@ -172,9 +198,15 @@ pub enum Record {
         commit: String,
         fingerprint: String,
     },
-    /// `apply.auto: false`: the plan waits for an approval.
+    /// `apply.auto: false` or `apply.approval`: the plan waits for approvals.
     AwaitingApproval {
         commit: String,
+    },
+    /// The approved plan could not be applied, as the state changed since it was made: it
+    /// is made again, and waits for approvals of its own.
+    ApprovedPlanStale {
+        commit: String,
+        message: String,
     },
     /// The plan deletes or replaces something and `apply.allow_destroy` is false.
     RefusedDestroy {
@@ -208,7 +240,33 @@ pub enum Record {
 /// The next state of the merged lane and what to do, given `event`.
 pub fn step(mut state: EnvState, event: Event) -> (EnvState, Vec<Effect>) {
     let phase = std::mem::take(&mut state.phase);
+    // Only an approved plan is made again when it went stale; any other is a failed apply
+    // (the next commit re-plans).
+    let event = match (&phase, event) {
+        (
+            Phase::Applying {
+                approved: false, ..
+            },
+            Event::ApplyStale { message },
+        ) => Event::ApplyEnded(Err(message)),
+        (_, event) => event,
+    };
     let effects = match (phase, event) {
+        // The waiting commit queued again (a webhook, a re-fetch): its plan keeps waiting,
+        // and the approvals are counted again.
+        (
+            Phase::AwaitingApproval {
+                commit,
+                fingerprint,
+            },
+            Event::Head { commit: head },
+        ) if head == commit => {
+            state.phase = Phase::AwaitingApproval {
+                commit: commit.clone(),
+                fingerprint,
+            };
+            vec![Effect::CountApprovals { commit }]
+        }
         (_, Event::Head { commit }) => {
             if state.streak.commit.as_ref() != Some(&commit) {
                 state.streak = Streak::default();
@@ -248,9 +306,66 @@ pub fn step(mut state: EnvState, event: Event) -> (EnvState, Vec<Effect>) {
             vec![Effect::Record(Record::PlanInterrupted { commit })]
         }
         (
+            Phase::AwaitingApproval {
+                commit,
+                fingerprint,
+            },
+            Event::TagsChanged,
+        ) => {
+            state.phase = Phase::AwaitingApproval {
+                commit: commit.clone(),
+                fingerprint,
+            };
+            vec![Effect::CountApprovals { commit }]
+        }
+        (
+            Phase::AwaitingApproval {
+                commit,
+                fingerprint,
+            },
+            Event::ApprovalsCounted { approved },
+        ) => {
+            if approved {
+                state.status = EnvStatus::Applying;
+                state.phase = Phase::Applying {
+                    commit: commit.clone(),
+                    fingerprint,
+                    approved: true,
+                };
+                vec![Effect::Apply { commit }]
+            } else {
+                state.phase = Phase::AwaitingApproval {
+                    commit,
+                    fingerprint,
+                };
+                Vec::new()
+            }
+        }
+        (
+            Phase::Applying {
+                commit,
+                approved: true,
+                ..
+            },
+            Event::ApplyStale { message },
+        ) => {
+            state.status = EnvStatus::Planning;
+            state.phase = Phase::Staging {
+                commit: commit.clone(),
+            };
+            vec![
+                Effect::Record(Record::ApprovedPlanStale {
+                    commit: commit.clone(),
+                    message,
+                }),
+                Effect::Stage { commit },
+            ]
+        }
+        (
             Phase::Applying {
                 commit,
                 fingerprint,
+                ..
             },
             Event::ApplyEnded(ended),
         ) => {
@@ -297,6 +412,10 @@ fn inspected(state: &mut EnvState, commit: String, found: Inspection) -> Vec<Eff
             })];
         }
         _ => {}
+    }
+    if let Some(message) = found.unsigned {
+        state.status = EnvStatus::Refused;
+        return vec![Effect::Record(Record::Unsigned { commit, message })];
     }
     // No path of the applied closure changed, so neither did the closure nor its
     // fingerprint: decided on the applied fingerprint, without staging the commit.
@@ -375,6 +494,7 @@ fn planned(
             state.phase = Phase::Applying {
                 commit: commit.clone(),
                 fingerprint,
+                approved: false,
             };
             return vec![
                 Effect::Record(Record::Planned {
@@ -396,7 +516,16 @@ fn planned(
         }
         AfterPlan::AwaitApproval => {
             state.status = EnvStatus::AwaitingApproval;
-            Record::AwaitingApproval { commit }
+            state.phase = Phase::AwaitingApproval {
+                commit: commit.clone(),
+                fingerprint,
+            };
+            return vec![
+                Effect::Record(Record::AwaitingApproval {
+                    commit: commit.clone(),
+                }),
+                Effect::CountApprovals { commit },
+            ];
         }
         AfterPlan::RefuseDestroy => {
             state.status = EnvStatus::Refused;
@@ -482,6 +611,7 @@ mod tests {
             on_branch,
             descends,
             untouched,
+            unsigned: None,
         })
     }
 
@@ -642,6 +772,24 @@ mod tests {
                     status: None,
                 }),
                 EnvStatus::Failed,
+            ),
+            (
+                "verify.signed_commits: a commit without a signer's signature is refused, before any plan",
+                state(EnvStatus::InSync, applied, true),
+                vec![
+                    head("b"),
+                    Event::Inspected(Inspection {
+                        on_branch: true,
+                        descends: true,
+                        untouched: true,
+                        unsigned: Some("commit b: unsigned".into()),
+                    }),
+                ],
+                Some(Record::Unsigned {
+                    commit: "b".into(),
+                    message: "commit b: unsigned".into(),
+                }),
+                EnvStatus::Refused,
             ),
             (
                 "a commit that fails the checks is a configuration error",
@@ -885,5 +1033,112 @@ mod tests {
             [Record::PlanInterrupted { .. }]
         ));
         assert!(!effects.iter().any(|e| matches!(e, Effect::RetryAfter(_))));
+    }
+
+    /// To the plan of `b` waiting for approvals (`apply.auto` off), applied `a` before.
+    fn awaiting() -> EnvState {
+        let (waiting, effects) = run(
+            state(EnvStatus::InSync, Some(("a", "fp1")), false),
+            vec![
+                head("b"),
+                inspected(true, true, false),
+                checked("fp2"),
+                plan(true, false),
+            ],
+        );
+        assert_eq!(
+            effects[effects.len() - 2..],
+            [
+                Effect::Record(Record::AwaitingApproval { commit: "b".into() }),
+                Effect::CountApprovals { commit: "b".into() },
+            ]
+        );
+        assert_eq!(waiting.status, EnvStatus::AwaitingApproval);
+        waiting
+    }
+
+    #[test]
+    fn a_waiting_plan_is_applied_once_its_approvals_count() {
+        let waiting = awaiting();
+        // Not enough yet: it waits, and counts again when tags come or the head is queued
+        // again — never planning the commit anew, which would void the approvals.
+        let (still, effects) = step(waiting, Event::ApprovalsCounted { approved: false });
+        assert_eq!(effects, Vec::new());
+        assert_eq!(still.status, EnvStatus::AwaitingApproval);
+        for again in [Event::TagsChanged, head("b")] {
+            let (same, effects) = step(still.clone(), again);
+            assert_eq!(effects, vec![Effect::CountApprovals { commit: "b".into() }]);
+            assert_eq!(same.phase, still.phase);
+        }
+        let (applied, effects) = run(
+            still,
+            vec![
+                Event::ApprovalsCounted { approved: true },
+                Event::ApplyEnded(Ok(())),
+            ],
+        );
+        assert_eq!(
+            effects,
+            vec![
+                Effect::Apply { commit: "b".into() },
+                Effect::Record(Record::Applied {
+                    commit: "b".into(),
+                    fingerprint: "fp2".into()
+                }),
+            ]
+        );
+        assert_eq!(applied.status, EnvStatus::InSync);
+        assert_eq!(applied.merged.last_applied.as_deref(), Some("b"));
+        // Counting that comes late (the tags fetched again) applies nothing twice.
+        let (_, effects) = step(applied, Event::ApprovalsCounted { approved: true });
+        assert_eq!(effects, Vec::new());
+    }
+
+    #[test]
+    fn a_newer_commit_supersedes_the_waiting_plan() {
+        let (newer, effects) = step(awaiting(), head("c"));
+        assert_eq!(effects, vec![Effect::Inspect { commit: "c".into() }]);
+        // Approvals of b that arrive now apply nothing.
+        let (_, effects) = step(newer, Event::ApprovalsCounted { approved: true });
+        assert_eq!(effects, Vec::new());
+    }
+
+    #[test]
+    fn an_approved_plan_gone_stale_is_made_again_and_waits_again() {
+        let (stale, effects) = run(
+            awaiting(),
+            vec![
+                Event::ApprovalsCounted { approved: true },
+                Event::ApplyStale {
+                    message: "Saved plan is stale".into(),
+                },
+            ],
+        );
+        assert_eq!(
+            records(&effects),
+            [&Record::ApprovedPlanStale {
+                commit: "b".into(),
+                message: "Saved plan is stale".into()
+            }]
+        );
+        assert_eq!(effects.last(), Some(&Effect::Stage { commit: "b".into() }));
+        assert_eq!(stale.merged.last_applied.as_deref(), Some("a"));
+        let (again, effects) = run(stale, vec![checked("fp2"), plan(true, false)]);
+        assert_eq!(again.status, EnvStatus::AwaitingApproval);
+        assert_eq!(
+            effects.last(),
+            Some(&Effect::CountApprovals { commit: "b".into() })
+        );
+        // Without approvals (apply.auto on), a stale plan fails the apply as before.
+        let (failed, _) = run(
+            to_plan(),
+            vec![
+                plan(true, false),
+                Event::ApplyStale {
+                    message: "stale".into(),
+                },
+            ],
+        );
+        assert_eq!(failed.status, EnvStatus::Failed);
     }
 }

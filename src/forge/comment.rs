@@ -156,6 +156,8 @@ mod tests {
             started_at: String::new(),
             finished_at: None,
             message: message.into(),
+            plan_sha256: None,
+            approved_by: Vec::new(),
         }
     }
 

@@ -118,9 +118,14 @@ impl CommitStatus {
                 (Success, format!("preview: {}", counts(summary)))
             }
             (_, RunResult::NoChanges) => (Success, "no changes".to_string()),
+            // The run's message says how to approve, when approvals can come.
             (_, RunResult::Changes) if status == Some(EnvStatus::AwaitingApproval) => (
                 Pending,
-                format!("planned {}: waiting for an approval", counts(summary)),
+                if message.is_empty() {
+                    format!("planned {}: waiting for an approval", counts(summary))
+                } else {
+                    first_line(message)
+                },
             ),
             (_, RunResult::Changes) => (Pending, format!("planned {}", counts(summary))),
             (_, RunResult::Applied) => (Success, format!("applied {}", counts(summary))),

@@ -191,16 +191,16 @@ impl Mirror {
         }
     }
 
-    /// Brings the mirror up to date when the remote's branches moved. Returns the heads and
-    /// whether a fetch happened.
-    pub fn update(&self, transport: &Transport) -> Result<(Heads, bool), GitError> {
+    /// Brings the mirror up to date when the remote's branches or Karrots' tags moved.
+    /// Returns what the mirror now holds and whether a fetch happened.
+    pub fn update(&self, transport: &Transport) -> Result<(Listing, bool), GitError> {
         let listed = self.remote_refs(transport)?;
         let held = Listing {
             heads: self.heads()?,
             tags: self.tags()?,
         };
         if listed == held {
-            return Ok((listed.heads, false));
+            return Ok((listed, false));
         }
         let remote_heads = &listed.heads;
         // Pruning every branch would leave nothing to compare the next push with; an emptied
@@ -213,7 +213,11 @@ impl Mirror {
         }
         self.fetch(transport)?;
         self.prune(&listed)?;
-        Ok((self.heads()?, true))
+        let now = Listing {
+            heads: self.heads()?,
+            tags: self.tags()?,
+        };
+        Ok((now, true))
     }
 
     /// Deletes the branches `listed` (what the remote listed before the fetch) no longer

@@ -15,6 +15,7 @@ use crate::repo::CONFIG_FOLDERS;
 
 pub mod mirror;
 pub mod remote;
+pub mod signed;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -52,6 +53,8 @@ pub enum GitError {
     Resolve { rev: String, source: git2::Error },
     #[error("reading commit {commit}: {source}")]
     Read { commit: String, source: git2::Error },
+    #[error("reading the tags {name}: {source}")]
+    Tags { name: String, source: git2::Error },
     #[error("the config repository {url} cannot be fetched: {message}")]
     Remote { url: String, message: String },
     #[error(

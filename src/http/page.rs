@@ -98,6 +98,25 @@ pub(crate) fn run_page(run: &RunRow, others: &[RunRow], now: SystemTime) -> Mark
             dt { "Started" } dd { (run.started_at) " (" (ago(&run.started_at, now)) ")" }
             dt { "Finished" } dd { (run.finished_at.as_deref().unwrap_or("—")) }
             dt { "Plan" } dd { (counts(run)) }
+            @if let Some(sha256) = &run.plan_sha256 {
+                dt { "Plan file" } dd { code id="plan-sha256" { "sha256:" (sha256) } }
+            }
+        }
+        @if !run.approved_by.is_empty() {
+            h2 { "Approved by" }
+            table id="approved-by" {
+                thead { tr { th { "Approver" } th { "Key" } th { "Tag" } th { "Signed" } } }
+                tbody {
+                    @for approval in &run.approved_by {
+                        tr {
+                            td { (approval.email) }
+                            td { code { (approval.fingerprint) } }
+                            td { code { (approval.tag) } }
+                            td { (approval.signed_at) }
+                        }
+                    }
+                }
+            }
         }
         h2 { "Planned changes" }
         @if run.resources.is_empty() {
@@ -352,6 +371,8 @@ mod tests {
             started_at: "2026-11-24T10:00:00Z".into(),
             finished_at: Some("2026-11-24T10:00:09Z".into()),
             message: message.into(),
+            plan_sha256: None,
+            approved_by: Vec::new(),
         }
     }
 
@@ -421,6 +442,24 @@ mod tests {
         assert!(html.contains("… 60 earlier lines\nline 61\n") && html.contains("line 100"));
         assert!(!html.contains("line 60\n"));
         assert!(html.contains(r#"href="/runs/6""#) && html.contains(r##"href="/#env-prod""##));
+        assert!(!html.contains("Approved by") && !html.contains("plan-sha256"));
+
+        let approved = RunRow {
+            plan_sha256: Some("ab12".into()),
+            approved_by: vec![crate::approval::Approval {
+                fingerprint: "SHA256:abc".into(),
+                email: "alice@example.com".into(),
+                tag: "karrots/approve/prod/0123/alice".into(),
+                signed_at: "2026-11-24T09:00:00Z".into(),
+            }],
+            ..run(8, RunResult::Applied, "")
+        };
+        let html = run_page(&approved, &[], at(5)).into_string();
+        assert!(
+            html.contains(r#"<code id="plan-sha256">sha256:ab12</code>"#),
+            "{html}"
+        );
+        assert!(html.contains("<td>alice@example.com</td><td><code>SHA256:abc</code></td><td><code>karrots/approve/prod/0123/alice</code></td>"), "{html}");
     }
 
     #[test]

@@ -91,6 +91,12 @@ pub struct RunRow {
     pub started_at: String,
     pub finished_at: Option<String>,
     pub message: String,
+    /// The SHA-256 of the plan file a plan run saved: what an approval names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_sha256: Option<String>,
+    /// The approvals an apply run applied its plan on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<crate::approval::Approval>,
 }
 
 /// What the drift checks of an environment found last.
@@ -225,6 +231,10 @@ pub struct Journal {
     /// The audit entry: decision and detail.
     pub audit: Option<(String, String)>,
     pub outbox: Vec<Delivery>,
+    /// The SHA-256 of the plan file the run saved.
+    pub plan_sha256: Option<String>,
+    /// The approvals the run's plan was applied on.
+    pub approved_by: Vec<crate::approval::Approval>,
 }
 
 /// What the daemon needs from its state store.
@@ -294,7 +304,7 @@ pub struct SqliteStore {
     unrecorded: Mutex<BTreeMap<String, EnvStatus>>,
 }
 
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     "
 CREATE TABLE environments (
     name TEXT PRIMARY KEY,
@@ -356,6 +366,10 @@ ALTER TABLE environments ADD COLUMN applied_inputs TEXT;
 ALTER TABLE outbox ADD COLUMN run_id INTEGER;
 CREATE INDEX outbox_by_destination ON outbox (kind, destination, delivered_at);
 CREATE INDEX runs_by_commit ON runs (commit_id, kind);
+",
+    "
+ALTER TABLE runs ADD COLUMN plan_sha256 TEXT;
+ALTER TABLE runs ADD COLUMN approved_by TEXT NOT NULL DEFAULT '[]';
 ",
 ];
 
@@ -528,7 +542,7 @@ impl SqliteStore {
     }
 }
 
-const RUN_COLUMNS: &str = "id, env, commit_id, kind, result, add_count, change_count, destroy_count, resources, started_at, finished_at, message";
+const RUN_COLUMNS: &str = "id, env, commit_id, kind, result, add_count, change_count, destroy_count, resources, started_at, finished_at, message, plan_sha256, approved_by";
 
 fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     Ok(RunRow {
@@ -546,6 +560,8 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         started_at: row.get(9)?,
         finished_at: row.get(10)?,
         message: row.get(11)?,
+        plan_sha256: row.get(12)?,
+        approved_by: json_column(row, 13)?,
     })
 }
 
@@ -642,6 +658,20 @@ fn write_journal(
         }
         None => None,
     };
+    if let Some(id) = run {
+        if let Some(sha256) = &entry.plan_sha256 {
+            transaction
+                .prepare_cached("UPDATE runs SET plan_sha256 = ?2 WHERE id = ?1")?
+                .execute(params![id, sha256])?;
+        }
+        if !entry.approved_by.is_empty() {
+            let approvals =
+                serde_json::to_string(&entry.approved_by).unwrap_or_else(|_| "[]".into());
+            transaction
+                .prepare_cached("UPDATE runs SET approved_by = ?2 WHERE id = ?1")?
+                .execute(params![id, approvals])?;
+        }
+    }
     if let Some(status) = &entry.status {
         transaction
             .prepare_cached("UPDATE environments SET status = ?2 WHERE name = ?1")?
@@ -1174,6 +1204,13 @@ mod tests {
             }),
             audit: Some(("applied".into(), format!("run {run}"))),
             outbox: vec![alert_to("http://a.invalid/"), alert_to("http://b.invalid/")],
+            plan_sha256: Some("ab12".into()),
+            approved_by: vec![crate::approval::Approval {
+                fingerprint: "SHA256:key".into(),
+                email: "alice@example.com".into(),
+                tag: "karrots/approve/prod/abc/alice".into(),
+                signed_at: "2026-12-07T10:00:00Z".into(),
+            }],
         };
         // The last write of the outcome, the second alert, is refused.
         let disk = Connection::open(&path).unwrap();
@@ -1192,7 +1229,9 @@ mod tests {
         assert_eq!(row.status, EnvStatus::Applying);
         assert_eq!(row.last_applied, None);
         assert_eq!(store.drift("prod").unwrap().status, DriftStatus::Unchecked);
-        assert_eq!(store.run(run).unwrap().unwrap().result, None);
+        let cut = store.run(run).unwrap().unwrap();
+        assert_eq!((cut.result, cut.plan_sha256), (None, None));
+        assert!(cut.approved_by.is_empty());
         assert!(store.due(OutboxKind::Alert, i64::MAX).unwrap().is_empty());
         let audited: i64 = disk
             .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
@@ -1207,10 +1246,10 @@ mod tests {
             ("in_sync", Some("abc"))
         );
         assert_eq!(store.drift("prod").unwrap().status, DriftStatus::InSync);
-        assert_eq!(
-            store.run(run).unwrap().unwrap().result,
-            Some(RunResult::Applied)
-        );
+        let ended = store.run(run).unwrap().unwrap();
+        assert_eq!(ended.result, Some(RunResult::Applied));
+        assert_eq!(ended.plan_sha256.as_deref(), Some("ab12"));
+        assert_eq!(ended.approved_by, applied.approved_by);
         assert_eq!(store.due(OutboxKind::Alert, i64::MAX).unwrap().len(), 2);
     }
 
