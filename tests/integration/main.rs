@@ -1,6 +1,7 @@
 //! The integration tests: the real `karrots` binary against config repositories built in temp
 //! dirs. One test binary, so the crate is linked once.
 
+mod approvals;
 mod check;
 mod daemon;
 mod drift;
