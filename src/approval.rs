@@ -333,4 +333,46 @@ mod tests {
                 .ends_with("is no security key, and hardware_key is on")
         );
     }
+
+    /// With `hardware_key`, a security key's approval counts only when its user-presence flag
+    /// is set: the flag is read from the signature, which `ssh-keygen -Y verify` does not do.
+    #[test]
+    fn a_security_key_approval_counts_only_when_the_key_was_touched() {
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let name = format!("karrots/approve/prod/{commit}/carol");
+        let payload = format!(
+            "object {commit}\ntype commit\ntag {name}\ntagger Carol <carol@example.com> 1765100000 +0000\n\napprove\n\nplan: sha256:aaaa\n"
+        );
+        let plan = Plan {
+            env: "prod",
+            commit,
+            sha256: "aaaa",
+            authors: &[],
+        };
+        for (flags, counts) in [(0x01, true), (0x00, false), (0x04, false)] {
+            let (carol, pem) =
+                crate::signature::tests::security_key_signature(payload.as_bytes(), flags);
+            let policy = ApprovalPolicy {
+                required: 1,
+                hardware_key: true,
+                four_eyes: false,
+                approvers: vec![carol],
+            };
+            let tag = (name.clone(), format!("{payload}{pem}").into_bytes());
+            let tally = tally(&[tag], &plan, &policy);
+            assert_eq!(
+                tally.approved(&policy),
+                counts,
+                "flags {flags:#04x}: {tally:?}"
+            );
+            if counts {
+                assert_eq!(tally.counted[0].signed_at, "2025-12-07T09:33:20Z");
+            } else {
+                assert_eq!(
+                    tally.refused[0].1,
+                    "its security key signed without the user touching it"
+                );
+            }
+        }
+    }
 }

@@ -219,7 +219,7 @@ pub(crate) mod tests {
 
     /// A security key's signature of `payload` with the given flags, made as the key would
     /// (no hardware here): SHA256(application) ‖ flags ‖ counter ‖ SHA256(SSHSIG's data).
-    fn security_key_signature(payload: &[u8], flags: u8) -> (Signer, String) {
+    pub(crate) fn security_key_signature(payload: &[u8], flags: u8) -> (Signer, String) {
         use ed25519_dalek::Signer as _;
         use sha2::Digest;
         let signing = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);

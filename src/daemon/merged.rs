@@ -83,6 +83,13 @@ pub(super) async fn merged(
         .store(move |store| store.environment(&name))
         .await?
         .unwrap_or_default();
+    if lane.phase == Phase::Idle
+        && row.status == EnvStatus::AwaitingApproval
+        && trusted.approval.is_some()
+        && let Event::Head { commit } = &event
+    {
+        resume_waiting(shared, env, commit, lane).await?;
+    }
     let state = EnvState {
         streak: std::mem::take(&mut lane.streak),
         phase: std::mem::take(&mut lane.phase),
@@ -121,6 +128,55 @@ pub(super) async fn merged(
     lane.retry_at = run.retry_at;
     result
 }
+
+/// After a restart, the plan that waited for approvals of `commit` waits again, unless it
+/// is gone: the environment's newest merged plan run is of `commit`, has changes, and its
+/// saved plan is still in the workdir with the hash the run recorded. Its approvals then
+/// still count; otherwise the commit is planned again, and needs approvals of the new plan.
+async fn resume_waiting(
+    shared: &Arc<Shared>,
+    env: &str,
+    commit: &str,
+    lane: &mut MergedLane,
+) -> WorkResult {
+    let name = env.to_string();
+    let runs = shared
+        .store(move |store| store.runs(Some(&name), RESUME_LOOKBACK))
+        .await?;
+    let Some(run) = runs.into_iter().find(|run| run.kind == RunKind::Plan) else {
+        return Ok(());
+    };
+    if run.commit != commit || run.result != Some(RunResult::Changes) {
+        return Ok(());
+    }
+    let workdir = shared.workdir(&crate::config::EnvName::parse(env)?, Lane::Merged);
+    let saved = crate::terraform::RunId::parse(&format!("run-{}", run.id))
+        .ok()
+        .and_then(|id| crate::terraform::saved_plan(&workdir, &id));
+    let Some(record) = saved.filter(|record| {
+        Some(&record.plan_sha256) == run.plan_sha256.as_ref() && record.commit == commit
+    }) else {
+        tracing::info!(
+            run = run.id,
+            "the plan that waited for approvals is gone; planning again"
+        );
+        return Ok(());
+    };
+    tracing::info!(run = run.id, "the plan still waits for approvals");
+    lane.phase = Phase::AwaitingApproval {
+        commit: commit.to_string(),
+        fingerprint: record.fingerprint.clone(),
+    };
+    lane.waiting = Some(Box::new(WaitingPlan {
+        run_id: run.id,
+        record,
+        reported: BTreeSet::new(),
+    }));
+    Ok(())
+}
+
+/// How many of an environment's newest runs are searched for the plan that waited.
+const RESUME_LOOKBACK: usize = 50;
 
 /// What carrying out the machine's effects takes: the world (git, the checks, terraform and
 /// AWS, the store) for the daemon ([`Run`]), a script in the tests.

@@ -630,6 +630,24 @@ mod tests {
                 "planned +2 ~0 -1: waiting for an approval".into()
             ))
         );
+        // With approvers, the run's message is the command to run: as much of it as the
+        // forge takes, the whole of it on the run page the status links.
+        let command = format!(
+            "approve with: git tag -s -m \"plan: sha256:{}\" karrots/approve/prod/{}/$USER",
+            "a".repeat(64),
+            "b".repeat(40)
+        );
+        let (_, state, description) = ended(
+            RunKind::Plan,
+            RunResult::Changes,
+            &two,
+            &command,
+            Some(EnvStatus::AwaitingApproval),
+        )
+        .unwrap();
+        assert_eq!(state, Pending);
+        assert_eq!(description.chars().count(), DESCRIPTION_LIMIT);
+        assert!(description.starts_with("approve with: git tag -s -m \"plan: sha256:aaaa"));
         assert_eq!(
             ended(
                 RunKind::Plan,

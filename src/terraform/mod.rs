@@ -815,6 +815,14 @@ async fn guard_apply(workdir: &Workdir, record: &PlanRecord) -> Result<(), Terra
     Ok(())
 }
 
+/// The record of the plan run `run` saved in `workdir` (its `meta.json`), when it is still
+/// there: a plan that waits for approvals across a restart. Applying it still goes through
+/// every guard ([`Terraform::apply`]).
+pub fn saved_plan(workdir: &Workdir, run: &RunId) -> Option<PlanRecord> {
+    let meta = fs::read(workdir.plan_dir(run).join("meta.json")).ok()?;
+    serde_json::from_slice(&meta).ok()
+}
+
 /// Writes a plan's record (`meta.json`) next to it; the merged lane keeps its newest plans
 /// only.
 fn keep(workdir: &Workdir, record: &PlanRecord) -> Result<(), TerraformError> {

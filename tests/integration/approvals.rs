@@ -329,3 +329,47 @@ fn with_signed_commits_only_a_chain_signed_by_signers_is_applied() {
         .collect();
     assert_eq!(applied.len(), 1, "{applied:#?}");
 }
+
+/// A restart does not void approvals: the plan that waited waits again (not planned anew,
+/// which would change its hash), and the approval that comes after applies it.
+#[test]
+fn a_plan_waiting_for_approval_survives_a_restart() {
+    let keys = tempfile::tempdir().unwrap();
+    let alice = Key::new(keys.path(), "alice", "alice@example.com");
+    let extra = format!(
+        "apply:\n  approval:\n    required: 1\n    approvers:\n{}",
+        alice.entry()
+    );
+    let mut fixture = Fixture::new(&extra);
+    let first = fixture.clone.git(&["rev-parse", "HEAD"]);
+    let planned = awaiting(&fixture, &first);
+    fixture.stop("-TERM");
+    fixture.start();
+    fixture.wait_for_polls(3);
+    let plans = |f: &Fixture| {
+        f.runs("prod")
+            .iter()
+            .filter(|run| run["kind"] == "plan")
+            .count()
+    };
+    assert_eq!(plans(&fixture), 1, "{:#?}", fixture.runs("prod"));
+    assert_eq!(fixture.environment("prod")["status"], "awaiting_approval");
+    assert!(
+        fixture
+            .logs()
+            .contains("the plan still waits for approvals")
+    );
+
+    let name = format!("karrots/approve/prod/{first}");
+    tag(
+        &fixture,
+        &name,
+        Some(&alice),
+        &format!("plan: sha256:{planned}"),
+        &first,
+    );
+    push_tags(&fixture);
+    fixture.wait_for("prod applied", |f| f.applied("prod", &first));
+    assert_eq!(plans(&fixture), 1);
+    assert_eq!(applies(&fixture).len(), 1);
+}
