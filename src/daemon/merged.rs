@@ -30,8 +30,8 @@ use super::Shared;
 use super::outcome::Outcome;
 use super::scheduler::Priority;
 use super::steps::{
-    ApplyReason, WorkError, WorkResult, config_error, doomed, plan, problem_lines, record_apply,
-    refuse, resources, run_span, stage, start_apply, summary,
+    ApplyReason, WorkError, WorkResult, config_error, doomed, failed_apply, plan, problem_lines,
+    record_apply, refuse, resources, run_span, stage, start_apply, summary,
 };
 
 /// What the merged lane keeps between commits: the machine's streak and phase (a commit
@@ -573,24 +573,10 @@ impl Run<'_> {
             commit.short(),
             record.plan_sha256
         );
-        let stale = Outcome::new(self.env, commit)
-            .finish(
-                run_id,
-                RunKind::Apply,
-                RunResult::Failed,
-                summary(record),
-                resources(record),
-                text.clone(),
-            )
+        let stale = failed_apply(self.env, commit, run_id, record, text.clone())
             .approved_by(self.approvals.clone())
             .status(EnvStatus::Planning)
-            .audit("approved_plan_stale", format!("run {run_id}: {text}"))
-            .alert(Alert::new(
-                AlertKind::ApplyFailed,
-                self.env,
-                commit.as_str(),
-                text,
-            ));
+            .audit("approved_plan_stale", format!("run {run_id}: {text}"));
         self.write(stale).await
     }
 

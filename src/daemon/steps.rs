@@ -375,6 +375,33 @@ pub(super) async fn record_apply(
     Ok(())
 }
 
+/// Apply run `run_id` ended `failed` with `message`, alerted as `apply_failed`; the caller
+/// adds the environment's status.
+pub(super) fn failed_apply(
+    env: &str,
+    commit: &CommitId,
+    run_id: i64,
+    record: &PlanRecord,
+    message: String,
+) -> Outcome {
+    let alert = Alert::new(
+        AlertKind::ApplyFailed,
+        env,
+        commit.as_str(),
+        message.clone(),
+    );
+    Outcome::new(env, commit)
+        .finish(
+            run_id,
+            RunKind::Apply,
+            RunResult::Failed,
+            summary(record),
+            resources(record),
+            message,
+        )
+        .alert(alert)
+}
+
 /// `alice@example.com (SHA256:…, tag karrots/approve/…)`, one per approval.
 pub(super) fn approvers(approved_by: &[Approval]) -> String {
     approved_by
@@ -399,23 +426,7 @@ async fn apply_failed(
     message: String,
 ) -> WorkResult {
     tracing::error!(error = %message, "apply failed");
-    let alert = Alert::new(
-        AlertKind::ApplyFailed,
-        env,
-        commit.as_str(),
-        message.clone(),
-    );
-    let failed = Outcome::new(env, commit)
-        .finish(
-            run_id,
-            RunKind::Apply,
-            RunResult::Failed,
-            summary(record),
-            resources(record),
-            message,
-        )
-        .status(EnvStatus::Failed)
-        .alert(alert);
+    let failed = failed_apply(env, commit, run_id, record, message).status(EnvStatus::Failed);
     shared.record(failed).await?;
     Ok(())
 }
