@@ -131,8 +131,13 @@ impl Held {
     /// At stop, when memory is about to go: queues what the outbox takes, sends the rest
     /// straight to their sinks once, and logs in full any alert no sink took, so none is
     /// lost without a trace.
-    pub async fn send_at_stop(&self, store: &dyn StateStore, client: &reqwest::Client) {
-        self.flush(store);
+    pub async fn send_at_stop(
+        self: &Arc<Self>,
+        store: Arc<dyn StateStore>,
+        client: &reqwest::Client,
+    ) {
+        let held = self.clone();
+        let _ = tokio::task::spawn_blocking(move || held.flush(store.as_ref())).await;
         let left: Vec<Delivery> = match self.0.lock() {
             Ok(mut held) => held.drain(..).flatten().collect(),
             Err(_) => return,
@@ -331,14 +336,19 @@ mod tests {
     async fn alerts_still_held_at_stop_are_sent_straight_to_their_sinks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let store = crate::store::SqliteStore::open(&path).unwrap();
+        let store = Arc::new(crate::store::SqliteStore::open(&path).unwrap());
         let _disk = fill_disk(&path, "INSERT");
         let (sink, posts) = counting_sink().await;
-        let held = Held::default();
+        let held = Arc::new(Held::default());
         for body in ["{\"n\":1}", "{\"n\":2}"] {
-            let _ = held.record(&store, Journal::default(), vec![deliveries(&[&sink], body)]);
+            let _ = held.record(
+                store.as_ref(),
+                Journal::default(),
+                vec![deliveries(&[&sink], body)],
+            );
         }
-        held.send_at_stop(&store, &reqwest::Client::new()).await;
+        held.send_at_stop(store.clone(), &reqwest::Client::new())
+            .await;
         assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(held.0.lock().unwrap().is_empty());
         assert!(store.due(OutboxKind::Alert, i64::MAX).unwrap().is_empty());

@@ -29,8 +29,15 @@ pub async fn deliver<Sent>(
 {
     let mut sent_unrecorded: HashSet<i64> = HashSet::new();
     loop {
-        sent_unrecorded.retain(|id| store.delivered(*id).is_err());
-        let due = match store.due(kind, unix_now()) {
+        let unrecorded = std::mem::take(&mut sent_unrecorded);
+        sent_unrecorded = on_store(&store, move |store| {
+            unrecorded
+                .into_iter()
+                .filter(|id| store.delivered(*id).is_err())
+                .collect()
+        })
+        .await;
+        let due = match on_store(&store, move |store| store.due(kind, unix_now())).await {
             Ok(due) => due,
             Err(error) => {
                 tracing::error!(%error, kind = kind.as_str(), "reading the outbox");
@@ -44,7 +51,7 @@ pub async fn deliver<Sent>(
             let (id, attempts, destination) = (entry.id, entry.attempts, entry.destination.clone());
             match send(entry).await {
                 Ok(()) => {
-                    if let Err(error) = store.delivered(id) {
+                    if let Err(error) = on_store(&store, move |store| store.delivered(id)).await {
                         tracing::error!(%error, id, kind = kind.as_str(), "a delivery was taken but that could not be recorded; it is not sent again");
                         sent_unrecorded.insert(id);
                     }
@@ -53,7 +60,10 @@ pub async fn deliver<Sent>(
                     let backoff = Backoff::DELIVERY.after(attempts + 1, fastrand::f64());
                     tracing::warn!(kind = kind.as_str(), %destination, attempts = attempts + 1, %error, "not delivered; retrying in {backoff:?}");
                     let next = unix_now() + backoff.as_secs() as i64;
-                    if let Err(error) = store.delivery_failed(id, next, &error) {
+                    let failed =
+                        on_store(&store, move |store| store.delivery_failed(id, next, &error))
+                            .await;
+                    if let Err(error) = failed {
                         tracing::error!(%error, kind = kind.as_str(), "recording a delivery");
                     }
                 }
@@ -63,6 +73,18 @@ pub async fn deliver<Sent>(
             () = tokio::time::sleep(tick) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// A store call on a blocking thread: the store may wait for a disk or a network round trip.
+async fn on_store<T: Send + 'static>(
+    store: &Arc<dyn StateStore>,
+    call: impl FnOnce(&dyn StateStore) -> T + Send + 'static,
+) -> T {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || call(store.as_ref())).await {
+        Ok(answer) => answer,
+        Err(error) => panic!("a store call of the outbox failed: {error}"),
     }
 }
 

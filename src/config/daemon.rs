@@ -58,6 +58,96 @@ pub struct DaemonConfig {
     /// emulator without CloudTrail, or a test double of it).
     pub cloudtrail_endpoint_url: Option<url::Url>,
     pub alerts: Vec<AlertSink>,
+    /// Where the state lives: SQLite under `state_dir`, or PostgreSQL shared by several
+    /// daemons.
+    pub store: StoreSettings,
+}
+
+/// `store:` (with `store_password_file` and `lease`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// `state_dir/karrots.db`: one daemon.
+    #[default]
+    Sqlite,
+    /// One PostgreSQL database, shared by every daemon that names it.
+    Postgres {
+        /// `postgres://user@host:port/db?sslmode=…`, without a password.
+        url: String,
+        /// The password, read at each connection; without it `PGPASSWORD`, if set.
+        password_file: Option<PathBuf>,
+        /// How long an environment's lease lasts without renewal.
+        lease: Duration,
+    },
+}
+
+impl StoreSettings {
+    pub fn shared(&self) -> bool {
+        matches!(self, StoreSettings::Postgres { .. })
+    }
+
+    /// How long a lease lasts (the default when the store is not shared).
+    pub fn lease(&self) -> Duration {
+        match self {
+            StoreSettings::Postgres { lease, .. } => *lease,
+            StoreSettings::Sqlite => LEASE,
+        }
+    }
+}
+
+/// The default `lease`.
+const LEASE: Duration = Duration::from_secs(30);
+
+/// `store`, `store_password_file` and `lease`: a `postgres://` or `postgresql://` URL without
+/// a password (it would be in the configuration, a log line, a process listing).
+fn store_settings(
+    v: &mut Validator,
+    store: Option<&String>,
+    password_file: Option<&String>,
+    lease: Option<&String>,
+    base: &Path,
+) -> Option<StoreSettings> {
+    let given_lease = lease.is_some();
+    let lease = match lease {
+        Some(text) => v.check(
+            "lease",
+            parse_duration(text).and_then(|lease| {
+                if lease < Duration::from_secs(3) {
+                    Err("must be at least 3s: the leases are renewed three times per lease".into())
+                } else {
+                    Ok(lease)
+                }
+            }),
+        )?,
+        None => LEASE,
+    };
+    let Some(text) = store else {
+        if password_file.is_some() || given_lease {
+            v.report("store", "store_password_file and lease are for a postgres:// store; without store: the state is SQLite under state_dir");
+        }
+        return Some(StoreSettings::Sqlite);
+    };
+    let checked = url::Url::parse(text)
+        .map_err(|e| format!("{text:?} is not a URL ({e})"))
+        .and_then(|url| {
+            if !matches!(url.scheme(), "postgres" | "postgresql") {
+                return Err(format!(
+                    "{text:?}: a shared store is postgres://user@host:5432/db (SQLite under state_dir needs no store:)"
+                ));
+            }
+            if url.password().is_some() {
+                return Err("the URL carries a password: put it in store_password_file (or PGPASSWORD), never in the configuration".into());
+            }
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(format!("{text:?} names no host"));
+            }
+            Ok(())
+        });
+    v.check("store", checked)?;
+    Some(StoreSettings::Postgres {
+        url: text.clone(),
+        password_file: password_file.map(|file| base.join(file)),
+        lease,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +286,13 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         None => Some(None),
     };
     let alerts = v.alerts(&raw.alerts);
+    let store = store_settings(
+        &mut v,
+        raw.store.as_ref(),
+        raw.store_password_file.as_ref(),
+        raw.lease.as_ref(),
+        base,
+    );
     let github_app = match &raw.github_app {
         Some(app) => github_app(&mut v, app, base).map(Some),
         None => Some(None),
@@ -258,12 +355,14 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         Some(max_file_bytes),
         Some(forge),
         Some(github_app),
+        Some(store),
     ) = (
         cloudtrail_endpoint_url,
         preview_network,
         max_file_bytes,
         forge,
         github_app,
+        store,
     )
     else {
         unreachable!("a missing value without a reported problem")
@@ -294,6 +393,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
         aws_endpoint_url,
         cloudtrail_endpoint_url,
         alerts,
+        store,
     })
 }
 

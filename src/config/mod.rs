@@ -15,8 +15,8 @@ mod types;
 mod yaml;
 
 pub use daemon::{
-    DaemonConfig, PreviewNetwork, SandboxMode, TerraformSettings, load_daemon_config,
-    parse_daemon_config,
+    DaemonConfig, PreviewNetwork, SandboxMode, StoreSettings, TerraformSettings,
+    load_daemon_config, parse_daemon_config,
 };
 pub use environment::{
     API_VERSION, AlertSink, AllowedKey, ApplyPolicy, ApprovalSettings, AwsTarget, Backend,

@@ -148,6 +148,9 @@ pub(crate) struct RawDaemon {
     pub git: RawGitAccess,
     pub forge: Option<RawForge>,
     pub github_app: Option<RawGithubApp>,
+    pub store: Option<String>,
+    pub store_password_file: Option<String>,
+    pub lease: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -78,6 +78,21 @@ pub(super) async fn merged(
     let Some(trusted) = shared.trusted(env) else {
         return Ok(());
     };
+    if shared.ownership.is_some() && trusted.terraform.backend == crate::config::Backend::Local {
+        // Its state would live on whichever host ran it last.
+        let Event::Head { commit } = &event else {
+            return Ok(());
+        };
+        let message = "terraform.backend is local, and the daemons share a PostgreSQL store: the state would live on one host's disk; use the s3 backend".to_string();
+        return config_error(
+            shared,
+            env,
+            &CommitId::from_hex(commit),
+            RunKind::Plan,
+            message,
+        )
+        .await;
+    }
     let name = env.to_string();
     let row = shared
         .store(move |store| store.environment(&name))

@@ -12,6 +12,7 @@
 
 mod credentials;
 mod drift;
+mod lease;
 mod memory;
 pub(crate) use memory::limit_arenas;
 mod merged;
@@ -37,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::{Alert, AlertKind};
 use crate::config::PreviewNetwork;
 use crate::config::RepoPath;
-use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, parse_environment};
+use crate::config::{DaemonConfig, EnvironmentSpec, SandboxMode, StoreSettings, parse_environment};
 use crate::engine::Lane;
 use crate::engine::reconcile::touches_inputs;
 use crate::engine::retry::Backoff;
@@ -45,6 +46,7 @@ use crate::engine::state::{EnvStatus, RunKind, RunResult};
 use crate::git::mirror::{Heads, Listing, Mirror, Tags};
 use crate::git::remote::Transport;
 use crate::git::{self, CommitId};
+use crate::store::postgres::{Held, Leases, PgStore, PgTarget};
 use crate::store::{EnvironmentRow, HeadRow, SqliteStore, StateStore};
 use scheduler::{InProcess, Key};
 use world::World;
@@ -89,8 +91,12 @@ pub async fn run(
     let api_token = crate::http::load_api_token(&config).map_err(DaemonError::Setup)?;
     let stop = CancellationToken::new();
     let world = World::real(&config)?;
-    let shared = open(config, world, &stop)?;
-    interrupt_open_runs(&shared).await?;
+    let (shared, keeping) = open(config, world, &stop)?;
+    interrupt_open_runs(&shared, None).await?;
+    let keeper = keeping.map(|keeping| {
+        lease::listen(&shared, keeping.target, keeping.owner, stop.clone());
+        tokio::spawn(lease::keep(shared.clone(), keeping.leases, stop.clone()))
+    });
 
     let http = serve_http(&shared, listener, secret, api_token, &stop)?;
     let alerts = tokio::spawn(crate::alert::deliver(
@@ -123,6 +129,11 @@ pub async fn run(
     systemd::stopping();
     stop.cancel();
     shared.scheduler.drain().await;
+    if let Some(keeper) = keeper
+        && let Ok(Some(leases)) = keeper.await
+    {
+        lease::give_up(leases).await;
+    }
     let _ = http.await;
     let _ = alerts.await;
     if let Some(statuses) = statuses {
@@ -135,7 +146,7 @@ pub async fn run(
     let client = reqwest::Client::new();
     shared
         .held_alerts
-        .send_at_stop(shared.store.as_ref(), &client)
+        .send_at_stop(shared.store.clone(), &client)
         .await;
     tracing::info!("stopped");
     Ok(())
@@ -159,6 +170,7 @@ fn serve_http(
         metrics: shared.metrics.clone(),
         last_fetch: shared.last_fetch.clone(),
         drift_checks: shared.clone(),
+        health: shared.clone(),
     };
     let router = crate::http::router(backend, shared.config.metrics_public, secret, api_token);
     let cap = crate::http::serve::connection_cap();
@@ -214,11 +226,14 @@ fn open(
     config: DaemonConfig,
     world: World,
     stop: &CancellationToken,
-) -> Result<Arc<Shared>, DaemonError> {
+) -> Result<(Arc<Shared>, Option<lease::Keeping>), DaemonError> {
     crate::terraform::create_private_dir(&config.state_dir)
         .map_err(|e| DaemonError::Setup(format!("creating {}: {e}", config.state_dir.display())))?;
-    let store: Arc<dyn StateStore> =
-        Arc::new(SqliteStore::open(&config.state_dir.join("karrots.db"))?);
+    let OpenedStore {
+        store,
+        ownership,
+        keeping,
+    } = open_store(&config)?;
     let mirror =
         Mirror::open_or_create(&config.state_dir.join("mirror.git"), config.repo.as_str())?;
     let app_tokens = config
@@ -230,7 +245,7 @@ fn open(
         .then(|| config.state_dir.join(credentials::SOCKET));
     let transport = Transport::new(&config.repo, &config.git, &config.state_dir, socket)
         .map_err(|error| DaemonError::Setup(error.to_string()))?;
-    Ok(Arc::new(Shared {
+    let shared = Arc::new(Shared {
         scheduler: Box::new(InProcess::new(config.concurrency.get(), stop.clone())),
         git_work: Semaphore::new(GIT_WORK_AT_ONCE),
         config,
@@ -248,13 +263,81 @@ fn open(
         applied_drift: Mutex::new(HashMap::new()),
         changes: Mutex::new(HashMap::new()),
         held_alerts: Arc::default(),
-    }))
+        ownership,
+    });
+    Ok((shared, keeping))
+}
+
+/// The store, and with a shared one this daemon's leases and how to keep them.
+struct OpenedStore {
+    store: Arc<dyn StateStore>,
+    ownership: Option<Arc<lease::Ownership>>,
+    keeping: Option<lease::Keeping>,
+}
+
+/// The store `store:` names: SQLite under `state_dir` (this daemon runs everything), or the
+/// shared PostgreSQL database, with this daemon's leases and the keeper that takes them.
+fn open_store(config: &DaemonConfig) -> Result<OpenedStore, DaemonError> {
+    let StoreSettings::Postgres {
+        url,
+        password_file,
+        lease,
+    } = &config.store
+    else {
+        let store = SqliteStore::open(&config.state_dir.join("karrots.db"))?;
+        return Ok(OpenedStore {
+            store: Arc::new(store),
+            ownership: None,
+            keeping: None,
+        });
+    };
+    let target = PgTarget {
+        url: url.clone(),
+        password_file: password_file.clone(),
+    };
+    let owner = daemon_id();
+    let held = Arc::new(Held::default());
+    // The blocking client runs a runtime of its own: opened off this one.
+    let opening = (target.clone(), owner.clone(), held.clone());
+    let store = std::thread::spawn(move || PgStore::open(opening.0, &opening.1, opening.2))
+        .join()
+        .map_err(|_| DaemonError::Setup("opening the state database panicked".into()))??;
+    tracing::info!(daemon = %owner, lease = ?lease, "state in PostgreSQL, shared with any other daemon that names it");
+    let leases = Leases::new(target.clone(), &owner, held.clone(), *lease);
+    let ownership = Arc::new(lease::Ownership::new(held));
+    Ok(OpenedStore {
+        store: Arc::new(store),
+        ownership: Some(ownership),
+        keeping: Some(lease::Keeping {
+            leases,
+            target,
+            owner,
+        }),
+    })
+}
+
+/// This process among the daemons: host, process id and a random part (a restarted daemon
+/// is another owner, whose leases start anew).
+fn daemon_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
 }
 
 /// Runs cut off by a kill: each is ended `interrupted`; an apply is alerted, never
-/// re-applied from its old plan, and the next head re-plans.
-async fn interrupt_open_runs(shared: &Shared) -> Result<(), DaemonError> {
-    for run in shared.store(|store| store.open_runs()).await? {
+/// re-applied from its old plan, and the next head re-plans. `only`: the runs of these
+/// environments (taken over from another daemon); else every open run the store gives this
+/// daemon (all of them with SQLite, those of the environments it holds with PostgreSQL).
+async fn interrupt_open_runs(
+    shared: &Shared,
+    only: Option<&BTreeSet<String>>,
+) -> Result<(), DaemonError> {
+    let open = shared.store(|store| store.open_runs()).await?;
+    let cut_off = open
+        .into_iter()
+        .filter(|run| only.is_none_or(|only| only.contains(&run.env)));
+    for run in cut_off {
         tracing::warn!(env = %run.env, commit = %run.commit, kind = %run.kind, run = run.id, "found a run cut off by a restart");
         let mut interrupted = Outcome::for_commit(&run.env, &run.commit).finish(
             run.id,
@@ -344,19 +427,29 @@ impl Poller {
             let previous = std::mem::replace(&mut self.tags, tags);
             self.approvals_changed(shared, &previous);
         }
-        if heads == self.heads {
-            return;
-        }
+        let queued = if heads == self.heads {
+            BTreeSet::new()
+        } else {
+            self.heads_moved(shared, heads).await
+        };
+        self.taken_over(shared, &queued).await;
+    }
+
+    /// New heads: the trust branch read again, the moved branches of the environments this
+    /// daemon runs queued or passed over, previews queued. Returns the environments whose
+    /// heads were handled.
+    async fn heads_moved(&mut self, shared: &Arc<Shared>, heads: Heads) -> BTreeSet<String> {
         // The heads are taken as seen only once the trust branch is read: a poll that cannot
         // read it leaves them, so the moved branches are queued by the next poll that can.
         let previous = self.heads.clone();
         let Some(specs) = self.trusted_specs(shared, &heads, &previous).await else {
-            return;
+            return BTreeSet::new();
         };
         self.heads = heads.clone();
         shared.publish_trusted(specs.clone());
         let moved: Vec<HeadRow> = specs
             .iter()
+            .filter(|(name, _)| shared.owns(name))
             .filter_map(|(name, spec)| {
                 let branch = spec.branch.as_str();
                 let head = heads.get(branch)?;
@@ -367,10 +460,11 @@ impl Poller {
                 })
             })
             .collect();
+        let handled = moved.iter().map(|head| head.env.clone()).collect();
         self.merged_heads(shared, moved).await;
         if shared.config.preview {
             let claimed: HashSet<&str> = specs.values().map(|spec| spec.branch.as_str()).collect();
-            for name in specs.keys() {
+            for name in specs.keys().filter(|name| shared.owns(name)) {
                 for (other, tip) in &heads {
                     if !claimed.contains(other.as_str()) && previous.get(other) != Some(tip) {
                         self.enqueue(shared, name, Lane::Preview, other, tip).await;
@@ -382,6 +476,46 @@ impl Poller {
             .await;
         self.check_untrusted(shared, &heads, &previous, &specs)
             .await;
+        handled
+    }
+
+    /// Environments whose leases this daemon just took (from a daemon that stopped renewing,
+    /// or given up): the runs their last owner left open are ended `interrupted` (an apply
+    /// alerted, never applied again from its plan), and their heads are queued here (unless
+    /// this poll queued them already).
+    async fn taken_over(&mut self, shared: &Arc<Shared>, queued: &BTreeSet<String>) {
+        let Some(ownership) = &shared.ownership else {
+            return;
+        };
+        let gained = ownership.take_gained();
+        if gained.is_empty() {
+            return;
+        }
+        if let Err(error) = interrupt_open_runs(shared, Some(&gained)).await {
+            tracing::error!(%error, "ending the runs left open by the last owner");
+        }
+        let specs = shared.trusted.borrow().clone();
+        let heads: Vec<HeadRow> = gained
+            .iter()
+            .filter(|env| !queued.contains(*env))
+            .filter_map(|env| {
+                let branch = specs.get(env)?.branch.as_str();
+                Some(HeadRow {
+                    env: env.clone(),
+                    branch: branch.to_string(),
+                    head: self.heads.get(branch)?.to_string(),
+                })
+            })
+            .collect();
+        let rows = heads.clone();
+        if let Err(error) = shared.store(move |store| store.record_heads(&rows)).await {
+            tracing::error!(%error, "recording the heads of the environments taken over");
+        }
+        for head in heads {
+            let commit = CommitId::from_hex(&head.head);
+            self.enqueue(shared, &head.env, Lane::Merged, &head.branch, &commit)
+                .await;
+        }
     }
 
     /// Tells the merged worker of each environment whose approval tags differ from
@@ -674,7 +808,7 @@ impl Poller {
                 return;
             }
         };
-        for (name, branch, tip, refusal) in found {
+        for (name, branch, tip, refusal) in found.into_iter().filter(|f| shared.owns(&f.0)) {
             let message = format!(
                 "{} on branch {branch}: {}",
                 tip.short(),

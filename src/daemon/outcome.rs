@@ -5,6 +5,8 @@
 //! moment leaves either the whole outcome or none of it: never a finished run without its
 //! alert, or a status without its audit entry.
 
+use std::time::Duration;
+
 use crate::alert::{Alert, AlertKind};
 use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 use crate::forge::CommitStatus;
@@ -255,6 +257,12 @@ impl Shared {
         kind: RunKind,
         status: Option<EnvStatus>,
     ) -> Result<i64, StoreError> {
+        // The gate before every terraform run: a lease that may lapse starts nothing.
+        if !self.renewed(env).await {
+            return Err(StoreError::NotOwner {
+                env: env.to_string(),
+            });
+        }
         let pending = self
             .config
             .forge
@@ -264,6 +272,25 @@ impl Shared {
         let (env, commit) = (env.to_string(), commit.to_string());
         self.store(move |store| store.start_run(&env, &commit, kind, status, &outbox))
             .await
+    }
+
+    /// Whether terraform may start for `env`: at once when its lease is fresh; a lease still
+    /// held but not renewed lately (a slow round, a database that answers late) is waited
+    /// for, up to the lease's length, rather than dropping the run.
+    async fn renewed(&self, env: &str) -> bool {
+        let Some(ownership) = &self.ownership else {
+            return true;
+        };
+        let deadline = tokio::time::Instant::now() + self.config.store.lease();
+        loop {
+            if ownership.may_run(env) {
+                return true;
+            }
+            if !ownership.owns(env) || tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Runs a store call on a blocking thread: a store call never holds a runtime thread,

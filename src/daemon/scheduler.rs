@@ -65,6 +65,9 @@ pub(crate) trait Scheduler: Send + Sync {
         commit: &CommitId,
     ) -> Option<String>;
 
+    /// Whether `key`'s worker runs or has something queued or due.
+    fn is_busy(&self, key: &Key) -> bool;
+
     /// Tells `key`'s worker, if it runs, that the environment's approval tags changed.
     fn approvals_changed(&self, key: &Key);
 
@@ -246,6 +249,12 @@ impl Scheduler for InProcess {
             Worker { queue, task }
         });
         worker.queue.push(branch, commit.as_str())
+    }
+
+    fn is_busy(&self, key: &Key) -> bool {
+        self.workers()
+            .get(key)
+            .is_some_and(|worker| worker.queue.idle_turn().is_none())
     }
 
     fn approvals_changed(&self, key: &Key) {

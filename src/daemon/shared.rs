@@ -55,9 +55,19 @@ pub(crate) struct Shared {
     /// Alerts the outbox could not take (a full disk): (sinks, body), oldest first, queued
     /// again before any newer alert and on every poll.
     pub(super) held_alerts: Arc<crate::alert::Held>,
+    /// With a shared store: the environments this daemon holds the lease of. `None`: it
+    /// runs every environment.
+    pub(crate) ownership: Option<Arc<super::lease::Ownership>>,
 }
 
 impl Shared {
+    /// Whether this daemon runs `env` (always, without a shared store).
+    pub fn owns(&self, env: &str) -> bool {
+        self.ownership
+            .as_ref()
+            .is_none_or(|ownership| ownership.owns(env))
+    }
+
     /// The `drift:` settings that apply to `env`: those of its last applied commit (drift is
     /// measured against that commit, and a commit of its branch may change them), else the
     /// trust branch's. Read from the mirror once per applied commit.
@@ -138,6 +148,22 @@ impl crate::http::DriftChecks for Shared {
     fn on(&self, env: &str, last_applied: Option<&str>) -> bool {
         self.drift_policy_at(env, last_applied)
             .is_some_and(|policy| policy.interval.is_some())
+    }
+}
+
+impl crate::http::Health for Shared {
+    fn hooked(&self) {
+        if self.ownership.is_some() {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.announce());
+        }
+    }
+
+    fn trouble(&self) -> Option<String> {
+        let trouble = self.ownership.as_ref()?.trouble()?;
+        Some(format!(
+            "the state database cannot be reached, so no terraform starts here: {trouble}"
+        ))
     }
 }
 

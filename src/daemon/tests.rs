@@ -217,7 +217,7 @@ impl Daemon {
             identities: sts.clone(),
         };
         let stop = CancellationToken::new();
-        let shared = open(config, world, &stop).expect("the daemon opens its state");
+        let (shared, _) = open(config, world, &stop).expect("the daemon opens its state");
         Daemon {
             dir,
             shared,
@@ -465,7 +465,7 @@ async fn a_kill_at_each_step_leaves_every_outcome_whole() {
             "{plans:?}/{applies:?}: the run hangs until the kill"
         );
 
-        interrupt_open_runs(&daemon.shared).await.unwrap();
+        interrupt_open_runs(&daemon.shared, None).await.unwrap();
         let runs = daemon.runs();
         assert!(
             runs.iter().all(|(_, result, _)| result.is_some()),

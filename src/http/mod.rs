@@ -106,6 +106,16 @@ pub struct Backend {
     /// When the last fetch succeeded.
     pub last_fetch: Arc<Mutex<Option<Instant>>>,
     pub drift_checks: Arc<dyn DriftChecks>,
+    pub health: Arc<dyn Health>,
+}
+
+/// What `/healthz` reports besides "up": why the daemon cannot work, when it cannot (a
+/// shared store out of reach).
+pub trait Health: Send + Sync {
+    fn trouble(&self) -> Option<String>;
+
+    /// A verified hook arrived here: the other daemons sharing the store fetch too.
+    fn hooked(&self) {}
 }
 
 /// Whether drift checks are on for an environment at its last applied commit: that commit's
@@ -147,7 +157,7 @@ pub fn router(
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/runs/{id}", get(run));
     let mut open = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/login", post(login))
         .route("/hooks/github", post(github))
         .route("/hooks/gitlab", post(gitlab))
@@ -162,6 +172,14 @@ pub fn router(
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(serve::request_timeout))
         .with_state(state)
+}
+
+/// 200 `ok`, or 503 with the reason the daemon cannot work now.
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.backend.health.trouble() {
+        None => "ok".into_response(),
+        Some(trouble) => (StatusCode::SERVICE_UNAVAILABLE, trouble).into_response(),
+    }
 }
 
 /// Equal bytes, compared in constant time (over their SHA-256, so lengths do not leak).
@@ -435,6 +453,7 @@ async fn run(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
 fn accepted(state: &AppState, forge: &str) -> Response {
     tracing::info!(forge, "verified webhook: fetching");
     state.backend.wake.notify_one();
+    state.backend.health.hooked();
     (StatusCode::ACCEPTED, "fetching\n").into_response()
 }
 

@@ -16,6 +16,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::aws::cloudtrail::ChangedBy;
+pub mod postgres;
+
 use crate::config::RepoPath;
 pub use crate::engine::state::{DriftStatus, EnvStatus, RunKind, RunResult};
 
@@ -29,6 +31,19 @@ pub enum StoreError {
     /// A store call's blocking task failed (it panicked, or the runtime is shutting down).
     #[error("a store task failed: {0}")]
     Task(String),
+    #[error("state database {url}: {source}")]
+    Postgres {
+        url: String,
+        source: ::postgres::Error,
+    },
+    #[error("the state database's password file {file}: {message}")]
+    Password { file: String, message: String },
+    /// A write for an environment whose lease this daemon no longer holds at its epoch
+    /// (another daemon took it over): refused by the database.
+    #[error("environment {env}: this daemon no longer holds its lease; the write is refused")]
+    NotOwner { env: String },
+    #[error("state database column {column}: {message}")]
+    Column { column: String, message: String },
     /// A downgrade: an older binary must not write a schema it does not know.
     #[error(
         "state database {path} has schema version {found}, and this karrots knows versions up to {known}: a newer karrots wrote it. Run that version again, or restore the state_dir backup taken before the upgrade"
@@ -38,6 +53,13 @@ pub enum StoreError {
         found: usize,
         known: usize,
     },
+}
+
+impl StoreError {
+    /// Refused by the fencing of a lease this daemon lost.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::NotOwner { .. })
+    }
 }
 
 /// One environment as the API shows it.
@@ -260,6 +282,8 @@ pub trait StateStore: Send + Sync {
     ) -> Result<Vec<Option<i64>>, StoreError>;
     /// Writes the statuses the database refused before; called on every poll.
     fn record_pending(&self) {}
+    /// Tells the other daemons sharing the store to fetch now (a hook reached this one).
+    fn announce(&self) {}
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError>;
     /// Begins a run (before terraform starts, so a restart finds one cut off), and sets the
     /// environment's status with it when there is one to set.
@@ -290,6 +314,56 @@ pub trait StateStore: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
+/// Statuses the database refused (a full disk, a lost connection), by environment: what the
+/// daemon knows, shown instead of the recorded one until a write of it succeeds.
+#[derive(Default)]
+pub(crate) struct Unrecorded(Mutex<BTreeMap<String, EnvStatus>>);
+
+impl Unrecorded {
+    /// `row` with the status the database refused to take, when there is one.
+    pub(crate) fn shown(&self, mut row: EnvironmentRow) -> EnvironmentRow {
+        if let Ok(unrecorded) = self.0.lock()
+            && let Some(status) = unrecorded.get(&row.name)
+        {
+            row.status = *status;
+        }
+        row
+    }
+
+    /// Keeps a status the database refused in memory (shown, and written on the next
+    /// [`StateStore::record_pending`]); forgets it once one is written.
+    pub(crate) fn remember(&self, name: &str, status: EnvStatus, written: bool) {
+        if let Ok(mut unrecorded) = self.0.lock() {
+            if written {
+                unrecorded.remove(name);
+            } else {
+                tracing::error!(
+                    env = name,
+                    %status,
+                    "the status could not be recorded; it is shown from memory and written again on the next poll"
+                );
+                unrecorded.insert(name.to_string(), status);
+            }
+        }
+    }
+
+    /// Writes each held status with `write`; forgets those written (unless a newer one came).
+    pub(crate) fn write_again(&self, write: impl Fn(&str, EnvStatus) -> Result<(), StoreError>) {
+        let pending: Vec<(String, EnvStatus)> = match self.0.lock() {
+            Ok(unrecorded) => unrecorded.clone().into_iter().collect(),
+            Err(_) => return,
+        };
+        for (name, status) in pending {
+            if write(&name, status).is_ok()
+                && let Ok(mut unrecorded) = self.0.lock()
+                && unrecorded.get(&name) == Some(&status)
+            {
+                unrecorded.remove(&name);
+            }
+        }
+    }
+}
+
 /// The SQLite store.
 pub struct SqliteStore {
     path: String,
@@ -301,7 +375,7 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     /// Statuses the database refused, by environment: what the daemon knows, shown until
     /// they are written.
-    unrecorded: Mutex<BTreeMap<String, EnvStatus>>,
+    unrecorded: Unrecorded,
 }
 
 const MIGRATIONS: [&str; 6] = [
@@ -470,18 +544,8 @@ impl SqliteStore {
             path: name,
             connection: Mutex::new(connection),
             reader: Mutex::new(reader),
-            unrecorded: Mutex::new(BTreeMap::new()),
+            unrecorded: Unrecorded::default(),
         })
-    }
-
-    /// `row` with the status the database refused to take, when there is one.
-    fn known(&self, mut row: EnvironmentRow) -> EnvironmentRow {
-        if let Ok(unrecorded) = self.unrecorded.lock()
-            && let Some(status) = unrecorded.get(&row.name)
-        {
-            row.status = *status;
-        }
-        row
     }
 
     fn write_status(&self, name: &str, status: EnvStatus) -> Result<(), StoreError> {
@@ -492,23 +556,6 @@ impl SqliteStore {
             )
             .map(drop)
         })
-    }
-
-    /// Keeps a status the database refused in memory (shown, and written on the next
-    /// [`StateStore::record_pending`]); forgets it once one is written.
-    fn remember_status(&self, name: &str, status: EnvStatus, written: bool) {
-        if let Ok(mut unrecorded) = self.unrecorded.lock() {
-            if written {
-                unrecorded.remove(name);
-            } else {
-                tracing::error!(
-                    env = name,
-                    %status,
-                    "the status could not be recorded; it is shown from memory and written again on the next poll"
-                );
-                unrecorded.insert(name.to_string(), status);
-            }
-        }
     }
 
     /// Runs `work` on the writing connection.
@@ -759,7 +806,11 @@ impl StateStore for SqliteStore {
             .query_map([], environment_row)?
             .collect::<rusqlite::Result<Vec<_>>>()
         })
-        .map(|rows| rows.into_iter().map(|row| self.known(row)).collect())
+        .map(|rows| {
+            rows.into_iter()
+                .map(|row| self.unrecorded.shown(row))
+                .collect()
+        })
     }
 
     fn environment(&self, name: &str) -> Result<Option<EnvironmentRow>, StoreError> {
@@ -771,7 +822,7 @@ impl StateStore for SqliteStore {
             )
             .optional()
         })
-        .map(|row| row.map(|row| self.known(row)))
+        .map(|row| row.map(|row| self.unrecorded.shown(row)))
     }
 
     fn record_heads(&self, heads: &[HeadRow]) -> Result<(), StoreError> {
@@ -783,18 +834,8 @@ impl StateStore for SqliteStore {
     }
 
     fn record_pending(&self) {
-        let pending: Vec<(String, EnvStatus)> = match self.unrecorded.lock() {
-            Ok(unrecorded) => unrecorded.clone().into_iter().collect(),
-            Err(_) => return,
-        };
-        for (name, status) in pending {
-            if self.write_status(&name, status).is_ok()
-                && let Ok(mut unrecorded) = self.unrecorded.lock()
-                && unrecorded.get(&name) == Some(&status)
-            {
-                unrecorded.remove(&name);
-            }
-        }
+        self.unrecorded
+            .write_again(|name, status| self.write_status(name, status));
     }
 
     fn drift(&self, name: &str) -> Result<DriftRow, StoreError> {
@@ -845,7 +886,7 @@ impl StateStore for SqliteStore {
             Ok(id)
         });
         if let Some(status) = status {
-            self.remember_status(env, status, started.is_ok());
+            self.unrecorded.remember(env, status, started.is_ok());
         }
         started
     }
@@ -858,7 +899,8 @@ impl StateStore for SqliteStore {
             Ok(run)
         });
         if let Some(status) = entry.status {
-            self.remember_status(&entry.env, status, written.is_ok());
+            self.unrecorded
+                .remember(&entry.env, status, written.is_ok());
         }
         written
     }
@@ -881,7 +923,8 @@ impl StateStore for SqliteStore {
         });
         for entry in entries {
             if let Some(status) = entry.status {
-                self.remember_status(&entry.env, status, written.is_ok());
+                self.unrecorded
+                    .remember(&entry.env, status, written.is_ok());
             }
         }
         written

@@ -182,6 +182,9 @@ pub struct Terraform {
     sandbox: SandboxMode,
     /// The private network preview processes run in; `None` gives them the host's.
     preview_egress: Option<EgressPolicy>,
+    /// AWS is an emulator at one address (`aws.endpoint_url`): the S3 backend addresses
+    /// buckets by path, as emulators serve them.
+    path_style_s3: bool,
 }
 
 impl Terraform {
@@ -203,6 +206,7 @@ impl Terraform {
             plugin_mirror: settings.plugin_mirror.clone(),
             sandbox,
             preview_egress: None,
+            path_style_s3: false,
         };
         for lane in [Lane::Merged, Lane::Preview] {
             terraform.write_cli_config(lane)?;
@@ -273,6 +277,7 @@ impl Terraform {
             )),
             PreviewNetwork::Open => None,
         };
+        self.path_style_s3 = endpoint_url.is_some();
         self
     }
 
@@ -431,6 +436,9 @@ impl Terraform {
                         pairs.push(("dynamodb_table".into(), table.clone()))
                     }
                     S3Locking::Lockfile => pairs.push(("use_lockfile".into(), "true".into())),
+                }
+                if self.path_style_s3 {
+                    pairs.push(("use_path_style".into(), "true".into()));
                 }
                 pairs
             }

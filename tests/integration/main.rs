@@ -12,5 +12,7 @@ mod operations;
 mod plan;
 mod platform;
 mod reconcile;
+mod several;
+mod store;
 mod support;
 mod untrusted;

@@ -1,8 +1,10 @@
 //! Test support: config repositories built in temp dirs, and the real `karrots` binary.
 
+pub mod cluster;
 pub mod daemon;
 pub mod forge;
 pub mod hosts;
+pub mod postgres;
 
 use std::fs;
 use std::path::{Path, PathBuf};

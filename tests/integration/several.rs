@@ -1,0 +1,265 @@
+//! Several daemons on one PostgreSQL store (`store: postgres://…`), against real terraform
+//! with its state in moto's S3 and locks in its DynamoDB: the environments spread over the
+//! daemons, each commit is planned and applied once, a dead owner is taken over.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::support::cluster::Cluster;
+use crate::support::daemon::APP;
+
+fn applied_everywhere(cluster: &Cluster, daemon: usize, commit: &str, count: usize) -> bool {
+    let envs = cluster.environments(daemon);
+    envs.len() == count && envs.iter().all(|env| env["last_applied"] == commit)
+}
+
+#[test]
+fn three_daemons_share_thirty_environments_and_apply_each_commit_once() {
+    let mut cluster = Cluster::new(APP);
+    for _ in 0..3 {
+        cluster.start();
+    }
+    cluster.wait_for("three daemons registered", Duration::from_secs(30), |c| {
+        c.registered() == 3
+    });
+    let first = cluster.add_environments(30, "");
+    cluster.wait_for("every environment applied", Duration::from_secs(240), |c| {
+        applied_everywhere(c, 0, &first, 30)
+    });
+
+    // Each daemon's API answers for every environment, with the same runs.
+    for daemon in 1..3 {
+        assert!(applied_everywhere(&cluster, daemon, &first, 30));
+    }
+    let runs = |daemon: usize| cluster.get(daemon, "/api/v1/runs?env=e07");
+    assert_eq!(runs(0), runs(2));
+
+    // Each environment applied exactly once, by whichever daemon held it; every daemon did
+    // some of the work.
+    let applies = cluster.applies();
+    let mut per_env: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut per_daemon = [0usize; 3];
+    for (env, daemon) in &applies {
+        *per_env.entry(env).or_default() += 1;
+        per_daemon[*daemon] += 1;
+    }
+    assert_eq!(per_env.len(), 30, "{applies:?}");
+    assert!(per_env.values().all(|n| *n == 1), "{per_env:?}");
+    assert!(
+        per_daemon.iter().all(|n| *n > 0),
+        "the work spread: {per_daemon:?}"
+    );
+
+    // Each applied alert reached the sink once.
+    cluster.wait_for("the applied alerts", Duration::from_secs(30), |c| {
+        (0..30).all(|n| !c.sink.all(&format!("e{n:02}"), "applied").is_empty())
+    });
+    for n in 0..30 {
+        let env = format!("e{n:02}");
+        assert_eq!(cluster.sink.all(&env, "applied").len(), 1, "{env}");
+    }
+
+    // A second commit: planned once and applied once per environment.
+    cluster.clone.replace(
+        "modules/app/main.tf",
+        "default = \"v1\"",
+        "default = \"v2\"",
+    );
+    let second = cluster.clone.commit_all("v2");
+    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    cluster.wait_for("the second commit applied", Duration::from_secs(240), |c| {
+        applied_everywhere(c, 1, &second, 30)
+    });
+    let plans: usize = (0..30)
+        .map(|n| {
+            let runs = cluster.get(2, &format!("/api/v1/runs?env=e{n:02}"));
+            runs.as_array()
+                .unwrap()
+                .iter()
+                .filter(|run| run["kind"] == "plan" && run["commit"] == second.as_str())
+                .count()
+        })
+        .sum();
+    assert_eq!(plans, 30, "one plan per environment for the commit");
+    assert_eq!(cluster.applies().len(), 60);
+}
+
+/// A root module whose first apply (and each label change) takes `seconds`.
+fn slow_module(seconds: u32) -> String {
+    format!(
+        "{APP}\nresource \"terraform_data\" \"slow\" {{\n  triggers_replace = var.label\n  provisioner \"local-exec\" {{\n    command = \"sleep {seconds}\"\n  }}\n}}\n"
+    )
+}
+
+/// Two daemons, two slow environments: one each. Returns the cluster, the commit, and the
+/// daemon (index) that holds e00, once e00's apply runs there.
+fn applying_on_its_owner() -> (Cluster, String, usize) {
+    let mut cluster = Cluster::new(&slow_module(12));
+    cluster.start();
+    cluster.start();
+    cluster.wait_for("two daemons registered", Duration::from_secs(30), |c| {
+        c.registered() == 2
+    });
+    let commit = cluster.add_environments(2, "allow: [local-exec]\n");
+    cluster.wait_for("e00 applying", Duration::from_secs(60), |c| {
+        c.environments(0)
+            .iter()
+            .any(|env| env["name"] == "e00" && env["status"] == "applying")
+    });
+    let owner = cluster.owner("e00").expect("e00 is held");
+    let index = cluster
+        .daemons
+        .iter()
+        .position(|daemon| {
+            let pid = daemon.child.as_ref().unwrap().id();
+            owner.contains(&format!("-{pid}-"))
+        })
+        .expect("a daemon of the cluster holds e00");
+    (cluster, commit, index)
+}
+
+fn e00_runs(cluster: &Cluster, daemon: usize) -> Vec<serde_json::Value> {
+    cluster
+        .get(daemon, "/api/v1/runs?env=e00")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_killed_owner_is_taken_over_and_its_cut_off_apply_is_not_applied_again() {
+    let (mut cluster, commit, owner) = applying_on_its_owner();
+    let other = 1 - owner;
+    let killed = std::time::Instant::now();
+    cluster.signal(owner, "-KILL");
+    cluster.wait_for("e00 taken over", Duration::from_secs(60), |c| {
+        c.logs(other).contains("leases taken")
+            && c.owner("e00").is_some_and(|o| !o.is_empty())
+            && e00_runs(c, other)
+                .iter()
+                .any(|run| run["result"] == "interrupted")
+    });
+    let failover = killed.elapsed();
+    cluster.wait_for(
+        "e00 applied by the new owner",
+        Duration::from_secs(120),
+        |c| {
+            c.environments(other)
+                .iter()
+                .any(|env| env["name"] == "e00" && env["last_applied"] == commit.as_str())
+        },
+    );
+    let runs = e00_runs(&cluster, other);
+    let applies: Vec<&serde_json::Value> =
+        runs.iter().filter(|run| run["kind"] == "apply").collect();
+    let results: Vec<&str> = applies
+        .iter()
+        .map(|run| run["result"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(results, ["applied", "interrupted"], "{runs:#?}");
+    let plans = runs.iter().filter(|run| run["kind"] == "plan").count();
+    assert_eq!(
+        plans, 2,
+        "the commit was planned again, its old plan never applied: {runs:#?}"
+    );
+    cluster.wait_for(
+        "the interrupted apply alerted",
+        Duration::from_secs(30),
+        |c| !c.sink.all("e00", "apply_interrupted").is_empty(),
+    );
+    assert_eq!(cluster.sink.all("e00", "apply_interrupted").len(), 1);
+    eprintln!("failover after kill -9: {failover:?} (lease 6s)");
+    assert!(
+        failover < Duration::from_secs(12),
+        "within twice the lease: {failover:?}"
+    );
+}
+
+#[test]
+fn a_paused_owner_past_its_lease_starts_nothing_and_its_late_writes_are_refused() {
+    let (mut cluster, commit, owner) = applying_on_its_owner();
+    let other = 1 - owner;
+    cluster.signal(owner, "-STOP");
+    cluster.wait_for(
+        "e00 taken over and back in sync",
+        Duration::from_secs(120),
+        |c| {
+            c.environments(other).iter().any(|env| {
+                env["name"] == "e00"
+                    && env["last_applied"] == commit.as_str()
+                    && env["status"] == "in_sync"
+            })
+        },
+    );
+    let applies_before = cluster.applies().len();
+    cluster.signal(owner, "-CONT");
+    // The paused daemon's terraform finished meanwhile; its record of that apply is refused,
+    // and it starts nothing for e00 again.
+    cluster.wait_for("the late write refused", Duration::from_secs(60), |c| {
+        c.logs(owner).contains("no longer holds its lease")
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let runs = e00_runs(&cluster, other);
+    let cut = runs
+        .iter()
+        .find(|run| run["kind"] == "apply" && run["result"] == "interrupted");
+    assert!(
+        cut.is_some(),
+        "the new owner ended the paused run: {runs:#?}"
+    );
+    assert!(
+        !runs
+            .iter()
+            .any(|run| run["kind"] == "apply" && run["result"] == "applied"),
+        "the paused daemon's late 'applied' did not land: {runs:#?}"
+    );
+    let late: Vec<(String, usize)> = cluster.applies()[applies_before..]
+        .iter()
+        .filter(|(env, daemon)| env == "e00" && *daemon == owner)
+        .cloned()
+        .collect();
+    assert!(late.is_empty(), "{late:?}");
+}
+
+#[test]
+fn daemons_ride_out_a_database_restart_without_a_double_apply() {
+    let mut cluster = Cluster::new(APP);
+    cluster.start();
+    cluster.start();
+    cluster.wait_for("two daemons registered", Duration::from_secs(30), |c| {
+        c.registered() == 2
+    });
+    let first = cluster.add_environments(4, "");
+    cluster.wait_for("applied", Duration::from_secs(120), |c| {
+        applied_everywhere(c, 0, &first, 4)
+    });
+    cluster.postgres.stop();
+    cluster.wait_for("healthz says why", Duration::from_secs(30), |c| {
+        let (status, body) =
+            crate::support::daemon::http(&c.daemons[1].address, "GET", "/healthz", &[], b"");
+        status == 503 && body.contains("state database")
+    });
+    cluster.postgres.start_again();
+    cluster.wait_for("healthy again", Duration::from_secs(60), |c| {
+        (0..2).all(|daemon| {
+            crate::support::daemon::http(&c.daemons[daemon].address, "GET", "/healthz", &[], b"").0
+                == 200
+        })
+    });
+    cluster.clone.replace(
+        "modules/app/main.tf",
+        "default = \"v1\"",
+        "default = \"v2\"",
+    );
+    let second = cluster.clone.commit_all("v2");
+    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    cluster.wait_for("the second commit applied", Duration::from_secs(120), |c| {
+        applied_everywhere(c, 1, &second, 4)
+    });
+    let applies = cluster.applies();
+    assert_eq!(
+        applies.len(),
+        8,
+        "each commit applied once per environment: {applies:?}"
+    );
+}

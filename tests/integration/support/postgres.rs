@@ -1,0 +1,171 @@
+//! A throwaway PostgreSQL server: `initdb` and `pg_ctl` from the machine's PostgreSQL, in a
+//! temp dir, on a free loopback port, trusting local connections. As root (CI), the server
+//! runs as the `postgres` user, which PostgreSQL requires.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::free_port;
+
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+/// Where `initdb` and `pg_ctl` are: Debian keeps them out of PATH, under
+/// `/usr/lib/postgresql/<version>/bin`.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path().join("bin"))
+                .filter(|bin| bin.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    if let Some(newest) = versions.pop() {
+        return newest;
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
+    match found.as_deref().and_then(Path::parent) {
+        Some(dir) => dir.to_path_buf(),
+        None => panic!(
+            "PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH): apt-get install postgresql"
+        ),
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("karrots-pg-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let postgres = Postgres { dir, port, bin };
+        if is_root() {
+            let chowned = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(postgres.dir.path())
+                .status()
+                .unwrap();
+            assert!(chowned.success());
+        }
+        let data = postgres.data();
+        let data = data.to_str().unwrap();
+        postgres.run(
+            "initdb",
+            &[
+                "-D",
+                data,
+                "-U",
+                "karrots",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        postgres.pg_ctl(&["start"]);
+        postgres
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `postgres://karrots@127.0.0.1:PORT/postgres?sslmode=disable`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://karrots@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let binary = self.bin.join(program);
+        let mut command = if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&binary);
+            command
+        } else {
+            Command::new(&binary)
+        };
+        let output = command
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+        assert!(
+            output.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn pg_ctl(&self, action: &[&str]) {
+        let data = self.data();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log");
+        let mut args = vec![
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &options,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+        ];
+        args.extend_from_slice(action);
+        self.run("pg_ctl", &args);
+    }
+
+    /// Stops the server at once (connections cut, as a crash would).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start"]);
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let binary = self.bin.join("pg_ctl");
+        let mut command = if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&binary);
+            command
+        } else {
+            Command::new(&binary)
+        };
+        let _ = command
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
