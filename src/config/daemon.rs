@@ -121,8 +121,16 @@ fn store_settings(
         None => LEASE,
     };
     let Some(text) = store else {
-        if password_file.is_some() || given_lease {
-            v.report("store", "store_password_file and lease are for a postgres:// store; without store: the state is SQLite under state_dir");
+        let stray = if given_lease {
+            Some("lease")
+        } else {
+            password_file.map(|_| "store_password_file")
+        };
+        if let Some(key) = stray {
+            v.report(
+                key,
+                "is for a postgres:// store; without store: the state is SQLite under state_dir",
+            );
         }
         return Some(StoreSettings::Sqlite);
     };
@@ -642,7 +650,27 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`, `github_app`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`, `github_app`, `store`, `store_password_file`, `lease`",
+            ),
+            (
+                "preview: true",
+                "preview: true\nstore: postgres://karrots:hunter2@db.internal/karrots",
+                "karrots.yaml:8: store: the URL carries a password: put it in store_password_file (or PGPASSWORD), never in the configuration",
+            ),
+            (
+                "preview: true",
+                "preview: true\nstore: mysql://db.internal/karrots",
+                "karrots.yaml:8: store: \"mysql://db.internal/karrots\": a shared store is postgres://user@host:5432/db (SQLite under state_dir needs no store:)",
+            ),
+            (
+                "preview: true",
+                "preview: true\nstore: postgres://karrots@db.internal/karrots\nlease: 1s",
+                "karrots.yaml:9: lease: must be at least 3s: the leases are renewed three times per lease",
+            ),
+            (
+                "preview: true",
+                "preview: true\nlease: 30s",
+                "karrots.yaml:8: lease: is for a postgres:// store; without store: the state is SQLite under state_dir",
             ),
             (
                 "providers: [hashicorp/*]",
