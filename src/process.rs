@@ -1,8 +1,10 @@
 //! The one subprocess wrapper. Every terraform call goes through [`run`].
 //!
 //! A child gets exactly the environment it is given (never the daemon's own), a null stdin,
-//! an explicit working directory and its own process group. Its output is captured with a size
-//! bound, or stdout is streamed to a file created with mode 0600 (plans can hold secrets).
+//! an explicit working directory and its own process group. Its output goes to unnamed files,
+//! never pipes (a child outliving its reader would die of SIGPIPE, terraform with its state
+//! lock held), whose tail is kept; or stdout is streamed to a file created with mode 0600
+//! (plans can hold secrets).
 //! When it outlives its timeout it first gets SIGINT, so terraform can save state and release
 //! its lock; after a grace period the whole group gets SIGKILL, because providers are
 //! grandchildren. A run whose future is dropped kills the group too, so no process outlives
@@ -28,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, Interest};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -38,10 +40,6 @@ use crate::sandbox::SandboxPolicy;
 
 /// Output kept per stream; terraform's errors are at the end, so the tail is kept.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 4 * 1024 * 1024;
-
-/// How long the output is read after the group is gone. Only a process that left the group
-/// (`setsid`) can still hold a pipe then; the run does not wait for it.
-const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// One command to run. Build with [`ProcessSpec::new`] and the setters.
 #[derive(Clone)]
@@ -210,18 +208,22 @@ pub async fn run(
         command: command_line.clone(),
         source,
     };
+    // Output goes to files, never pipes: a child whose reader died (the daemon killed)
+    // would die of SIGPIPE at its next line — terraform on the interrupt it then gets, with
+    // its state lock still held. Unnamed files (deleted at once) unless stdout has a path.
+    let captured = tempfile::tempfile().map_err(io_error)?;
+    let errors = tempfile::tempfile().map_err(io_error)?;
     let stdout = match &spec.stdout_file {
-        Some(path) => Stdio::from(
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io_error)?,
-        ),
-        None => Stdio::piped(),
+        Some(path) => OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_error)?,
+        None => captured.try_clone().map_err(io_error)?,
     };
+    let stderr = errors.try_clone().map_err(io_error)?;
     let mut command = Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -229,8 +231,8 @@ pub async fn run(
         .env_clear()
         .envs(&spec.env)
         .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
         .process_group(0)
         .kill_on_drop(true);
     // The namespaces come first: once Landlock is enforced, /proc/self cannot be written.
@@ -299,14 +301,6 @@ pub async fn run(
     let mut group = GroupGuard(Some(pid));
     let exit = ExitWatch::open(pid).map_err(io_error)?;
     let started = Instant::now();
-    let stdout_task = child
-        .stdout
-        .take()
-        .map(|pipe| tokio::spawn(read_bounded(pipe, spec.output_limit)));
-    let stderr_task = child
-        .stderr
-        .take()
-        .map(|pipe| tokio::spawn(read_bounded(pipe, spec.output_limit)));
 
     let stop = tokio::select! {
         exited = exit.exited() => { exited.map_err(io_error)?; None }
@@ -328,25 +322,16 @@ pub async fn run(
     let _ = killpg(pid, Signal::SIGKILL);
     let status = child.wait().await.map_err(io_error)?;
     group.0 = None;
-    let collect = |task: Option<tokio::task::JoinHandle<io::Result<String>>>| async move {
-        let Some(mut task) = task else {
-            return Ok(String::new());
-        };
-        match tokio::time::timeout(OUTPUT_GRACE, &mut task).await {
-            Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
-            Err(_) => {
-                task.abort();
-                Ok(
-                    "[output cut off: a process that left the group kept the pipe open]\n"
-                        .to_string(),
-                )
-            }
-        }
+    // A process that left the group may still write: what is there now is the output.
+    let limit = spec.output_limit;
+    let stdout = match spec.stdout_file {
+        Some(_) => String::new(),
+        None => read_tail(captured, limit).map_err(io_error)?,
     };
     let output = ProcessOutput {
         code: status.code(),
-        stdout: collect(stdout_task).await.map_err(io_error)?,
-        stderr: collect(stderr_task).await.map_err(io_error)?,
+        stdout,
+        stderr: read_tail(errors, limit).map_err(io_error)?,
         elapsed: started.elapsed(),
     };
     tracing::debug!(command = %command_line, elapsed = ?output.elapsed, code = ?output.code, ?stop, "process finished");
@@ -403,27 +388,15 @@ impl Drop for GroupGuard {
 }
 
 /// Reads a stream to its end, keeping at most the last `limit` bytes.
-async fn read_bounded(mut stream: impl AsyncRead + Unpin, limit: usize) -> io::Result<String> {
-    let mut kept: Vec<u8> = Vec::new();
-    let mut dropped = false;
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            break;
-        }
-        kept.extend_from_slice(&chunk[..read]);
-        if kept.len() > limit.saturating_mul(2) {
-            let cut = kept.len() - limit;
-            kept.drain(..cut);
-            dropped = true;
-        }
-    }
-    if kept.len() > limit {
-        let cut = kept.len() - limit;
-        kept.drain(..cut);
-        dropped = true;
-    }
+/// The last `limit` bytes written to `file`, marked when earlier output was dropped.
+fn read_tail(mut file: std::fs::File, limit: usize) -> io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let length = file.seek(SeekFrom::End(0))?;
+    let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+    let dropped = length > limit;
+    file.seek(SeekFrom::Start(length.saturating_sub(limit)))?;
+    let mut kept = Vec::new();
+    file.take(limit).read_to_end(&mut kept)?;
     let mut text = String::from_utf8_lossy(&kept).into_owned();
     if dropped {
         text.insert_str(0, "[earlier output dropped]\n");
@@ -622,11 +595,6 @@ mod tests {
         .expect("the run waited for the escaped process")
         .unwrap();
         assert_eq!(output.code, Some(3));
-        assert!(
-            output.stderr.contains("output cut off"),
-            "{}",
-            output.stderr
-        );
         assert!(started.elapsed() < Duration::from_secs(10));
         let escaped = std::fs::read_to_string(&pid_file).unwrap();
         let _ = kill(
