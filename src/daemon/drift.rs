@@ -127,6 +127,11 @@ pub(super) async fn check(
     clock: &mut DriftClock,
     stop: &CancellationToken,
 ) -> WorkResult {
+    // Another daemon holds the environment: its drift checks are that daemon's.
+    if !shared.owns(env) {
+        clock.checked(false);
+        return Ok(());
+    }
     let name = env.to_string();
     let row = shared.store(move |store| store.environment(&name)).await?;
     let (Some(trusted), Some(row)) = (shared.trusted(env), row) else {
