@@ -670,6 +670,16 @@ impl PgStore {
         Ok(())
     }
 
+    /// Holds a status the database refused in memory — unless it was refused because another
+    /// daemon holds the environment now: that status is not this daemon's to show.
+    fn remember<T>(&self, env: &str, status: EnvStatus, written: &Result<T, StoreError>) {
+        let forget = match written {
+            Ok(_) => true,
+            Err(error) => error.is_fenced(),
+        };
+        self.unrecorded.remember(env, status, forget);
+    }
+
     fn write_status(&self, name: &str, status: EnvStatus) -> Result<(), StoreError> {
         self.transaction(|transaction| {
             self.fence(transaction, name)?;
@@ -842,11 +852,7 @@ impl StateStore for PgStore {
         let written =
             self.transaction(|transaction| self.write_journal(transaction, entry, &now_rfc3339()));
         if let Some(status) = entry.status {
-            self.unrecorded.remember(
-                &entry.env,
-                status,
-                !matches!(written, Err(ref e) if !e.is_fenced()),
-            );
+            self.remember(&entry.env, status, &written);
         }
         written
     }
@@ -866,8 +872,7 @@ impl StateStore for PgStore {
         });
         for entry in entries {
             if let Some(status) = entry.status {
-                let kept = !matches!(written, Err(ref e) if !e.is_fenced());
-                self.unrecorded.remember(&entry.env, status, kept);
+                self.remember(&entry.env, status, &written);
             }
         }
         written
@@ -944,8 +949,7 @@ impl StateStore for PgStore {
             Ok(id)
         });
         if let Some(status) = status {
-            let kept = !matches!(started, Err(ref e) if !e.is_fenced());
-            self.unrecorded.remember(env, status, kept);
+            self.remember(env, status, &started);
         }
         started
     }

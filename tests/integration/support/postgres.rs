@@ -98,20 +98,25 @@ impl Postgres {
         )
     }
 
-    fn run(&self, program: &str, args: &[&str]) {
+    /// `program` of PostgreSQL's, run as the `postgres` user when this is root.
+    fn command(&self, program: &str) -> Command {
         let binary = self.bin.join(program);
-        let mut command = if is_root() {
+        if is_root() {
             let mut command = Command::new("runuser");
             command.args(["-u", "postgres", "--"]).arg(&binary);
             command
         } else {
             Command::new(&binary)
-        };
-        let output = command
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let output = self
+            .command(program)
             .args(args)
             .current_dir(self.dir.path())
             .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
         assert!(
             output.status.success(),
             "{program} {args:?}: {}{}",
@@ -156,15 +161,8 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.data();
-        let binary = self.bin.join("pg_ctl");
-        let mut command = if is_root() {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(&binary);
-            command
-        } else {
-            Command::new(&binary)
-        };
-        let _ = command
+        let _ = self
+            .command("pg_ctl")
             .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
             .output();
     }
