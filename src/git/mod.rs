@@ -15,6 +15,7 @@ use crate::repo::CONFIG_FOLDERS;
 
 pub mod mirror;
 pub mod remote;
+#[cfg(feature = "runtime")]
 pub mod signed;
 #[cfg(test)]
 pub(crate) mod testing;
