@@ -299,3 +299,52 @@ fn daemons_ride_out_a_database_restart_without_a_double_apply() {
         "each commit applied once per environment: {applies:?}"
     );
 }
+
+/// A hook reaches one daemon; the daemon that holds the environment fetches too (`NOTIFY`),
+/// though it polls once an hour and does not watch the remote.
+#[test]
+fn a_hook_to_any_daemon_wakes_the_owner() {
+    let mut cluster = Cluster::new(APP);
+    cluster.poll = "1h";
+    cluster.watch = false;
+    cluster.start();
+    cluster.start();
+    cluster.wait_for("two daemons registered", Duration::from_secs(30), |c| {
+        c.registered() == 2
+    });
+    let first = cluster.add_environments(2, "");
+    assert_eq!(cluster.hook(0), 202);
+    cluster.wait_for(
+        "both applied, after one hook to daemon 0",
+        Duration::from_secs(60),
+        |c| applied_everywhere(c, 0, &first, 2),
+    );
+    let by: Vec<usize> = cluster
+        .applies()
+        .iter()
+        .map(|(_, daemon)| *daemon)
+        .collect();
+    assert!(
+        by.contains(&0) && by.contains(&1),
+        "each daemon applied one: {by:?}"
+    );
+
+    cluster.clone.replace(
+        "modules/app/main.tf",
+        "default = \"v1\"",
+        "default = \"v2\"",
+    );
+    let second = cluster.clone.commit_all("v2");
+    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    assert_eq!(cluster.hook(0), 202);
+    cluster.wait_for(
+        "both applied the second commit",
+        Duration::from_secs(60),
+        |c| applied_everywhere(c, 0, &second, 2),
+    );
+    let second_by: Vec<usize> = cluster.applies()[2..].iter().map(|(_, d)| *d).collect();
+    assert!(
+        second_by.contains(&1),
+        "daemon 1 got no hook and applied: {second_by:?}"
+    );
+}

@@ -36,7 +36,14 @@ pub struct Cluster {
     /// The wrapper's record: one line per `terraform apply`, `<working dir>`.
     pub applies: PathBuf,
     pub lease: &'static str,
+    /// `poll_interval` of the daemons started next.
+    pub poll: &'static str,
+    /// Whether the daemons watch the remote's refs (off: only polls and hooks fetch).
+    pub watch: bool,
 }
+
+/// The daemons' webhook secret.
+pub const HOOK_SECRET: &str = "hook-secret";
 
 /// An environment whose state is in the bucket, locked by the table.
 pub fn s3_environment(name: &str, extra: &str) -> String {
@@ -102,6 +109,8 @@ impl Cluster {
             daemons: Vec::new(),
             applies,
             lease: "6s",
+            poll: "1s",
+            watch: true,
         }
     }
 
@@ -151,9 +160,13 @@ impl Cluster {
     }
 
     fn spawn(&self, daemon: &mut Daemon) {
+        let secret = self.dir.path().join("hook-secret");
+        std::fs::write(&secret, HOOK_SECRET).unwrap();
         let config = format!(
-            "repo: {}\npoll_interval: 1s\nstate_dir: {}\nlisten: {}\nconcurrency: 2\nsandbox: off\nstore: {}\nlease: {}\nterraform:\n  binary: {}\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\nalerts:\n  - webhook: {}\n",
+            "repo: {}\npoll_interval: {}\nwebhook_secret_file: {}\nstate_dir: {}\nlisten: {}\nconcurrency: 2\nsandbox: off\nstore: {}\nlease: {}\nterraform:\n  binary: {}\n  plugin_mirror: {PLUGIN_MIRROR}\n  timeout: 5m\naws:\n  endpoint_url: {}\nalerts:\n  - webhook: {}\n",
             self.remote.display(),
+            self.poll,
+            secret.display(),
             daemon.state.join("state").display(),
             daemon.address,
             self.postgres.url(),
@@ -169,7 +182,11 @@ impl Cluster {
             .append(true)
             .open(&daemon.log)
             .unwrap();
-        let child = Command::new(karrots_binary())
+        let mut command = Command::new(karrots_binary());
+        if !self.watch {
+            command.env("KARROTS_NO_WATCH", "1");
+        }
+        let child = command
             .args(["serve", "--config", config_path.to_str().unwrap()])
             .env_remove("AWS_ENDPOINT_URL")
             .env("AWS_DEFAULT_REGION", "us-east-1")
@@ -209,6 +226,28 @@ impl Cluster {
             let mut child = self.daemons[index].child.take().unwrap();
             let _ = child.wait();
         }
+    }
+
+    /// A signed GitHub push hook to daemon `index`; the status it answers.
+    pub fn hook(&self, index: usize) -> u16 {
+        use hmac::{KeyInit, Mac};
+        let body = br#"{"ref":"refs/heads/main"}"#;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+        mac.update(body);
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let headers = [
+            ("x-hub-signature-256", signature.as_str()),
+            ("x-github-event", "push"),
+            ("content-type", "application/json"),
+        ];
+        http(
+            &self.daemons[index].address,
+            "POST",
+            "/hooks/github",
+            &headers,
+            body,
+        )
+        .0
     }
 
     pub fn get(&self, index: usize, path: &str) -> Value {
