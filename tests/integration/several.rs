@@ -16,12 +16,7 @@ fn applied_everywhere(cluster: &Cluster, daemon: usize, commit: &str, count: usi
 #[test]
 fn three_daemons_share_thirty_environments_and_apply_each_commit_once() {
     let mut cluster = Cluster::new(APP);
-    for _ in 0..3 {
-        cluster.start();
-    }
-    cluster.wait_for("three daemons registered", Duration::from_secs(30), |c| {
-        c.registered() == 3
-    });
+    cluster.start_registered(3);
     let first = cluster.add_environments(30, "");
     cluster.wait_for("every environment applied", Duration::from_secs(240), |c| {
         applied_everywhere(c, 0, &first, 30)
@@ -60,13 +55,7 @@ fn three_daemons_share_thirty_environments_and_apply_each_commit_once() {
     }
 
     // A second commit: planned once and applied once per environment.
-    cluster.clone.replace(
-        "modules/app/main.tf",
-        "default = \"v1\"",
-        "default = \"v2\"",
-    );
-    let second = cluster.clone.commit_all("v2");
-    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    let second = cluster.push_label_change();
     cluster.wait_for("the second commit applied", Duration::from_secs(240), |c| {
         applied_everywhere(c, 1, &second, 30)
     });
@@ -95,11 +84,7 @@ fn slow_module(seconds: u32) -> String {
 /// daemon (index) that holds e00, once e00's apply runs there.
 fn applying_on_its_owner() -> (Cluster, String, usize) {
     let mut cluster = Cluster::new(&slow_module(12));
-    cluster.start();
-    cluster.start();
-    cluster.wait_for("two daemons registered", Duration::from_secs(30), |c| {
-        c.registered() == 2
-    });
+    cluster.start_registered(2);
     let commit = cluster.add_environments(2, "allow: [local-exec]\n");
     cluster.wait_for("e00 applying", Duration::from_secs(60), |c| {
         c.environments(0)
@@ -224,11 +209,7 @@ fn a_paused_owner_past_its_lease_starts_nothing_and_its_late_writes_are_refused(
 #[test]
 fn daemons_ride_out_a_database_restart_without_a_double_apply() {
     let mut cluster = Cluster::new(APP);
-    cluster.start();
-    cluster.start();
-    cluster.wait_for("two daemons registered", Duration::from_secs(30), |c| {
-        c.registered() == 2
-    });
+    cluster.start_registered(2);
     let first = cluster.add_environments(4, "");
     cluster.wait_for("applied", Duration::from_secs(120), |c| {
         applied_everywhere(c, 0, &first, 4)
@@ -279,13 +260,7 @@ fn daemons_ride_out_a_database_restart_without_a_double_apply() {
                 == 200
         })
     });
-    cluster.clone.replace(
-        "modules/app/main.tf",
-        "default = \"v1\"",
-        "default = \"v2\"",
-    );
-    let second = cluster.clone.commit_all("v2");
-    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    let second = cluster.push_label_change();
     cluster.wait_for("the second commit applied", Duration::from_secs(120), |c| {
         c.environments(1)
             .iter()
@@ -307,11 +282,7 @@ fn a_hook_to_any_daemon_wakes_the_owner() {
     let mut cluster = Cluster::new(APP);
     cluster.poll = "1h";
     cluster.watch = false;
-    cluster.start();
-    cluster.start();
-    cluster.wait_for("two daemons registered", Duration::from_secs(30), |c| {
-        c.registered() == 2
-    });
+    cluster.start_registered(2);
     let first = cluster.add_environments(2, "");
     assert_eq!(cluster.hook(0), 202);
     cluster.wait_for(
@@ -329,13 +300,7 @@ fn a_hook_to_any_daemon_wakes_the_owner() {
         "each daemon applied one: {by:?}"
     );
 
-    cluster.clone.replace(
-        "modules/app/main.tf",
-        "default = \"v1\"",
-        "default = \"v2\"",
-    );
-    let second = cluster.clone.commit_all("v2");
-    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    let second = cluster.push_label_change();
     assert_eq!(cluster.hook(0), 202);
     cluster.wait_for(
         "both applied the second commit",

@@ -141,6 +141,29 @@ impl Cluster {
             .unwrap_or(0)
     }
 
+    /// Starts `count` daemons and waits until each has registered in the database.
+    pub fn start_registered(&mut self, count: usize) {
+        for _ in 0..count {
+            self.start();
+        }
+        let count = i64::try_from(count).unwrap();
+        self.wait_for("the daemons registered", Duration::from_secs(30), |c| {
+            c.registered() == count
+        });
+    }
+
+    /// Changes the module's label from `v1` to `v2` and pushes it; returns the commit.
+    pub fn push_label_change(&self) -> String {
+        self.clone.replace(
+            "modules/app/main.tf",
+            "default = \"v1\"",
+            "default = \"v2\"",
+        );
+        let commit = self.clone.commit_all("v2");
+        self.clone.git(&["push", "-q", "origin", "main"]);
+        commit
+    }
+
     /// Starts one more daemon and waits until it answers.
     pub fn start(&mut self) -> usize {
         let index = self.daemons.len();
