@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::retry::Backoff;
-use crate::store::{OutboxEntry, OutboxKind, StateStore};
+use crate::store::{OutboxEntry, OutboxKind, StateStore, StoreError};
 
 /// Sends the deliveries of `kind` due in the outbox with `send` until `shutdown`; checks
 /// every `tick`.
@@ -29,14 +29,17 @@ pub async fn deliver<Sent>(
 {
     let mut sent_unrecorded: HashSet<i64> = HashSet::new();
     loop {
-        let unrecorded = std::mem::take(&mut sent_unrecorded);
-        sent_unrecorded = on_store(&store, move |store| {
-            unrecorded
+        let unrecorded = sent_unrecorded.clone();
+        let still = on_store(&store, move |store| {
+            Ok(unrecorded
                 .into_iter()
                 .filter(|id| store.delivered(*id).is_err())
-                .collect()
+                .collect())
         })
         .await;
+        if let Ok(still) = still {
+            sent_unrecorded = still;
+        }
         let due = match on_store(&store, move |store| store.due(kind, unix_now())).await {
             Ok(due) => due,
             Err(error) => {
@@ -76,16 +79,12 @@ pub async fn deliver<Sent>(
     }
 }
 
-/// A store call on a blocking thread: the store may wait for a disk or a network round trip.
 async fn on_store<T: Send + 'static>(
     store: &Arc<dyn StateStore>,
-    call: impl FnOnce(&dyn StateStore) -> T + Send + 'static,
-) -> T {
+    call: impl FnOnce(&dyn StateStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     let store = store.clone();
-    match tokio::task::spawn_blocking(move || call(store.as_ref())).await {
-        Ok(answer) => answer,
-        Err(error) => panic!("a store call of the outbox failed: {error}"),
-    }
+    crate::store::blocking(move || call(store.as_ref())).await
 }
 
 pub(crate) fn unix_now() -> i64 {

@@ -153,7 +153,7 @@ impl Shared {
     pub(super) async fn record(&self, outcome: Outcome) -> Result<Option<i64>, StoreError> {
         let commit = outcome.journal.commit.clone();
         let (write, counted) = self.prepare(outcome);
-        let recorded = self.blocking(write).await;
+        let recorded = crate::store::blocking(write).await;
         if let Err(error) = &recorded {
             tracing::error!(env = %counted.env, %commit, %error, "recording an outcome");
         }
@@ -293,25 +293,13 @@ impl Shared {
         }
     }
 
-    /// Runs a store call on a blocking thread: a store call never holds a runtime thread,
-    /// whether it waits for SQLite's fsync or (with a network store) a round trip.
-    pub(super) async fn blocking<T: Send + 'static>(
-        &self,
-        call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        match tokio::task::spawn_blocking(call).await {
-            Ok(result) => result,
-            Err(error) => Err(StoreError::Task(error.to_string())),
-        }
-    }
-
     /// Reads (or, for `start_run`, writes) the store on a blocking thread.
     pub(super) async fn store<T: Send + 'static>(
         &self,
         call: impl FnOnce(&dyn crate::store::StateStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
-        self.blocking(move || call(store.as_ref())).await
+        crate::store::blocking(move || call(store.as_ref())).await
     }
 
     /// Records new heads and the outcomes of several environments in one transaction (all

@@ -485,6 +485,18 @@ fn json_column<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Runs a store call on a blocking thread: a store call never holds a runtime thread, whether
+/// it waits for SQLite's fsync or PostgreSQL's round trip (whose blocking client must not run
+/// on one at all).
+pub async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result,
+        Err(error) => Err(StoreError::Task(error.to_string())),
+    }
+}
+
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
