@@ -84,11 +84,18 @@ impl Alert {
     }
 }
 
-/// Alerts the outbox could not take (a full disk), oldest first, each as its deliveries: each
-/// is queued again before any newer one, and on every [`Held::flush`], so none is lost while
-/// the daemon runs.
+/// Alerts the outbox could not take (a full disk, a database away), oldest first, each as its
+/// environment and deliveries: each is queued again before any newer one, and on every
+/// [`Held::flush`], so none is lost while the daemon runs.
 #[derive(Default)]
-pub struct Held(Mutex<VecDeque<Vec<Delivery>>>);
+pub struct Held(Mutex<VecDeque<HeldAlert>>);
+
+/// One alert held: the environment it is about (whose lease fences its queueing, with a
+/// shared store), and its deliveries.
+struct HeldAlert {
+    env: String,
+    deliveries: Vec<Delivery>,
+}
 
 /// The most alerts kept in memory while the outbox refuses them.
 const MAX_HELD: usize = 10_000;
@@ -113,9 +120,13 @@ impl Held {
             journal.outbox = alerts.concat();
         }
         let recorded = store.journal(&journal);
-        if behind || recorded.is_err() {
-            for alert in alerts {
-                Self::hold(&mut held, alert);
+        // A write the lease's fencing refused is another daemon's to make: its alerts are
+        // that daemon's to raise, and are dropped here.
+        let fenced = recorded.as_ref().is_err_and(StoreError::is_fenced);
+        if (behind || recorded.is_err()) && !fenced {
+            for deliveries in alerts {
+                let env = journal.env.clone();
+                Self::hold(&mut held, HeldAlert { env, deliveries });
             }
         }
         recorded
@@ -139,7 +150,7 @@ impl Held {
         let held = self.clone();
         let _ = tokio::task::spawn_blocking(move || held.flush(store.as_ref())).await;
         let left: Vec<Delivery> = match self.0.lock() {
-            Ok(mut held) => held.drain(..).flatten().collect(),
+            Ok(mut held) => held.drain(..).flat_map(|alert| alert.deliveries).collect(),
             Err(_) => return,
         };
         for delivery in left {
@@ -150,11 +161,14 @@ impl Held {
         }
     }
 
-    fn hold(held: &mut VecDeque<Vec<Delivery>>, alert: Vec<Delivery>) {
+    fn hold(held: &mut VecDeque<HeldAlert>, alert: HeldAlert) {
         held.push_back(alert);
         while held.len() > MAX_HELD {
             if let Some(lost) = held.pop_front() {
-                let body = lost.first().map(|delivery| delivery.body.as_str());
+                let body = lost
+                    .deliveries
+                    .first()
+                    .map(|delivery| delivery.body.as_str());
                 tracing::error!(
                     alert = body.unwrap_or_default(),
                     "more than {MAX_HELD} alerts could not be queued; the oldest is dropped"
@@ -163,15 +177,25 @@ impl Held {
         }
     }
 
-    fn drain(store: &dyn StateStore, held: &mut VecDeque<Vec<Delivery>>) {
+    fn drain(store: &dyn StateStore, held: &mut VecDeque<HeldAlert>) {
         while let Some(alert) = held.front() {
             let queued = Journal {
-                outbox: alert.clone(),
+                env: alert.env.clone(),
+                outbox: alert.deliveries.clone(),
                 ..Journal::default()
             };
-            if let Err(error) = store.journal(&queued) {
-                tracing::error!(%error, held = held.len(), "queueing an alert; it is kept in memory and queued again on the next poll");
-                return;
+            match store.journal(&queued) {
+                Err(error) if error.is_fenced() => {
+                    // The environment's lease moved while the database was away: the alert
+                    // is no longer this daemon's to raise.
+                    let body = alert.deliveries.first().map(|d| d.body.as_str());
+                    tracing::error!(%error, alert = body.unwrap_or_default(), "an alert held while the store refused it is dropped: the lease is another daemon's now; it is lost but for this line");
+                }
+                Err(error) => {
+                    tracing::error!(%error, held = held.len(), "queueing an alert; it is kept in memory and queued again on the next poll");
+                    return;
+                }
+                Ok(_) => {}
             }
             held.pop_front();
         }

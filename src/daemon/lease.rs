@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::postgres::{Held, Leases, PgTarget};
+use crate::store::postgres::{Held, Leases, PgTarget, REPOSITORY};
 
 use super::Shared;
 use super::scheduler::Key;
@@ -77,7 +77,9 @@ pub(super) async fn keep(
     let mut trusted = shared.trusted.subscribe();
     let interval = leases.interval();
     loop {
-        let environments: Vec<String> = shared.trusted.borrow().keys().cloned().collect();
+        let environments: Vec<String> = std::iter::once(REPOSITORY.to_string())
+            .chain(shared.trusted.borrow().keys().cloned())
+            .collect();
         let scheduler = shared.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let busy = |env: &str| scheduler.scheduler.is_busy(&Key::merged(env));

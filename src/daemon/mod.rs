@@ -400,10 +400,13 @@ struct Poller {
     heads: Heads,
     /// Karrots' tags (approvals) seen at the last successful poll.
     tags: Tags,
-    /// Failed fetches in a row (a `source_error` was alerted at the first), and when the
-    /// poll timer tries again: later at each failure ([`Backoff`]); a wake tries at once.
+    /// Failed fetches in a row, and when the poll timer tries again: later at each failure
+    /// ([`Backoff`]); a wake tries at once.
     failures: u32,
     retry_at: Option<Instant>,
+    /// Whether this failure streak's `source_error` was alerted: at its first failure, or,
+    /// with a shared store, at the first this daemon sees holding the repository lease.
+    source_alerted: bool,
     /// The trust branch's parsed environments, by blob.
     spec_cache: SpecCache,
     /// Whether the last poll found no trust branch (warned once per absence).
@@ -559,7 +562,8 @@ impl Poller {
                 let wait = backoff.after(self.failures, fastrand::f64());
                 self.retry_at = Some(Instant::now() + wait);
                 tracing::warn!(%error, retry_in = ?wait, "fetch failed; keeping the last good revision");
-                if self.failures == 1 {
+                if !self.source_alerted && shared.owns_repository() {
+                    self.source_alerted = true;
                     let alert = Alert::new(AlertKind::SourceError, "", "", error.to_string());
                     shared.alert(alert).await;
                 }
@@ -570,7 +574,7 @@ impl Poller {
                 return None;
             }
         };
-        (self.failures, self.retry_at) = (0, None);
+        (self.failures, self.retry_at, self.source_alerted) = (0, None, false);
         if let Ok(mut last) = shared.last_fetch.lock() {
             *last = Some(Instant::now());
         }
@@ -614,7 +618,8 @@ impl Poller {
                 Ok(spec) => {
                     specs.insert(name, spec.clone());
                 }
-                Err(problems) if moved => {
+                // Alerted by the environment's holder, or by the repository's when none.
+                Err(problems) if moved && (shared.owns(&name) || shared.owns_repository()) => {
                     let message =
                         format!("the trust branch's karrots.yaml does not load:\n{problems}");
                     let alert =
@@ -636,6 +641,9 @@ impl Poller {
         previous: &Heads,
         specs: &BTreeMap<String, EnvironmentSpec>,
     ) {
+        if !shared.owns_repository() {
+            return;
+        }
         for (branch, tip) in heads {
             if previous.get(branch) == Some(tip) || branch == shared.config.trust_branch.as_str() {
                 continue;

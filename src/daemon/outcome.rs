@@ -154,8 +154,14 @@ impl Shared {
         let commit = outcome.journal.commit.clone();
         let (write, counted) = self.prepare(outcome);
         let recorded = crate::store::blocking(write).await;
-        if let Err(error) = &recorded {
-            tracing::error!(env = %counted.env, %commit, %error, "recording an outcome");
+        match &recorded {
+            Err(error) if error.is_fenced() => {
+                tracing::warn!(env = %counted.env, %commit, %error, "not recorded: the lease is another daemon's");
+            }
+            Err(error) => {
+                tracing::error!(env = %counted.env, %commit, %error, "recording an outcome")
+            }
+            Ok(_) => {}
         }
         self.count(counted);
         recorded

@@ -68,6 +68,14 @@ impl Shared {
             .is_none_or(|ownership| ownership.owns(env))
     }
 
+    /// Whether this daemon does the repository's own duties (always, without a shared store):
+    /// alerts of no environment, trust-branch karrots.yaml files that do not load, and the
+    /// checks of environments the trust branch does not define. Several daemons that all see
+    /// a fetch fail raise one alert between them.
+    pub fn owns_repository(&self) -> bool {
+        self.owns(crate::store::postgres::REPOSITORY)
+    }
+
     /// The `drift:` settings that apply to `env`: those of its last applied commit (drift is
     /// measured against that commit, and a commit of its branch may change them), else the
     /// trust branch's. Read from the mirror once per applied commit.

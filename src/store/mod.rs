@@ -40,7 +40,10 @@ pub enum StoreError {
     Password { file: String, message: String },
     /// A write for an environment whose lease this daemon no longer holds at its epoch
     /// (another daemon took it over): refused by the database.
-    #[error("environment {env}: this daemon no longer holds its lease; the write is refused")]
+    #[error(
+        "{}: this daemon does not hold its lease (any more); the write is refused",
+        lease_name(env)
+    )]
     NotOwner { env: String },
     #[error("state database column {column}: {message}")]
     Column { column: String, message: String },
@@ -55,8 +58,17 @@ pub enum StoreError {
     },
 }
 
+/// How a lease is named to a reader: its environment's, or the repository's own.
+fn lease_name(env: &str) -> String {
+    if env == postgres::REPOSITORY {
+        "the repository's duties".to_string()
+    } else {
+        format!("environment {env}")
+    }
+}
+
 impl StoreError {
-    /// Refused by the fencing of a lease this daemon lost.
+    /// Refused by the fencing of a lease this daemon lost, or never held.
     pub fn is_fenced(&self) -> bool {
         matches!(self, StoreError::NotOwner { .. })
     }

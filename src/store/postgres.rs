@@ -94,6 +94,12 @@ CREATE TABLE daemons (
 );
 "];
 
+/// The lease of the repository's own duties, named by no environment (environment names are
+/// never empty): alerts of no environment (a fetch that fails), a trust-branch karrots.yaml
+/// that does not load, the checks of environments the trust branch does not define. It is
+/// balanced with the environments' leases, so exactly one daemon raises each of these.
+pub const REPOSITORY: &str = "";
+
 /// The channel on which a daemon that got a hook tells the others to fetch; the payload is
 /// its id.
 pub const WAKE_CHANNEL: &str = "karrots_wake";
@@ -360,15 +366,34 @@ impl Leases {
             .iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
-        let share = environments.len().div_ceil(daemons);
-        if leases.len() > share {
-            let mut idle: Vec<&String> = leases.keys().filter(|env| !busy(env)).collect();
-            idle.sort();
-            let excess: Vec<String> = idle
-                .into_iter()
-                .take(leases.len() - share)
-                .cloned()
+        // The repository lease is taken by whoever finds it free, outside the share.
+        if !leases.contains_key(REPOSITORY) {
+            let taken = client
+                .query(
+                    "UPDATE leases SET owner = $1, epoch = epoch + 1,
+                        expires_at = now() + make_interval(secs => $2)
+                     WHERE env = $3 AND (owner IS NULL OR expires_at < now())
+                     RETURNING env, epoch",
+                    &[owner, &seconds, &REPOSITORY],
+                )
+                .map_err(pg)?;
+            leases.extend(taken.iter().map(|row| (row.get(0), row.get(1))));
+        }
+        let counted = |env: &&String| env.as_str() != REPOSITORY;
+        let share = environments
+            .iter()
+            .filter(counted)
+            .count()
+            .div_ceil(daemons);
+        let held = leases.keys().filter(counted).count();
+        if held > share {
+            let mut idle: Vec<&String> = leases
+                .keys()
+                .filter(counted)
+                .filter(|env| !busy(env))
                 .collect();
+            idle.sort();
+            let excess: Vec<String> = idle.into_iter().take(held - share).cloned().collect();
             client
                 .execute(
                     "UPDATE leases SET owner = NULL, expires_at = now()
@@ -379,19 +404,19 @@ impl Leases {
             for env in &excess {
                 leases.remove(env);
             }
-        } else if leases.len() < share {
-            let wanted = i64::try_from(share - leases.len()).unwrap_or(0);
+        } else if held < share {
+            let wanted = i64::try_from(share - held).unwrap_or(0);
             let taken = client
                 .query(
                     "UPDATE leases SET owner = $1, epoch = epoch + 1,
                         expires_at = now() + make_interval(secs => $2)
                      WHERE env IN (
                         SELECT env FROM leases
-                        WHERE env = ANY($3) AND (owner IS NULL OR expires_at < now())
+                        WHERE env = ANY($3) AND env <> $5 AND (owner IS NULL OR expires_at < now())
                         ORDER BY env LIMIT $4
                         FOR UPDATE SKIP LOCKED)
                      RETURNING env, epoch",
-                    &[owner, &seconds, &environments, &wanted],
+                    &[owner, &seconds, &environments, &wanted, &REPOSITORY],
                 )
                 .map_err(pg)?;
             leases.extend(taken.iter().map(|row| (row.get(0), row.get(1))));
@@ -480,18 +505,40 @@ impl PgStore {
     }
 
     /// Inside a write for `env`: holds its lease row at this daemon's epoch until the
-    /// transaction ends, or refuses the write.
+    /// transaction ends, or refuses the write. A write for an environment no daemon holds
+    /// (one the trust branch does not define, or whose karrots.yaml does not load) is the
+    /// holder of the [`REPOSITORY`] lease's, while that stays so: the environment's row, if
+    /// any, is locked, so a daemon taking it over waits for this write to commit.
     fn fence(&self, transaction: &mut Transaction<'_>, env: &str) -> Result<(), StoreError> {
         let not_owner = || StoreError::NotOwner {
             env: env.to_string(),
         };
-        let epoch = self.held.epoch(env).ok_or_else(not_owner)?;
+        let pg = |e| self.target.error(e);
+        if let Some(epoch) = self.held.epoch(env) {
+            let held = transaction
+                .execute(
+                    "UPDATE leases SET epoch = epoch WHERE env = $1 AND owner = $2 AND epoch = $3",
+                    &[&env, &self.owner, &epoch],
+                )
+                .map_err(pg)?;
+            return if held == 1 { Ok(()) } else { Err(not_owner()) };
+        }
+        let epoch = self.held.epoch(REPOSITORY).ok_or_else(not_owner)?;
+        let rows = transaction
+            .query(
+                "SELECT owner IS NOT NULL AND expires_at >= now() FROM leases WHERE env = $1 FOR SHARE",
+                &[&env],
+            )
+            .map_err(pg)?;
+        if rows.iter().any(|row| row.get::<_, bool>(0)) {
+            return Err(not_owner());
+        }
         let held = transaction
             .execute(
                 "UPDATE leases SET epoch = epoch WHERE env = $1 AND owner = $2 AND epoch = $3",
-                &[&env, &self.owner, &epoch],
+                &[&REPOSITORY, &self.owner, &epoch],
             )
-            .map_err(|e| self.target.error(e))?;
+            .map_err(pg)?;
         if held == 1 { Ok(()) } else { Err(not_owner()) }
     }
 
@@ -501,10 +548,9 @@ impl PgStore {
         entry: &Journal,
         now: &str,
     ) -> Result<Option<i64>, StoreError> {
-        // An alert of no environment (the repository cannot be fetched) is no one's to fence.
-        if !entry.env.is_empty() {
-            self.fence(transaction, &entry.env)?;
-        }
+        // An alert of no environment (the repository cannot be fetched) is fenced by the
+        // repository lease, whose name is the empty one.
+        self.fence(transaction, &entry.env)?;
         let pg = |e| self.target.error(e);
         let env = entry.env.as_str();
         let run =

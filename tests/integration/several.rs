@@ -195,7 +195,7 @@ fn a_paused_owner_past_its_lease_starts_nothing_and_its_late_writes_are_refused(
     // The paused daemon's terraform finished meanwhile; its record of that apply is refused,
     // and it starts nothing for e00 again.
     cluster.wait_for("the late write refused", Duration::from_secs(60), |c| {
-        c.logs(owner).contains("no longer holds its lease")
+        c.logs(owner).contains("does not hold its lease")
     });
     std::thread::sleep(Duration::from_secs(8));
     let runs = e00_runs(&cluster, other);
@@ -315,4 +315,79 @@ fn a_hook_to_any_daemon_wakes_the_owner() {
         second_by.contains(&1),
         "daemon 1 got no hook and applied: {second_by:?}"
     );
+}
+
+/// What belongs to no environment's lease is raised by one daemon, the holder of the
+/// repository lease: a remote that cannot be fetched, a trust-branch karrots.yaml that does
+/// not load, an environment a branch defines and the trust branch does not.
+#[test]
+fn the_repository_s_alerts_are_raised_once() {
+    let mut cluster = Cluster::new(APP);
+    cluster.start_registered(2);
+    let first = cluster.add_environments(2, "");
+    cluster.wait_for("applied", Duration::from_secs(120), |c| {
+        applied_everywhere(c, 0, &first, 2)
+    });
+    assert_eq!(
+        cluster.owner("").map(|owner| owner.is_empty()),
+        Some(false),
+        "a daemon holds the repository lease"
+    );
+
+    // A branch defining an environment the trust branch does not: checked once.
+    cluster.clone.git(&["checkout", "-q", "-b", "feature"]);
+    cluster.clone.write(
+        "environments/newenv/karrots.yaml",
+        &crate::support::cluster::s3_environment("newenv", ""),
+    );
+    cluster.clone.commit_all("a new environment, on a branch");
+    cluster.clone.git(&["push", "-q", "origin", "feature"]);
+    cluster.clone.git(&["checkout", "-q", "main"]);
+    let newenv_runs = |c: &Cluster, daemon: usize| {
+        c.get(daemon, "/api/v1/runs?env=newenv")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    cluster.wait_for("newenv checked", Duration::from_secs(60), |c| {
+        !newenv_runs(c, 0).is_empty()
+    });
+
+    // e01's karrots.yaml stops loading on the trust branch: one config_error.
+    cluster.clone.write(
+        "environments/e01/karrots.yaml",
+        "apiVersion: karrots/v1\nname: e01\n",
+    );
+    cluster.clone.commit_all("e01 broken");
+    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    cluster.wait_for("e01's config_error", Duration::from_secs(60), |c| {
+        !c.sink.all("e01", "config_error").is_empty()
+    });
+
+    // The remote goes away: both daemons fail to fetch, one alert.
+    let moved = cluster.remote.with_extension("away");
+    std::fs::rename(&cluster.remote, &moved).unwrap();
+    cluster.wait_for("both daemons failing", Duration::from_secs(60), |c| {
+        (0..2).all(|daemon| c.logs(daemon).contains("fetch failed"))
+            && !c.sink.all("", "source_error").is_empty()
+    });
+    // A few more failed polls on each.
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::rename(&moved, &cluster.remote).unwrap();
+
+    let runs = newenv_runs(&cluster, 1);
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(runs[0]["result"], "refused", "{runs:#?}");
+    let broken = cluster.sink.all("e01", "config_error");
+    let said = |daemon: usize| -> String {
+        cluster
+            .logs(daemon)
+            .lines()
+            .filter(|line| line.contains("e01") || line.contains("lease"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(broken.len(), 1, "{broken:#?}\n{}\n\n{}", said(0), said(1));
+    let unreachable = cluster.sink.all("", "source_error");
+    assert_eq!(unreachable.len(), 1, "{unreachable:#?}");
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use karrots::store::postgres::{Held, Leases, PgStore, PgTarget};
+use karrots::store::postgres::{Held, Leases, PgStore, PgTarget, REPOSITORY};
 use karrots::store::{
     Delivery, EnvStatus, HeadRow, Journal, OutboxKind, RunKind, RunRecord, RunResult, SqliteStore,
     StateStore, StoreError, Summary,
@@ -253,6 +253,70 @@ fn leases_spread_over_the_daemons_and_a_lost_lease_fences_its_writes() {
     // a learns it lost them at its next round.
     let lost = a_leases.round(&envs, &idle).unwrap();
     assert_eq!(lost.lost, mine);
+}
+
+/// An alert of no environment, or a record of an environment nobody holds (the trust
+/// branch does not define it, or its karrots.yaml does not load), is written by the holder
+/// of the repository lease alone; never over an environment another daemon holds.
+#[test]
+fn the_repository_lease_fences_what_no_environment_lease_does() {
+    let server = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let (a, mut a_leases) = shared_store(&server, "a", lease);
+    let (b, mut b_leases) = shared_store(&server, "b", lease);
+    let envs = names(&[REPOSITORY, "dev", "prod"]);
+    let idle = |_: &str| false;
+    let all = a_leases.round(&envs, &idle).unwrap();
+    assert_eq!(all.gained.len(), 3, "{all:?}");
+    b_leases.round(&envs, &idle).unwrap();
+    // a gives up one environment to b; the repository lease is outside the share.
+    a_leases.round(&envs, &idle).unwrap();
+    let taken = b_leases.round(&envs, &idle).unwrap();
+    assert_eq!(taken.gained, ["dev"], "{taken:?}");
+    assert_eq!(a.held().environments(), [REPOSITORY, "prod"]);
+
+    let alert = |env: &str| Journal {
+        env: env.into(),
+        commit: "c1".into(),
+        outbox: vec![Delivery {
+            kind: OutboxKind::Alert,
+            destination: "http://sink.invalid/".into(),
+            body: format!("about {env:?}"),
+        }],
+        ..Journal::default()
+    };
+    let fenced = |written: Result<Option<i64>, StoreError>| {
+        assert!(
+            matches!(written, Err(StoreError::NotOwner { .. })),
+            "{written:?}"
+        )
+    };
+    a.journal(&alert(REPOSITORY)).unwrap();
+    fenced(b.journal(&alert(REPOSITORY)));
+    a.journal(&alert("ghost")).unwrap();
+    fenced(b.journal(&alert("ghost")));
+    // dev is b's while b renews it; once its lease lapses (dev's karrots.yaml stopped
+    // loading, so nobody renews it), its records are the repository's.
+    fenced(a.journal(&alert("dev")));
+    b.journal(&alert("dev")).unwrap();
+    postgres_client(&server)
+        .execute(
+            "UPDATE leases SET expires_at = now() - interval '1 second' WHERE env = 'dev'",
+            &[],
+        )
+        .unwrap();
+    a.journal(&alert("dev")).unwrap();
+    let sent = a.due(OutboxKind::Alert, i64::MAX).unwrap();
+    let bodies: Vec<&str> = sent.iter().map(|entry| entry.body.as_str()).collect();
+    assert_eq!(
+        bodies,
+        [
+            r#"about """#,
+            r#"about "ghost""#,
+            r#"about "dev""#,
+            r#"about "dev""#
+        ]
+    );
 }
 
 #[test]
