@@ -81,12 +81,26 @@ pub(super) async fn keep(
             .chain(shared.trusted.borrow().keys().cloned())
             .collect();
         let scheduler = shared.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
+        let mut task = tokio::task::spawn_blocking(move || {
             let busy = |env: &str| scheduler.scheduler.is_busy(&Key::merged(env));
             let round = leases.round(&environments, &busy);
             (leases, round)
-        })
-        .await;
+        });
+        // A database that stops answering (a partition, a server hung) holds the round. The
+        // leases already stop counting by this daemon's clock; say so, and wait for the round
+        // to end with an answer or with the connection's timeout.
+        let outcome = match tokio::time::timeout(interval, &mut task).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                ownership.held.expire();
+                let trouble = format!("no answer from the state database within {interval:?}");
+                tracing::error!("{trouble}: no terraform starts until it answers");
+                if let Ok(mut slot) = ownership.trouble.lock() {
+                    *slot = Some(trouble);
+                }
+                task.await
+            }
+        };
         let Ok((returned, round)) = outcome else {
             tracing::error!("the lease keeper's task failed");
             return None;

@@ -294,6 +294,7 @@ fn open_store(config: &DaemonConfig) -> Result<OpenedStore, DaemonError> {
     let target = PgTarget {
         url: url.clone(),
         password_file: password_file.clone(),
+        lease: *lease,
     };
     let owner = daemon_id();
     let held = Arc::new(Held::default());

@@ -275,9 +275,32 @@ impl Shared {
             .as_ref()
             .and_then(|_| CommitStatus::started(env, commit.as_str(), kind));
         let outbox: Vec<Delivery> = pending.iter().map(CommitStatus::delivery).collect();
-        let (env, commit) = (env.to_string(), commit.to_string());
-        self.store(move |store| store.start_run(&env, &commit, kind, status, &outbox))
-            .await
+        let (name, sha) = (env.to_string(), commit.to_string());
+        let run = self
+            .store(move |store| store.start_run(&name, &sha, kind, status, &outbox))
+            .await?;
+        // The write may have waited on a database that went silent (a partition) for longer
+        // than the lease: its answer, arriving late, does not make the lease ours again.
+        if !self.renewed(env).await {
+            tracing::warn!(
+                env,
+                run,
+                "the lease lapsed while the run was being recorded: nothing starts; whoever holds the lease next ends the run"
+            );
+            let ended = Outcome::for_commit(env, commit.as_str()).finish(
+                run,
+                kind,
+                RunResult::Interrupted,
+                Summary::default(),
+                Vec::new(),
+                "the lease lapsed before terraform started",
+            );
+            let _ = self.record(ended).await;
+            return Err(StoreError::NotOwner {
+                env: env.to_string(),
+            });
+        }
+        Ok(run)
     }
 
     /// Whether terraform may start for `env`: at once when its lease is fresh; a lease still

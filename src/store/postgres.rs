@@ -137,11 +137,21 @@ pub struct PgTarget {
     pub url: String,
     /// Read at each connection, so a rotated password needs no restart.
     pub password_file: Option<std::path::PathBuf>,
+    /// The lease length, which bounds how long a connection may go silent: see
+    /// [`PgTarget::connect`].
+    pub lease: Duration,
 }
 
 impl PgTarget {
     /// A new connection: the password from the file, else `PGPASSWORD`; TLS as `sslmode`
     /// says, trusting the system's CAs.
+    ///
+    /// A daemon cut off from the database in the middle of a transaction must not keep the
+    /// rows it locked — its lease row among them, which a takeover waits for — until the
+    /// server notices the connection is dead, hours later with the usual keepalive settings:
+    /// the server ends a session of ours idle in a transaction for half a lease. Our own side
+    /// gives up on a connection whose data goes unacknowledged for a lease, and probes an
+    /// idle one every third of a lease.
     pub fn connect(&self) -> Result<Client, StoreError> {
         let mut config =
             postgres::Config::from_str(&self.url).map_err(|source| self.error(source))?;
@@ -162,6 +172,16 @@ impl PgTarget {
         }
         config.connect_timeout(Duration::from_secs(10));
         config.application_name("karrots");
+        let idle_ms = (self.lease / 2).as_millis();
+        let options = match config.get_options() {
+            Some(given) => format!("{given} -c idle_in_transaction_session_timeout={idle_ms}"),
+            None => format!("-c idle_in_transaction_session_timeout={idle_ms}"),
+        };
+        config.options(&options);
+        config.tcp_user_timeout(self.lease);
+        config.keepalives(true);
+        config.keepalives_idle(self.lease / 3);
+        config.keepalives_interval(Duration::from_secs(1));
         config.connect(tls()).map_err(|source| self.error(source))
     }
 
@@ -244,8 +264,10 @@ impl Held {
         (gained, lost)
     }
 
-    /// Holds nothing any more (the database cannot be reached to renew).
-    fn expire(&self) {
+    /// Lets nothing start any more for what is held, until the next renewal (the database
+    /// cannot be reached, or does not answer, to renew). The epochs stay: a late write
+    /// still carries them, for the database to judge.
+    pub fn expire(&self) {
         if let Ok(mut held) = self.0.lock() {
             let now = Instant::now();
             for (_, until) in held.values_mut() {

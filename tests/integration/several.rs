@@ -85,7 +85,10 @@ fn slow_module(seconds: u32) -> String {
 fn applying_on_its_owner() -> (Cluster, String, usize) {
     let mut cluster = Cluster::new(&slow_module(12));
     cluster.start_registered(2);
-    let commit = cluster.add_environments(2, "allow: [local-exec]\n");
+    // A kill during the provisioner leaves its resource tainted: the new owner's plan
+    // replaces it, which these environments allow.
+    let commit =
+        cluster.add_environments(2, "allow: [local-exec]\napply:\n  allow_destroy: true\n");
     cluster.wait_for("e00 applying", Duration::from_secs(60), |c| {
         c.environments(0)
             .iter()
@@ -390,4 +393,114 @@ fn the_repository_s_alerts_are_raised_once() {
     assert_eq!(broken.len(), 1, "{broken:#?}\n{}\n\n{}", said(0), said(1));
     let unreachable = cluster.sink.all("", "source_error");
     assert_eq!(unreachable.len(), 1, "{unreachable:#?}");
+}
+
+/// A daemon cut off from the database — the server goes silent, as in a partition, rather
+/// than closing the connection — stops starting terraform by its own clock and says why on
+/// `/healthz`; the other daemon takes its environments over once its leases lapse (the
+/// server ends a transaction it left open, so no row lock holds the takeover), and applies
+/// the next commit everywhere. When the network heals, the cut-off daemon's late writes are
+/// refused, it takes its share back, and each commit is applied once per environment.
+#[test]
+fn a_daemon_cut_off_from_the_database_is_taken_over_and_rejoins() {
+    use crate::support::daemon::http;
+    use crate::support::proxy::Proxy;
+    let mut cluster = Cluster::new(APP);
+    let proxy = Proxy::start(cluster.postgres.port);
+    let through_proxy = cluster.postgres.url().replace(
+        &format!(":{}/", cluster.postgres.port),
+        &format!(":{}/", proxy.port),
+    );
+    cluster.start_with_store(through_proxy);
+    cluster.start();
+    cluster.wait_for("the daemons registered", Duration::from_secs(30), |c| {
+        c.registered() == 2
+    });
+    let first = cluster.add_environments(4, "");
+    cluster.wait_for("applied", Duration::from_secs(120), |c| {
+        applied_everywhere(c, 1, &first, 4)
+    });
+    let pid = cluster.daemons[0].child.as_ref().unwrap().id();
+    let mark = format!("-{pid}-");
+    let held_by_0 = |c: &Cluster| {
+        (0..4)
+            .filter(|n| {
+                c.owner(&format!("e{n:02}"))
+                    .is_some_and(|o| o.contains(&mark))
+            })
+            .count()
+    };
+    cluster.wait_for("two environments each", Duration::from_secs(30), |c| {
+        held_by_0(c) == 2
+    });
+    let healthz = |c: &Cluster| http(&c.daemons[0].address, "GET", "/healthz", &[], b"");
+
+    proxy.freeze();
+    let frozen_at = cluster.applies().len();
+    let second = cluster.push_label_change();
+    cluster.wait_for("daemon 0 says why", Duration::from_secs(30), |c| {
+        let (status, body) = healthz(c);
+        status == 503 && body.contains("state database")
+    });
+    cluster.wait_for(
+        "daemon 1 applied the commit everywhere",
+        Duration::from_secs(120),
+        |c| applied_everywhere(c, 1, &second, 4),
+    );
+    assert_eq!(held_by_0(&cluster), 0);
+    let during: Vec<(String, usize)> = cluster.applies()[frozen_at..].to_vec();
+    assert_eq!(during.len(), 4, "{during:?}");
+    assert!(
+        during.iter().all(|(_, daemon)| *daemon == 1),
+        "the cut-off daemon started no terraform: {during:?}"
+    );
+
+    proxy.thaw();
+    cluster.wait_for("daemon 0 healthy again", Duration::from_secs(60), |c| {
+        healthz(c).0 == 200
+    });
+    cluster.wait_for(
+        "daemon 0 holds its share again",
+        Duration::from_secs(60),
+        |c| held_by_0(c) == 2,
+    );
+    cluster.clone.replace(
+        "modules/app/main.tf",
+        "default = \"v2\"",
+        "default = \"v3\"",
+    );
+    let third = cluster.clone.commit_all("v3");
+    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    cluster.wait_for("the third commit applied", Duration::from_secs(120), |c| {
+        applied_everywhere(c, 0, &third, 4)
+    });
+    let applies = cluster.applies();
+    assert_eq!(
+        applies.len(),
+        12,
+        "once per environment and commit: {applies:?}"
+    );
+    assert!(
+        applies[frozen_at + 4..]
+            .iter()
+            .any(|(_, daemon)| *daemon == 0),
+        "daemon 0 works again: {applies:?}"
+    );
+    // Nothing daemon 0 tried while cut off landed over daemon 1's records.
+    for n in 0..4 {
+        let runs = cluster.get(1, &format!("/api/v1/runs?env=e{n:02}"));
+        let second_runs: Vec<&serde_json::Value> = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|run| run["commit"] == second.as_str())
+            .collect();
+        assert!(
+            second_runs
+                .iter()
+                .filter(|run| run["kind"] == "apply")
+                .all(|run| run["result"] == "applied"),
+            "e{n:02}: {second_runs:#?}"
+        );
+    }
 }

@@ -153,6 +153,7 @@ fn target(server: &Postgres) -> PgTarget {
     PgTarget {
         url: server.url(),
         password_file: None,
+        lease: Duration::from_secs(30),
     }
 }
 
@@ -317,6 +318,55 @@ fn the_repository_lease_fences_what_no_environment_lease_does() {
             r#"about "dev""#
         ]
     );
+}
+
+/// A daemon cut off from the database in the middle of a transaction leaves its lease row
+/// locked, and the server, which sees a connection still open, would keep it so for hours:
+/// our sessions ask the server to end a transaction idle for half a lease, and the other
+/// daemon takes the environment over.
+#[test]
+fn a_transaction_left_open_by_a_silent_daemon_does_not_hold_a_takeover() {
+    use crate::support::proxy::Proxy;
+    let server = Postgres::start();
+    let lease = Duration::from_secs(3);
+    let proxy = Proxy::start(server.port);
+    let through_proxy = PgTarget {
+        url: server
+            .url()
+            .replace(&format!(":{}/", server.port), &format!(":{}/", proxy.port)),
+        password_file: None,
+        lease,
+    };
+    let held = Arc::new(Held::default());
+    let _a = PgStore::open(through_proxy.clone(), "a", held.clone()).unwrap();
+    let mut a_leases = Leases::new(through_proxy.clone(), "a", held, lease);
+    let (_b, mut b_leases) = shared_store(&server, "b", lease);
+    let envs = names(&["prod"]);
+    let idle = |_: &str| false;
+    assert_eq!(a_leases.round(&envs, &idle).unwrap().gained, ["prod"]);
+    // a locks its lease row in a transaction, as every write of a does, and goes silent.
+    let mut client = through_proxy.connect().unwrap();
+    let mut transaction = client.transaction().unwrap();
+    transaction
+        .execute("SELECT 1 FROM leases WHERE env = 'prod' FOR UPDATE", &[])
+        .unwrap();
+    proxy.freeze();
+    let cut = std::time::Instant::now();
+    let mut taken = Vec::new();
+    while taken.is_empty() && cut.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(250));
+        taken = b_leases.round(&envs, &idle).unwrap().gained;
+    }
+    let waited = cut.elapsed();
+    // Thawed first: a failed assertion must not hang on the rollback of a's transaction.
+    proxy.thaw();
+    assert_eq!(taken, ["prod"], "b took prod over after {waited:?}");
+    assert!(
+        waited < lease * 3,
+        "within the lease and half a lease more: {waited:?}"
+    );
+    let late = transaction.commit();
+    assert!(late.is_err(), "the server ended a's transaction: {late:?}");
 }
 
 #[test]

@@ -20,6 +20,8 @@ pub const LOCKS: &str = "karrots-locks";
 
 pub struct Daemon {
     pub child: Option<Child>,
+    /// Its `store:` URL: the server's, or a proxy's in front of it.
+    pub store: String,
     pub address: String,
     pub state: PathBuf,
     pub log: PathBuf,
@@ -166,6 +168,12 @@ impl Cluster {
 
     /// Starts one more daemon and waits until it answers.
     pub fn start(&mut self) -> usize {
+        let store = self.postgres.url();
+        self.start_with_store(store)
+    }
+
+    /// Starts one more daemon reaching the database at `store`, and waits until it answers.
+    pub fn start_with_store(&mut self, store: String) -> usize {
         let index = self.daemons.len();
         let state = self.dir.path().join(format!("daemon-{index}"));
         std::fs::create_dir_all(&state).unwrap();
@@ -173,6 +181,7 @@ impl Cluster {
         let log = state.join("daemon.log");
         let mut daemon = Daemon {
             child: None,
+            store,
             address,
             state,
             log,
@@ -192,7 +201,7 @@ impl Cluster {
             secret.display(),
             daemon.state.join("state").display(),
             daemon.address,
-            self.postgres.url(),
+            daemon.store,
             self.lease,
             self.dir.path().join("terraform").display(),
             self.moto.url,

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod forge;
 pub mod hosts;
 pub mod postgres;
+pub mod proxy;
 
 use std::fs;
 use std::path::{Path, PathBuf};
