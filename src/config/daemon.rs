@@ -63,7 +63,7 @@ pub struct DaemonConfig {
     pub store: StoreSettings,
 }
 
-/// `store:` (with `store_password_file` and `lease`).
+/// `store:` (with `store_password_file`, `store_ca_file` and `lease`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum StoreSettings {
     /// `state_dir/karrots.db`: one daemon.
@@ -75,6 +75,9 @@ pub enum StoreSettings {
         url: String,
         /// The password, read at each connection; without it `PGPASSWORD`, if set.
         password_file: Option<PathBuf>,
+        /// A CA (PEM) trusted besides the system's for the server's certificate, read at
+        /// each connection.
+        ca_file: Option<PathBuf>,
         /// How long an environment's lease lasts without renewal.
         lease: Duration,
     },
@@ -97,12 +100,13 @@ impl StoreSettings {
 /// The default `lease`.
 const LEASE: Duration = Duration::from_secs(30);
 
-/// `store`, `store_password_file` and `lease`: a `postgres://` or `postgresql://` URL without
-/// a password (it would be in the configuration, a log line, a process listing).
+/// `store`, `store_password_file`, `store_ca_file` and `lease`: a `postgres://` or
+/// `postgresql://` URL without a password (it would be in the configuration, a log line, a
+/// process listing).
 fn store_settings(
     v: &mut Validator,
     store: Option<&String>,
-    password_file: Option<&String>,
+    (password_file, ca_file): (Option<&String>, Option<&String>),
     lease: Option<&String>,
     base: &Path,
 ) -> Option<StoreSettings> {
@@ -124,7 +128,9 @@ fn store_settings(
         let stray = if given_lease {
             Some("lease")
         } else {
-            password_file.map(|_| "store_password_file")
+            password_file
+                .map(|_| "store_password_file")
+                .or(ca_file.map(|_| "store_ca_file"))
         };
         if let Some(key) = stray {
             v.report(
@@ -152,8 +158,9 @@ fn store_settings(
         });
     v.check("store", checked)?;
     Some(StoreSettings::Postgres {
-        url: text.clone(),
+        url: text.to_string(),
         password_file: password_file.map(|file| base.join(file)),
+        ca_file: ca_file.map(|file| base.join(file)),
         lease,
     })
 }
@@ -297,7 +304,7 @@ pub fn parse_daemon_config(text: &str, file: &Path, base: &Path) -> Result<Daemo
     let store = store_settings(
         &mut v,
         raw.store.as_ref(),
-        raw.store_password_file.as_ref(),
+        (raw.store_password_file.as_ref(), raw.store_ca_file.as_ref()),
         raw.lease.as_ref(),
         base,
     );
@@ -604,6 +611,22 @@ alerts:
     }
 
     #[test]
+    fn a_shared_store_reads_its_files_relative_to_the_configuration() {
+        let text = format!(
+            "{VALID}store: postgres://karrots@db.internal/karrots?sslmode=require\nstore_password_file: db-password\nstore_ca_file: db-ca.pem\nlease: 45s\n"
+        );
+        assert_eq!(
+            parse(&text).unwrap().store,
+            StoreSettings::Postgres {
+                url: "postgres://karrots@db.internal/karrots?sslmode=require".into(),
+                password_file: Some(PathBuf::from("/etc/karrots/db-password")),
+                ca_file: Some(PathBuf::from("/etc/karrots/db-ca.pem")),
+                lease: Duration::from_secs(45),
+            }
+        );
+    }
+
+    #[test]
     fn git_access_is_read_relative_to_the_file_with_githubs_user_name_by_default() {
         let text = VALID.replacen(
             "repo: file:///srv/git/config.git",
@@ -650,7 +673,7 @@ alerts:
             (
                 "webhook_secret_file: /etc/karrots/webhook-secret",
                 "webhook_secret: hunter2",
-                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`, `github_app`, `store`, `store_password_file`, `lease`",
+                "karrots.yaml:5: webhook_secret: unknown key `webhook_secret`, expected one of `repo`, `poll_interval`, `state_dir`, `listen`, `webhook_secret_file`, `api_token_file`, `metrics_public`, `concurrency`, `preview`, `preview_network`, `max_file_size`, `trust_branch`, `terraform`, `sandbox`, `aws`, `alerts`, `git`, `forge`, `github_app`, `store`, `store_password_file`, `store_ca_file`, `lease`",
             ),
             (
                 "preview: true",
@@ -671,6 +694,11 @@ alerts:
                 "preview: true",
                 "preview: true\nlease: 30s",
                 "karrots.yaml:8: lease: is for a postgres:// store; without store: the state is SQLite under state_dir",
+            ),
+            (
+                "preview: true",
+                "preview: true\nstore_ca_file: /etc/karrots/db-ca.pem",
+                "karrots.yaml:8: store_ca_file: is for a postgres:// store; without store: the state is SQLite under state_dir",
             ),
             (
                 "providers: [hashicorp/*]",

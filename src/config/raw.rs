@@ -150,6 +150,7 @@ pub(crate) struct RawDaemon {
     pub github_app: Option<RawGithubApp>,
     pub store: Option<String>,
     pub store_password_file: Option<String>,
+    pub store_ca_file: Option<String>,
     pub lease: Option<String>,
 }
 

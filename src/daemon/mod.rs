@@ -281,6 +281,7 @@ fn open_store(config: &DaemonConfig) -> Result<OpenedStore, DaemonError> {
     let StoreSettings::Postgres {
         url,
         password_file,
+        ca_file,
         lease,
     } = &config.store
     else {
@@ -294,6 +295,7 @@ fn open_store(config: &DaemonConfig) -> Result<OpenedStore, DaemonError> {
     let target = PgTarget {
         url: url.clone(),
         password_file: password_file.clone(),
+        ca_file: ca_file.clone(),
         lease: *lease,
     };
     let owner = daemon_id();

@@ -31,13 +31,15 @@ pub enum StoreError {
     /// A store call's blocking task failed (it panicked, or the runtime is shutting down).
     #[error("a store task failed: {0}")]
     Task(String),
-    #[error("state database {url}: {source}")]
+    #[error("state database {url}: {}", with_causes(source))]
     Postgres {
         url: String,
         source: ::postgres::Error,
     },
     #[error("the state database's password file {file}: {message}")]
     Password { file: String, message: String },
+    #[error("the state database's CA file {file}: {message}")]
+    CaFile { file: String, message: String },
     /// A write for an environment whose lease this daemon no longer holds at its epoch
     /// (another daemon took it over): refused by the database.
     #[error(
@@ -56,6 +58,21 @@ pub enum StoreError {
         found: usize,
         known: usize,
     },
+}
+
+/// An error and the errors beneath it, on one line: the client's own message alone ("error
+/// performing TLS handshake") does not say what to fix.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let said = inner.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// How a lease is named to a reader: its environment's, or the repository's own.

@@ -137,6 +137,8 @@ pub struct PgTarget {
     pub url: String,
     /// Read at each connection, so a rotated password needs no restart.
     pub password_file: Option<std::path::PathBuf>,
+    /// A CA (PEM) trusted besides the system's, read at each connection.
+    pub ca_file: Option<std::path::PathBuf>,
     /// The lease length, which bounds how long a connection may go silent: see
     /// [`PgTarget::connect`].
     pub lease: Duration,
@@ -182,7 +184,8 @@ impl PgTarget {
         config.keepalives(true);
         config.keepalives_idle(self.lease / 3);
         config.keepalives_interval(Duration::from_secs(1));
-        config.connect(tls()).map_err(|source| self.error(source))
+        let tls = tls(self.ca_file.as_deref())?;
+        config.connect(tls).map_err(|source| self.error(source))
     }
 
     pub(crate) fn error(&self, source: postgres::Error) -> StoreError {
@@ -193,19 +196,39 @@ impl PgTarget {
     }
 }
 
-/// rustls on aws-lc-rs with the system's CAs: `sslmode=require` (and `prefer`, when the
-/// server offers it) verify the server's certificate and name.
-fn tls() -> tokio_postgres_rustls::MakeRustlsConnect {
+/// rustls on aws-lc-rs with the system's CAs and `ca_file`'s: `sslmode=require` (and
+/// `prefer`, when the server offers it) verify the server's certificate and name.
+fn tls(
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(certificate);
+    }
+    if let Some(file) = ca_file {
+        let problem = |message: String| StoreError::CaFile {
+            file: file.display().to_string(),
+            message,
+        };
+        let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(file)
+            .and_then(|certificates| certificates.collect::<Result<_, _>>())
+            .map_err(|e| problem(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(problem("holds no PEM certificate".into()));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|e| problem(format!("a certificate rustls refuses: {e}")))?;
+        }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
         .unwrap_or_else(|_| unreachable!("aws-lc-rs supports the default protocol versions"));
-    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// The environments this daemon holds: the epoch of each lease (what its writes are fenced

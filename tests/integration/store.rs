@@ -153,6 +153,7 @@ fn target(server: &Postgres) -> PgTarget {
     PgTarget {
         url: server.url(),
         password_file: None,
+        ca_file: None,
         lease: Duration::from_secs(30),
     }
 }
@@ -335,6 +336,7 @@ fn a_transaction_left_open_by_a_silent_daemon_does_not_hold_a_takeover() {
             .url()
             .replace(&format!(":{}/", server.port), &format!(":{}/", proxy.port)),
         password_file: None,
+        ca_file: None,
         lease,
     };
     let held = Arc::new(Held::default());
@@ -367,6 +369,56 @@ fn a_transaction_left_open_by_a_silent_daemon_does_not_hold_a_takeover() {
     );
     let late = transaction.commit();
     assert!(late.is_err(), "the server ended a's transaction: {late:?}");
+}
+
+/// `sslmode=require`: the server's certificate is verified, against the system's CAs and
+/// `store_ca_file`'s; without the CA that signed it, the connection is refused and says why.
+#[test]
+fn a_tls_server_is_verified_against_the_ca_file() {
+    let server = Postgres::start_tls();
+    let with_ca = PgTarget {
+        url: server.url().replace("sslmode=disable", "sslmode=require"),
+        password_file: None,
+        ca_file: Some(server.ca_file()),
+        lease: Duration::from_secs(30),
+    };
+    let mut client = with_ca.connect().unwrap();
+    let encrypted: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(encrypted);
+    let store = PgStore::open(with_ca.clone(), "a", Arc::default()).unwrap();
+    store.record_heads(&[]).unwrap();
+    assert!(store.environments().unwrap().is_empty());
+
+    let without_ca = PgTarget {
+        ca_file: None,
+        ..with_ca.clone()
+    };
+    let refused = without_ca
+        .connect()
+        .err()
+        .expect("an unknown CA is refused");
+    assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
+    let not_a_ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(not_a_ca.path(), "not a certificate\n").unwrap();
+    let broken = PgTarget {
+        ca_file: Some(not_a_ca.path().to_path_buf()),
+        ..with_ca
+    };
+    let refused = broken
+        .connect()
+        .err()
+        .expect("a CA file without a certificate");
+    let expected = format!(
+        "the state database's CA file {}: holds no PEM certificate",
+        not_a_ca.path().display()
+    );
+    assert_eq!(refused.to_string(), expected);
 }
 
 #[test]

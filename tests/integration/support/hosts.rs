@@ -24,6 +24,58 @@ fn run(program: &str, args: &[&str], dir: &Path) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// Writes into `at` a throwaway CA (`ca.pem`, `ca.key`) and a certificate it signed for
+/// `127.0.0.1` (`server.pem`, `server.key`), valid two days.
+pub fn server_certificate(at: &Path) {
+    require_tool("openssl", "apt-get install openssl");
+    let openssl = |args: &[&str]| run("openssl", args, at);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let request = |rest: &[&str]| openssl(&[&["req"][..], &ec, rest].concat());
+    request(&[
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=karrots test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    request(&[
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(at.join("san"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san",
+        "-out",
+        "server.pem",
+    ]);
+}
+
 /// Waits until something accepts connections on `port`.
 fn wait_for_port(port: u16, what: &str, child: &mut Child, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -135,7 +187,6 @@ impl HttpsServer {
             "/usr/sbin/lighttpd",
             "apt-get install lighttpd lighttpd-mod-openssl",
         );
-        require_tool("openssl", "apt-get install openssl");
         let backend = "/usr/lib/git-core/git-http-backend";
         assert!(
             Path::new(backend).exists(),
@@ -146,52 +197,7 @@ impl HttpsServer {
             .tempdir()
             .unwrap();
         let at = dir.path();
-        let openssl = |args: &[&str]| run("openssl", args, at);
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        let request = |rest: &[&str]| openssl(&[&["req"][..], &ec, rest].concat());
-        request(&[
-            "-x509",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=karrots test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ]);
-        request(&[
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        std::fs::write(at.join("san"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san",
-            "-out",
-            "server.pem",
-        ]);
+        server_certificate(at);
         let pem = [
             std::fs::read_to_string(at.join("server.pem")).unwrap(),
             std::fs::read_to_string(at.join("server.key")).unwrap(),

@@ -11,6 +11,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
     bin: PathBuf,
+    /// Server settings besides the port and socket (`-c name=value …`).
+    settings: String,
 }
 
 /// Where `initdb` and `pg_ctl` are: Debian keeps them out of PATH, under
@@ -52,13 +54,42 @@ fn is_root() -> bool {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// A server that also speaks TLS, with a certificate for 127.0.0.1 signed by a throwaway
+    /// CA ([`Postgres::ca_file`]); plain connections are still accepted.
+    pub fn start_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("karrots-pg-")
             .tempdir()
             .unwrap();
         let port = free_port();
-        let postgres = Postgres { dir, port, bin };
+        let mut settings = String::new();
+        if tls {
+            let certificates = dir.path().join("tls");
+            std::fs::create_dir(&certificates).unwrap();
+            super::hosts::server_certificate(&certificates);
+            use std::os::unix::fs::PermissionsExt;
+            let key = certificates.join("server.key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+            settings = format!(
+                "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                certificates.join("server.pem").display(),
+                key.display()
+            );
+        }
+        let postgres = Postgres {
+            dir,
+            port,
+            bin,
+            settings,
+        };
         if is_root() {
             let chowned = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -84,6 +115,11 @@ impl Postgres {
         );
         postgres.pg_ctl(&["start"]);
         postgres
+    }
+
+    /// The CA that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
     }
 
     fn data(&self) -> PathBuf {
@@ -128,9 +164,10 @@ impl Postgres {
     fn pg_ctl(&self, action: &[&str]) {
         let data = self.data();
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings
         );
         let log = self.dir.path().join("server.log");
         let mut args = vec![
