@@ -85,6 +85,17 @@ fn lease_name(env: &str) -> String {
 }
 
 impl StoreError {
+    /// A deadlock's victim or a serialization failure: the same work may simply be tried
+    /// again.
+    pub fn is_transient(&self) -> bool {
+        use ::postgres::error::SqlState;
+        matches!(self, StoreError::Postgres { source, .. }
+        if source.code().is_some_and(|code| {
+            *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        }))
+    }
+
     /// Refused by the fencing of a lease this daemon lost, or never held.
     pub fn is_fenced(&self) -> bool {
         matches!(self, StoreError::NotOwner { .. })

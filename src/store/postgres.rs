@@ -9,7 +9,7 @@
 //! epoch) waits for it, and a write after a takeover matches no row and is refused
 //! ([`StoreError::NotOwner`]) — a database decision, never a read followed by a write.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -348,7 +348,12 @@ impl Leases {
         busy: &dyn Fn(&str) -> bool,
     ) -> Result<LeaseRound, StoreError> {
         let started = Instant::now();
-        let done = self.round_at(environments, busy);
+        let mut done = self.round_at(environments, busy);
+        // Chosen as a deadlock's victim, or a serialization failure: the round is tried
+        // again at once rather than counted as a database out of reach.
+        if done.as_ref().is_err_and(StoreError::is_transient) {
+            done = self.round_at(environments, busy);
+        }
         match done {
             Ok((leases, daemons)) => {
                 let until = started + self.lease - self.lease / 3;
@@ -401,10 +406,16 @@ impl Leases {
                 &[&environments],
             )
             .map_err(pg)?;
+        // Rows are locked in the order of their names, here and in every write that fences
+        // several environments ([`PgStore::fence_all`]): the keeper's renewal and the same
+        // daemon's writes, on two connections, never wait for each other in a cycle.
         let mut leases: HashMap<String, i64> = client
             .query(
                 "UPDATE leases SET expires_at = now() + make_interval(secs => $2)
-                 WHERE owner = $1 AND env = ANY($3) RETURNING env, epoch",
+                 WHERE env IN (
+                    SELECT env FROM leases WHERE owner = $1 AND env = ANY($3)
+                    ORDER BY env FOR UPDATE)
+                 RETURNING env, epoch",
                 &[owner, &seconds, &environments],
             )
             .map_err(pg)?
@@ -442,7 +453,9 @@ impl Leases {
             client
                 .execute(
                     "UPDATE leases SET owner = NULL, expires_at = now()
-                     WHERE owner = $1 AND env = ANY($2)",
+                     WHERE env IN (
+                        SELECT env FROM leases WHERE owner = $1 AND env = ANY($2)
+                        ORDER BY env FOR UPDATE)",
                     &[owner, &excess],
                 )
                 .map_err(pg)?;
@@ -585,6 +598,18 @@ impl PgStore {
             )
             .map_err(pg)?;
         if held == 1 { Ok(()) } else { Err(not_owner()) }
+    }
+
+    /// Fences each of `envs` in the order of their names, before a write that touches
+    /// several: two transactions that lock the same lease rows lock them in one order.
+    fn fence_all<'a>(
+        &self,
+        transaction: &mut Transaction<'_>,
+        envs: impl Iterator<Item = &'a str>,
+    ) -> Result<(), StoreError> {
+        let envs: BTreeSet<&str> = envs.collect();
+        envs.into_iter()
+            .try_for_each(|env| self.fence(transaction, env))
     }
 
     fn write_journal(
@@ -936,7 +961,10 @@ impl StateStore for PgStore {
     }
 
     fn record_heads(&self, heads: &[HeadRow]) -> Result<(), StoreError> {
-        self.transaction(|transaction| self.write_heads(transaction, heads))
+        self.transaction(|transaction| {
+            self.fence_all(transaction, heads.iter().map(|head| head.env.as_str()))?;
+            self.write_heads(transaction, heads)
+        })
     }
 
     fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError> {
@@ -954,6 +982,11 @@ impl StateStore for PgStore {
         entries: &[Journal],
     ) -> Result<Vec<Option<i64>>, StoreError> {
         let written = self.transaction(|transaction| {
+            let envs = heads.iter().map(|head| head.env.as_str());
+            self.fence_all(
+                transaction,
+                envs.chain(entries.iter().map(|e| e.env.as_str())),
+            )?;
             self.write_heads(transaction, heads)?;
             let now = now_rfc3339();
             entries
