@@ -12,6 +12,7 @@
 //! `preview` plan never. A plan record names its lane, its run id and the SHA-256 of its plan
 //! file, and [`Terraform::apply`] checks all three.
 
+mod lock;
 pub mod plan;
 mod stage;
 mod workdir;
@@ -481,10 +482,18 @@ impl Terraform {
                     fs::read_to_string(&stream_file).map_err(io_context("reading plan.jsonl"))?;
                 Ok((output, summarize_stream(&stream)))
             };
-        let (mut output, mut report) = planned(run(&plan_command, cancel).await?)?;
         let complaint = |output: &ProcessOutput, report: &StreamReport| {
             format!("{}{}", report.errors, output.stderr)
         };
+        let locking = |output: &ProcessOutput| {
+            let stream = fs::read_to_string(&stream_file).unwrap_or_default();
+            complaint(output, &summarize_stream(&stream))
+        };
+        let unlock = (workdir, root_module.as_path(), run_env);
+        let output = self
+            .run_locking(&plan_command, unlock, "OperationTypePlan", cancel, locking)
+            .await?;
+        let (mut output, mut report) = planned(output)?;
         if !output.success() && init_reused && needs_init(&complaint(&output, &report)) {
             // The init signature missed something init acts on: init again, once.
             self.init(workdir, commit, run_env, &init, cancel).await?;
@@ -554,13 +563,7 @@ impl Terraform {
         let writable = [plan_dir.to_path_buf()];
         let mut plan_command = self
             .command(workdir, root_module, run_env, &writable)
-            .args([
-                "plan",
-                "-input=false",
-                "-no-color",
-                "-json",
-                "-lock-timeout=5m",
-            ]);
+            .args(["plan", "-input=false", "-no-color", "-json", lock::ATTEMPT]);
         if workdir.lane() == Lane::Preview {
             plan_command = plan_command.arg("-lock=false");
         }
@@ -690,6 +693,74 @@ impl Terraform {
         Ok(())
     }
 
+    /// Runs `command`, a plan or apply that takes the state lock for `operation`: again while
+    /// another process holds the lock, for [`lock::WAIT`] in all, and again at once after
+    /// releasing a lock that is this run's own orphan ([`lock`]). `complaint` is what
+    /// terraform said of a failure.
+    async fn run_locking(
+        &self,
+        command: &ProcessSpec,
+        (workdir, root_module, run_env): (&Workdir, &Path, &RunEnvironment),
+        operation: &str,
+        cancel: &CancellationToken,
+        complaint: impl Fn(&ProcessOutput) -> String,
+    ) -> Result<ProcessOutput, TerraformError> {
+        let first = std::time::Instant::now();
+        let me = lock::this_user_at_host();
+        let mut unlocked = 0;
+        loop {
+            let started = std::time::SystemTime::now();
+            let output = run(command, cancel).await?;
+            let text = if output.success() {
+                String::new()
+            } else {
+                complaint(&output)
+            };
+            if output.success() || !lock::failed_to_lock(&text) {
+                return Ok(output);
+            }
+            let orphan =
+                lock::holder(&text).filter(|holder| holder.is_own_orphan(operation, &me, started));
+            match orphan {
+                Some(holder) if unlocked < 3 => {
+                    unlocked += 1;
+                    tracing::warn!(
+                        lock = %holder.id,
+                        env = %workdir.env(),
+                        "terraform found its own state lock held (a lock request sent twice): releasing it and trying again"
+                    );
+                    self.force_unlock(workdir, root_module, run_env, &holder.id, cancel)
+                        .await?;
+                }
+                _ if first.elapsed() < lock::WAIT => {
+                    tracing::info!(env = %workdir.env(), "the state lock is held; waiting for it");
+                }
+                _ => return Ok(output),
+            }
+        }
+    }
+
+    /// `terraform force-unlock` of the lock `id`: only ever a lock this run left itself.
+    async fn force_unlock(
+        &self,
+        workdir: &Workdir,
+        root_module: &Path,
+        run_env: &RunEnvironment,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), TerraformError> {
+        let command =
+            self.command(workdir, root_module, run_env, &[])
+                .args(["force-unlock", "-force", id]);
+        let output = run(&command, cancel).await?;
+        if output.success() {
+            Ok(())
+        } else {
+            let env = workdir.env().as_str();
+            Err(failed("force-unlock", env, "", &output))
+        }
+    }
+
     /// Terraform's plugin cache and installer are not safe for concurrent use: one init at a
     /// time per state directory, across processes.
     async fn init_lock(&self) -> Result<nix::fcntl::Flock<fs::File>, TerraformError> {
@@ -755,9 +826,14 @@ impl Terraform {
                 run_env,
                 std::slice::from_ref(&record.plan_dir),
             )
-            .args(["apply", "-input=false", "-no-color", "-lock-timeout=5m"])
+            .args(["apply", "-input=false", "-no-color", lock::ATTEMPT])
             .arg(&plan_file);
-        let outcome = run(&command, cancel).await;
+        let unlock = (workdir, root_module.as_path(), run_env);
+        let outcome = self
+            .run_locking(&command, unlock, "OperationTypeApply", cancel, |output| {
+                output.stderr.clone()
+            })
+            .await;
         let _ = fs::remove_file(&plan_file);
         let output = outcome?;
         if output.success() {

@@ -504,3 +504,71 @@ fn a_daemon_cut_off_from_the_database_is_taken_over_and_rejoins() {
         );
     }
 }
+
+/// Terraform finds its own state lock held — a DynamoDB `PutItem` the AWS SDK sent again
+/// after its answer was lost (seen under load against moto) — and would wait for it until it
+/// gave up, and every retry after it. The daemon recognizes the lock as the run's own (its
+/// operation, this user and host, taken after the run's terraform started), releases it and
+/// applies. Here the wrapper plants such a lock just before the first apply.
+#[test]
+fn a_run_s_own_orphaned_state_lock_is_released_and_the_apply_goes_on() {
+    let mut cluster = Cluster::new(APP);
+    let aws = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v aws"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let marker = cluster.dir.path().join("planted");
+    let wrapper = format!(
+        r#"#!/bin/sh
+case " $* " in *" apply "*)
+  echo "$PWD" >> {applies}
+  if [ ! -e {marker} ]; then
+    touch {marker}
+    created=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)
+    info="{{\"ID\":\"0b9f7c8e-0000-4000-8000-000000000001\",\"Operation\":\"OperationTypeApply\",\"Info\":\"\",\"Who\":\"$(id -un)@$(hostname)\",\"Version\":\"1.11.4\",\"Created\":\"$created\",\"Path\":\"{bucket}/e00.tfstate\"}}"
+    item=$(printf '{{"LockID":{{"S":"{bucket}/e00.tfstate"}},"Info":{{"S":"%s"}}}}' "$(printf '%s' "$info" | sed 's/"/\\"/g')")
+    AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing {aws} --region us-east-1 --endpoint-url {moto} dynamodb put-item --table-name {locks} --item "$item" >/dev/null
+  fi ;;
+esac
+exec terraform "$@"
+"#,
+        applies = cluster.applies.display(),
+        marker = marker.display(),
+        bucket = crate::support::cluster::BUCKET,
+        locks = crate::support::cluster::LOCKS,
+        aws = aws.trim(),
+        moto = cluster.moto.url,
+    );
+    std::fs::write(cluster.dir.path().join("terraform"), wrapper).unwrap();
+    cluster.start_registered(1);
+    let commit = cluster.add_environments(1, "");
+    cluster.wait_for("e00 applied", Duration::from_secs(120), |c| {
+        applied_everywhere(c, 0, &commit, 1)
+    });
+    assert!(marker.exists(), "the lock was planted");
+    let logs = cluster.logs(0);
+    assert!(
+        logs.contains("terraform found its own state lock held")
+            && logs.contains("0b9f7c8e-0000-4000-8000-000000000001"),
+        "{logs}"
+    );
+    let applies = cluster.applies();
+    assert_eq!(
+        applies.len(),
+        2,
+        "one apply that found the lock, one after: {applies:?}"
+    );
+    let runs = cluster.get(0, "/api/v1/runs?env=e00");
+    let applied: Vec<&serde_json::Value> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|run| run["kind"] == "apply")
+        .collect();
+    assert_eq!(applied.len(), 1, "{runs:#?}");
+    assert_eq!(applied[0]["result"], "applied");
+}
