@@ -464,13 +464,7 @@ fn a_daemon_cut_off_from_the_database_is_taken_over_and_rejoins() {
         Duration::from_secs(60),
         |c| held_by_0(c) == 2,
     );
-    cluster.clone.replace(
-        "modules/app/main.tf",
-        "default = \"v2\"",
-        "default = \"v3\"",
-    );
-    let third = cluster.clone.commit_all("v3");
-    cluster.clone.git(&["push", "-q", "origin", "main"]);
+    let third = cluster.push_label("v2", "v3");
     cluster.wait_for("the third commit applied", Duration::from_secs(120), |c| {
         applied_everywhere(c, 0, &third, 4)
     });

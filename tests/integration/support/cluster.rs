@@ -156,12 +156,17 @@ impl Cluster {
 
     /// Changes the module's label from `v1` to `v2` and pushes it; returns the commit.
     pub fn push_label_change(&self) -> String {
+        self.push_label("v1", "v2")
+    }
+
+    /// Changes the module's label from `from` to `to` and pushes it; returns the commit.
+    pub fn push_label(&self, from: &str, to: &str) -> String {
         self.clone.replace(
             "modules/app/main.tf",
-            "default = \"v1\"",
-            "default = \"v2\"",
+            &format!("default = \"{from}\""),
+            &format!("default = \"{to}\""),
         );
-        let commit = self.clone.commit_all("v2");
+        let commit = self.clone.commit_all(to);
         self.clone.git(&["push", "-q", "origin", "main"]);
         commit
     }
