@@ -339,7 +339,7 @@ impl Leases {
     /// One round, for the environments of the trust branch: says this daemon is alive,
     /// renews what it holds, releases what is over its share (of those `busy` says are
     /// idle), and takes free or expired leases up to its share (`ceil(environments /
-    /// daemons alive)`). Terraform may start for a held environment until a third of the
+    /// daemons alive)`); the [`REPOSITORY`] lease, outside the share, whenever it is free. Terraform may start for a held environment until a third of the
     /// lease before it could expire, counted from the start of the round. When the database
     /// cannot be reached, nothing may start any more.
     pub fn round(
