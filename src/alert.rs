@@ -97,6 +97,16 @@ struct HeldAlert {
     deliveries: Vec<Delivery>,
 }
 
+impl HeldAlert {
+    /// The alert's JSON, for a log line that is all that is left of it.
+    fn body(&self) -> &str {
+        self.deliveries
+            .first()
+            .map(|delivery| delivery.body.as_str())
+            .unwrap_or_default()
+    }
+}
+
 /// The most alerts kept in memory while the outbox refuses them.
 const MAX_HELD: usize = 10_000;
 
@@ -165,12 +175,8 @@ impl Held {
         held.push_back(alert);
         while held.len() > MAX_HELD {
             if let Some(lost) = held.pop_front() {
-                let body = lost
-                    .deliveries
-                    .first()
-                    .map(|delivery| delivery.body.as_str());
                 tracing::error!(
-                    alert = body.unwrap_or_default(),
+                    alert = lost.body(),
                     "more than {MAX_HELD} alerts could not be queued; the oldest is dropped"
                 );
             }
@@ -188,8 +194,7 @@ impl Held {
                 Err(error) if error.is_fenced() => {
                     // The environment's lease moved while the database was away: the alert
                     // is no longer this daemon's to raise.
-                    let body = alert.deliveries.first().map(|d| d.body.as_str());
-                    tracing::error!(%error, alert = body.unwrap_or_default(), "an alert held while the store refused it is dropped: the lease is another daemon's now; it is lost but for this line");
+                    tracing::error!(%error, alert = alert.body(), "an alert held while the store refused it is dropped: the lease is another daemon's now; it is lost but for this line");
                 }
                 Err(error) => {
                     tracing::error!(%error, held = held.len(), "queueing an alert; it is kept in memory and queued again on the next poll");

@@ -97,7 +97,8 @@ CREATE TABLE daemons (
 /// The lease of the repository's own duties, named by no environment (environment names are
 /// never empty): alerts of no environment (a fetch that fails), a trust-branch karrots.yaml
 /// that does not load, the checks of environments the trust branch does not define. It is
-/// balanced with the environments' leases, so exactly one daemon raises each of these.
+/// kept outside the share of environments, taken by whichever daemon finds it free, so
+/// exactly one daemon raises each of these.
 pub const REPOSITORY: &str = "";
 
 /// The channel on which a daemon that got a hook tells the others to fetch; the payload is
@@ -572,36 +573,34 @@ impl PgStore {
             env: env.to_string(),
         };
         let pg = |e| self.target.error(e);
-        if let Some(epoch) = self.held.epoch(env) {
-            let held = transaction
-                .execute(
-                    "UPDATE leases SET epoch = epoch WHERE env = $1 AND owner = $2 AND epoch = $3",
-                    &[&env, &self.owner, &epoch],
-                )
-                .map_err(pg)?;
-            return if held == 1 { Ok(()) } else { Err(not_owner()) };
-        }
-        let epoch = self.held.epoch(REPOSITORY).ok_or_else(not_owner)?;
-        let rows = transaction
-            .query(
-                "SELECT owner IS NOT NULL AND expires_at >= now() FROM leases WHERE env = $1 FOR SHARE",
-                &[&env],
-            )
-            .map_err(pg)?;
-        if rows.iter().any(|row| row.get::<_, bool>(0)) {
-            return Err(not_owner());
-        }
+        let (lease, epoch) = match self.held.epoch(env) {
+            Some(epoch) => (env, epoch),
+            None => {
+                let epoch = self.held.epoch(REPOSITORY).ok_or_else(not_owner)?;
+                let rows = transaction
+                    .query(
+                        "SELECT owner IS NOT NULL AND expires_at >= now() FROM leases WHERE env = $1 FOR SHARE",
+                        &[&env],
+                    )
+                    .map_err(pg)?;
+                if rows.iter().any(|row| row.get::<_, bool>(0)) {
+                    return Err(not_owner());
+                }
+                (REPOSITORY, epoch)
+            }
+        };
         let held = transaction
             .execute(
                 "UPDATE leases SET epoch = epoch WHERE env = $1 AND owner = $2 AND epoch = $3",
-                &[&REPOSITORY, &self.owner, &epoch],
+                &[&lease, &self.owner, &epoch],
             )
             .map_err(pg)?;
         if held == 1 { Ok(()) } else { Err(not_owner()) }
     }
 
     /// Fences each of `envs` in the order of their names, before a write that touches
-    /// several: two transactions that lock the same lease rows lock them in one order.
+    /// several: two transactions that lock the same lease rows lock them in one order. The
+    /// writes after it in the transaction need no fence of their own.
     fn fence_all<'a>(
         &self,
         transaction: &mut Transaction<'_>,
@@ -612,15 +611,14 @@ impl PgStore {
             .try_for_each(|env| self.fence(transaction, env))
     }
 
+    /// Writes one outcome; the caller has fenced its environment (an alert of no
+    /// environment, such as a fetch that fails, by the repository lease: the empty name).
     fn write_journal(
         &self,
         transaction: &mut Transaction<'_>,
         entry: &Journal,
         now: &str,
     ) -> Result<Option<i64>, StoreError> {
-        // An alert of no environment (the repository cannot be fetched) is fenced by the
-        // repository lease, whose name is the empty one.
-        self.fence(transaction, &entry.env)?;
         let pg = |e| self.target.error(e);
         let env = entry.env.as_str();
         let run =
@@ -768,13 +766,13 @@ impl PgStore {
         Ok(())
     }
 
+    /// Writes new heads; the caller has fenced their environments.
     fn write_heads(
         &self,
         transaction: &mut Transaction<'_>,
         heads: &[HeadRow],
     ) -> Result<(), StoreError> {
         for head in heads {
-            self.fence(transaction, &head.env)?;
             transaction
                 .execute(
                     "INSERT INTO environments (name, branch, head, status) VALUES ($1, $2, $3, 'planning')
@@ -968,8 +966,10 @@ impl StateStore for PgStore {
     }
 
     fn journal(&self, entry: &Journal) -> Result<Option<i64>, StoreError> {
-        let written =
-            self.transaction(|transaction| self.write_journal(transaction, entry, &now_rfc3339()));
+        let written = self.transaction(|transaction| {
+            self.fence(transaction, &entry.env)?;
+            self.write_journal(transaction, entry, &now_rfc3339())
+        });
         if let Some(status) = entry.status {
             self.remember(&entry.env, status, &written);
         }

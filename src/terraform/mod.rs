@@ -711,12 +711,11 @@ impl Terraform {
         loop {
             let started = std::time::SystemTime::now();
             let output = run(command, cancel).await?;
-            let text = if output.success() {
-                String::new()
-            } else {
-                complaint(&output)
-            };
-            if output.success() || !lock::failed_to_lock(&text) {
+            if output.success() {
+                return Ok(output);
+            }
+            let text = complaint(&output);
+            if !lock::failed_to_lock(&text) {
                 return Ok(output);
             }
             let orphan =
