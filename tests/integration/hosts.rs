@@ -150,18 +150,11 @@ fn an_https_remote_with_a_private_ca_and_a_token_is_applied_and_the_token_kept_s
     let seen = secrets.dir.path().join("git-seen");
     let wrapper = secrets.dir.path().join("bin");
     std::fs::create_dir(&wrapper).unwrap();
-    let git = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v git"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let git = crate::support::tool_path("git").expect("git is installed");
     let script = format!(
         "#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{seen}'\nenv >> '{seen}'\nexec {git} \"$@\"\n",
         seen = seen.display(),
-        git = git.trim()
+        git = git.display()
     );
     std::fs::write(wrapper.join("git"), script).unwrap();
     use std::os::unix::fs::PermissionsExt;

@@ -507,14 +507,7 @@ fn a_daemon_cut_off_from_the_database_is_taken_over_and_rejoins() {
 #[test]
 fn a_run_s_own_orphaned_state_lock_is_released_and_the_apply_goes_on() {
     let mut cluster = Cluster::new(APP);
-    let aws = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v aws"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let aws = crate::support::tool_path("aws").expect("the aws CLI is installed");
     let marker = cluster.dir.path().join("planted");
     let wrapper = format!(
         r#"#!/bin/sh
@@ -534,7 +527,7 @@ exec terraform "$@"
         marker = marker.display(),
         bucket = crate::support::cluster::BUCKET,
         locks = crate::support::cluster::LOCKS,
-        aws = aws.trim(),
+        aws = aws.display(),
         moto = cluster.moto.url,
     );
     std::fs::write(cluster.dir.path().join("terraform"), wrapper).unwrap();

@@ -282,10 +282,18 @@ pub fn karrots_with_env(args: &[&str], env: &[(&str, &str)]) -> Run {
 
 /// Fails the test setup, with how to install it, when a tool the test needs is missing.
 pub fn require_tool(name: &str, install: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false);
-    assert!(found, "{name} is not installed: {install}");
+    assert!(
+        tool_path(name).is_some(),
+        "{name} is not installed: {install}"
+    );
+}
+
+/// Where `name` is on PATH, if it is.
+pub fn tool_path(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|file| file.is_file())
 }
 
 /// The provider mirror every terraform run of the tests installs from.

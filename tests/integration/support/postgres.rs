@@ -31,13 +31,7 @@ fn bin_dir() -> PathBuf {
     if let Some(newest) = versions.pop() {
         return newest;
     }
-    let found = Command::new("sh")
-        .args(["-c", "command -v initdb"])
-        .output()
-        .ok()
-        .filter(|output| output.status.success())
-        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
-    match found.as_deref().and_then(Path::parent) {
+    match super::tool_path("initdb").as_deref().and_then(Path::parent) {
         Some(dir) => dir.to_path_buf(),
         None => panic!(
             "PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH): apt-get install postgresql"
